@@ -1,0 +1,42 @@
+# Development entry points. Every target creates the pinned environment first (.venv, from
+# requirements-dev.txt) and installs the package into it in editable mode.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: env test test-fast lint format demo bench clean
+
+env: $(STAMP)
+
+$(STAMP): requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Triton kernels run through Triton's interpreter on the CPU (set before triton is imported).
+test: env
+	TRITON_INTERPRET=1 $(PY) -m pytest
+
+test-fast: env
+	TRITON_INTERPRET=1 $(PY) -m pytest -m "not slow and not distributed"
+
+lint: env
+	$(PY) -m ruff check kfac_ef kernels tests benchmarks
+	$(PY) -m ruff format --check kfac_ef kernels tests benchmarks
+	$(PY) -m mypy
+
+format: env
+	$(PY) -m ruff check --fix kfac_ef kernels tests benchmarks
+	$(PY) -m ruff format kfac_ef kernels tests benchmarks
+
+demo: env
+	$(PY) benchmarks/demo.py
+
+bench: env
+	$(PY) benchmarks/step_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,72 @@
+"""Which implementation runs: the Triton kernel or its pure-torch reference.
+
+Triton is imported lazily, on the first request for a Triton kernel, so a CPU-only install
+without triton imports and runs. On the CPU, Triton kernels run only through Triton's
+interpreter, which must be switched on (TRITON_INTERPRET=1) before triton is imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+# Set once the Triton implementations exist (see each kernel file); the dispatch point is
+# independent of them so that "auto" and "torch" never depend on triton.
+TRITON_KERNELS_IMPLEMENTED = False
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why Triton kernels cannot run on ``device`` (None when they can)."""
+    if not TRITON_KERNELS_IMPLEMENTED:
+        return "this version of kfac_ef ships no Triton kernels yet; use backend='torch' or 'auto'"
+    err = _triton_import_error()
+    if err is not None:
+        return f"triton does not import ({err}); install triton or use backend='torch'"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and interpreter_enabled():
+        return None
+    return (
+        f"Triton kernels run on CUDA tensors (got device {device}); on the CPU only through "
+        "Triton's interpreter, enabled by TRITON_INTERPRET=1 set before triton is imported. "
+        "Use backend='torch' or 'auto' here"
+    )
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """Raise ``ValueError`` if ``backend`` cannot run on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend={backend!r}: must be one of {BACKENDS}")
+    if backend == "triton":
+        reason = triton_unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(f"backend='triton' cannot run: {reason}")
+
+
+def use_triton(backend: str, device: torch.device) -> bool:
+    """Resolve ``backend`` for a tensor on ``device``: True for Triton, False for torch."""
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        check_backend(backend, device)
+        return True
+    # auto: Triton for CUDA tensors when it imports; the reference everywhere else.
+    return device.type == "cuda" and triton_unavailable_reason(device) is None

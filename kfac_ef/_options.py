@@ -1,0 +1,147 @@
+"""Typed, validated options of :class:`~kfac_ef.KFACPreconditioner`.
+
+Every option is checked once, at construction; an invalid value raises ``ValueError`` (or
+``TypeError``) naming the option, the value received and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+LossReduction = Literal["mean", "sum"]
+DampingMode = Literal["exact", "pi"]
+KFACApprox = Literal["expand", "reduce"]
+Backend = Literal["auto", "torch", "triton"]
+
+LOSS_REDUCTIONS = ("mean", "sum")
+DAMPING_MODES = ("exact", "pi")
+KFAC_APPROXES = ("expand", "reduce")
+BACKENDS = ("auto", "torch", "triton")
+FACTOR_DTYPES = (torch.float32, torch.float64)
+
+SkipSpec = str | type[nn.Module]
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(
+            f"Invalid {name}={value!r}: must be one of {', '.join(map(repr, allowed))}"
+        )
+    return value
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {name}={value!r}: must be an int >= 1")
+    return value
+
+
+def _normalize_skip(value: Any) -> tuple[SkipSpec, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str | type) else value
+    if not isinstance(items, Iterable):
+        raise TypeError(
+            f"Invalid skip_layers={value!r}: must be a module name, a regex, an nn.Module "
+            "subclass, or an iterable of those"
+        )
+    out: list[SkipSpec] = []
+    for item in items:
+        if isinstance(item, str):
+            try:
+                re.compile(item)
+            except re.error as exc:
+                raise ValueError(
+                    f"Invalid skip_layers entry {item!r}: not a valid regex ({exc})"
+                ) from None
+            out.append(item)
+        elif isinstance(item, type) and issubclass(item, nn.Module):
+            out.append(item)
+        else:
+            raise TypeError(
+                f"Invalid skip_layers entry {item!r}: must be a module name or regex (str) "
+                "or an nn.Module subclass"
+            )
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class KFACOptions:
+    """Options of the preconditioner (see the README's options table for the meaning of each).
+
+    Attributes:
+        damping: ε > 0, added to the Kronecker-factored curvature: (G⊗A + εI)⁻¹.
+        factor_decay: β ∈ [0, 1); running average F ← β F + (1-β) F_batch of A and G.
+            0 keeps only the latest statistics. The first update sets F = F_batch.
+        factor_update_steps: statistics are captured on steps 0, k, 2k, ...
+        inv_update_steps: eigendecompositions at step 0 and every k steps after.
+        loss_reduction: how the loss reduces over the batch, "mean" or "sum" (fixes the
+            scale of G, see docs/index.md).
+        damping_mode: "exact" (eigenbasis of the Kronecker product) or "pi" (factored
+            Tikhonov damping with π-scaling).
+        kfac_approx: "expand" or "reduce" for layers with shared positions.
+        skip_layers: module names / regexes (full match) / module types to leave alone.
+        factor_dtype: float32 (default) or float64 for factors and decompositions.
+        backend: "auto", "torch" or "triton" for the factor-statistics and preconditioning
+            kernels.
+    """
+
+    damping: float = 1e-3
+    factor_decay: float = 0.95
+    factor_update_steps: int = 1
+    inv_update_steps: int = 10
+    loss_reduction: LossReduction = "mean"
+    damping_mode: DampingMode = "exact"
+    kfac_approx: KFACApprox = "expand"
+    skip_layers: tuple[SkipSpec, ...] = field(default=())
+    factor_dtype: torch.dtype = torch.float32
+    backend: Backend = "auto"
+
+    def __post_init__(self) -> None:
+        d = self.damping
+        if isinstance(d, bool) or not isinstance(d, int | float) or not math.isfinite(d) or d <= 0:
+            raise ValueError(f"Invalid damping={d!r}: must be a finite number > 0")
+        object.__setattr__(self, "damping", float(d))
+        b = self.factor_decay
+        if isinstance(b, bool) or not isinstance(b, int | float) or not (0.0 <= b < 1.0):
+            raise ValueError(f"Invalid factor_decay={b!r}: must be a number in [0, 1)")
+        object.__setattr__(self, "factor_decay", float(b))
+        _positive_int("factor_update_steps", self.factor_update_steps)
+        _positive_int("inv_update_steps", self.inv_update_steps)
+        _choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
+        _choice("damping_mode", self.damping_mode, DAMPING_MODES)
+        _choice("kfac_approx", self.kfac_approx, KFAC_APPROXES)
+        _choice("backend", self.backend, BACKENDS)
+        if self.factor_dtype not in FACTOR_DTYPES:
+            raise ValueError(
+                f"Invalid factor_dtype={self.factor_dtype!r}: must be torch.float32 or "
+                "torch.float64 (factors are kept in full precision whatever the activations' dtype)"
+            )
+        object.__setattr__(self, "skip_layers", _normalize_skip(self.skip_layers))
+
+    def skips(self, name: str, module: nn.Module) -> bool:
+        """Whether ``skip_layers`` names this module (exact name, full-match regex or type)."""
+        for spec in self.skip_layers:
+            if isinstance(spec, str):
+                if spec == name or re.fullmatch(spec, name):
+                    return True
+            elif isinstance(module, spec):
+                return True
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, picklable description of the options (types of skip_layers by name)."""
+        out = asdict(self)
+        out["factor_dtype"] = str(self.factor_dtype).removeprefix("torch.")
+        out["skip_layers"] = [
+            s if isinstance(s, str) else f"{s.__module__}.{s.__qualname__}"
+            for s in self.skip_layers
+        ]
+        return out

@@ -1,0 +1,208 @@
+"""Independent ground truth for the tests: no code from kfac_ef is used here.
+
+- per-example parameter gradients from torch.func (vmap over grad);
+- per-example layer inputs and output gradients δ_{n,t} = ∂ℓ_n/∂s_{n,t}, one example at a time
+  through plain autograd;
+- conv patches by explicit loops over output positions (checked against the per-example
+  gradients by ``test_reference_is_consistent``);
+- factor definitions and dense solves straight from docs/index.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+PerExampleLoss = Callable[[Tensor, Tensor], Tensor]  # (outputs, targets) -> (N,) losses
+
+
+def clean_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every module hook dropped (no preconditioner sees it)."""
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        for hooks in (
+            m._forward_hooks,
+            m._forward_pre_hooks,
+            m._backward_hooks,
+            m._forward_hooks_with_kwargs,
+            m._forward_pre_hooks_with_kwargs,
+        ):
+            hooks.clear()
+    return twin
+
+
+def per_example_grads(
+    model: nn.Module, loss: PerExampleLoss, x: Tensor, y: Tensor
+) -> dict[str, Tensor]:
+    """{parameter name: (N, *shape)} gradients of ℓ_n, via torch.func."""
+    model = clean_copy(model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p: dict[str, Tensor], xn: Tensor, yn: Tensor) -> Tensor:
+        out = functional_call(model, p, (xn.unsqueeze(0),))
+        return loss(out, yn.unsqueeze(0)).sum()
+
+    return vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+
+
+def layer_io(
+    model: nn.Module, module: nn.Module, loss: PerExampleLoss, x: Tensor, y: Tensor
+) -> list[list[tuple[Tensor, Tensor]]]:
+    """Per example n, per call of ``module``: (its raw input, ∂ℓ_n/∂(its output)).
+
+    Runs each example alone through a hook-free copy of the model, so the gradient is that of
+    ℓ_n itself and no preconditioner attached to ``model`` sees these passes.
+    """
+    name = next(k for k, m in model.named_modules() if m is module)
+    model = clean_copy(model)
+    module = model.get_submodule(name)
+    result = []
+    for n in range(x.shape[0]):
+        calls: list[tuple[Tensor, Tensor]] = []
+
+        def hook(m: nn.Module, args: tuple[Tensor, ...], out: Tensor, calls=calls) -> None:
+            out.retain_grad()
+            calls.append((args[0].detach(), out))
+
+        h = module.register_forward_hook(hook)
+        try:
+            model.zero_grad()
+            loss(model(x[n : n + 1]), y[n : n + 1]).sum().backward()
+        finally:
+            h.remove()
+        result.append([(a[0], o.grad[0].detach()) for a, o in calls])
+    model.zero_grad()
+    return result
+
+
+def _conv_padding(conv: nn.Module) -> list[tuple[int, int]]:
+    """(before, after) padding per spatial dim, from the documented conv semantics."""
+    nd = len(conv.kernel_size)
+    if conv.padding == "valid":
+        return [(0, 0)] * nd
+    if conv.padding == "same":
+        out = []
+        for k, d in zip(conv.kernel_size, conv.dilation):
+            total = d * (k - 1)
+            out.append((total // 2, total - total // 2))
+        return out
+    return [(p, p) for p in conv.padding]
+
+
+def conv_patches(conv: nn.Module, x: Tensor) -> Tensor:
+    """Patches of one example ``x`` (C, *spatial) as (T, groups, C/groups · prod(k)), by loops."""
+    pads = _conv_padding(conv)
+    flat = [v for before_after in reversed(pads) for v in before_after]
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    xp = F.pad(x.unsqueeze(0), flat, mode=mode)[0]
+    c = xp.shape[0]
+    spatial = xp.shape[1:]
+    ks, ss, ds = conv.kernel_size, conv.stride, conv.dilation
+    out_sizes = [(size - d * (k - 1) - 1) // s + 1 for size, k, s, d in zip(spatial, ks, ss, ds)]
+    rows = []
+    for o in itertools.product(*[range(n) for n in out_sizes]):
+        window = []
+        for ch in range(c):
+            for kk in itertools.product(*[range(k) for k in ks]):
+                idx = tuple(oi * s + ki * d for oi, ki, s, d in zip(o, kk, ss, ds))
+                window.append(xp[(ch, *idx)])
+        rows.append(torch.stack(window))
+    patches = torch.stack(rows)  # (T, C * K)
+    g = conv.groups
+    return patches.reshape(patches.shape[0], g, c // g * math.prod(ks))
+
+
+def positions(module: nn.Module, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """One call of one example as (T, blocks, d_in) inputs and (T, blocks, d_out) gradients."""
+    if isinstance(module, nn.Linear):
+        return a.reshape(-1, 1, a.shape[-1]), d.reshape(-1, 1, d.shape[-1])
+    g = module.groups
+    patches = conv_patches(module, a)
+    dd = d.reshape(d.shape[0], -1).T  # (T, C_out)
+    return patches, dd.reshape(dd.shape[0], g, dd.shape[1] // g)
+
+
+def homogeneous(a: Tensor, bias: bool) -> Tensor:
+    return torch.cat([a, torch.ones_like(a[..., :1])], dim=-1) if bias else a
+
+
+def reference_factors(
+    module: nn.Module,
+    io: list[list[tuple[Tensor, Tensor]]],
+    *,
+    approx: str = "expand",
+    reduction: str = "mean",
+) -> tuple[Tensor, Tensor]:
+    """A and G per DESIGN.md, as (blocks, d, d), from per-example inputs and δ's.
+
+    expand: A = 1/(N·T) Σ_{n,t} ã ãᵀ,  G = 1/N Σ_{n,t} δ δᵀ
+    reduce: A = 1/N Σ_n ā ā ᵀ (ā = mean_t ã),  G = 1/N Σ_n (Σ_t δ)(Σ_t δ)ᵀ
+    sum reduction: G multiplied by N. Several calls of one module per example are several
+    position groups (expand over calls).
+    """
+    bias = module.bias is not None and module.bias.requires_grad
+    n_examples = len(io)
+    a_rows, d_rows = [], []
+    for calls in io:
+        for a, d in calls:
+            pa, pd = positions(module, a, d)
+            pa = homogeneous(pa, bias)
+            if approx == "expand":
+                a_rows.append(pa)
+                d_rows.append(pd)
+            else:
+                a_rows.append(pa.mean(0, keepdim=True))
+                d_rows.append(pd.sum(0, keepdim=True))
+    a_all = torch.cat(a_rows)  # (rows, blocks, d)
+    d_all = torch.cat(d_rows)
+    A = torch.einsum("rbi,rbj->bij", a_all, a_all) / a_all.shape[0]
+    G = torch.einsum("rbi,rbj->bij", d_all, d_all) / n_examples
+    if reduction == "sum":
+        G = G * n_examples
+    return A, G
+
+
+def grad_matrix(module: nn.Module, gw: Tensor, gb: Tensor | None) -> Tensor:
+    """(blocks, g_dim, a_dim) from weight- and bias-shaped gradients."""
+    blocks = getattr(module, "groups", 1)
+    out = gw.shape[0]
+    m = gw.reshape(blocks, out // blocks, -1)
+    if gb is not None:
+        m = torch.cat([m, gb.reshape(blocks, out // blocks, 1)], dim=-1)
+    return m
+
+
+def dense_exact(A: Tensor, G: Tensor, grad_m: Tensor, damping: float) -> Tensor:
+    """(G⊗A + εI)⁻¹ vec(∇) per block, by a dense solve (row-major vec)."""
+    out = []
+    for a, g, gm in zip(A, G, grad_m):
+        c = torch.kron(g, a)
+        sol = torch.linalg.solve(c + damping * torch.eye(c.shape[0], dtype=c.dtype), gm.reshape(-1))
+        out.append(sol.reshape(gm.shape))
+    return torch.stack(out)
+
+
+def dense_pi(A: Tensor, G: Tensor, grad_m: Tensor, damping: float) -> Tensor:
+    """(G + (√ε/π) I)⁻¹ ∇ (A + √ε·π I)⁻¹ per block, π = sqrt((tr A/dim A)/(tr G/dim G))."""
+    out = []
+    for a, g, gm in zip(A, G, grad_m):
+        pi = math.sqrt((torch.trace(a) / a.shape[0]) / (torch.trace(g) / g.shape[0]))
+        ia = torch.linalg.inv(a + math.sqrt(damping) * pi * torch.eye(a.shape[0], dtype=a.dtype))
+        ig = torch.linalg.inv(g + math.sqrt(damping) / pi * torch.eye(g.shape[0], dtype=g.dtype))
+        out.append(ig @ gm @ ia)
+    return torch.stack(out)
+
+
+def mse_per_example(out: Tensor, y: Tensor) -> Tensor:
+    return 0.5 * (out - y).pow(2).reshape(out.shape[0], -1).sum(1)
+
+
+def ce_per_example(out: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(out, y, reduction="none")
