@@ -6,10 +6,20 @@ precond.step()        # rewrites p.grad in place
 optimizer.step()      # any torch optimizer
 """
 
+from ._constraint import LossChangeDiagnostics
 from ._options import KFACOptions
+from .mc import mc_backward
 from .preconditioner import KFACPreconditioner
 from .summary import LayerSummary, Summary
 
 __version__ = "0.1.0"
 
-__all__ = ["KFACOptions", "KFACPreconditioner", "LayerSummary", "Summary", "__version__"]
+__all__ = [
+    "KFACOptions",
+    "KFACPreconditioner",
+    "LayerSummary",
+    "LossChangeDiagnostics",
+    "Summary",
+    "__version__",
+    "mc_backward",
+]

@@ -37,6 +37,9 @@ class Layer:
 
     ``updates[b]`` counts the accepted statistics updates of block b and ``skipped[b]`` the
     rejected (non-finite) ones; both live on the device so that step() never synchronizes.
+    With ``damping_mode="ekfac"`` the decomposition also holds the scale ``"s"`` (B, g, a),
+    and ``scale_updates[b]`` counts the batches folded into it since it was last initialized
+    from λ_G λ_Aᵀ.
     """
 
     name: str
@@ -48,6 +51,7 @@ class Layer:
     skipped: Tensor | None = None
     decomposition: Decomposition | None = None
     skipped_reported: int = 0
+    scale_updates: Tensor | None = None
 
     @property
     def shape_key(self) -> tuple[int, int, torch.device]:
@@ -72,6 +76,58 @@ class Layer:
             linalg.running_average_(factor, acc, scale, weight, keep)
         self.updates.add_(keep)
         self.skipped.add_(~keep)
+
+    def update_scale(self, calls: list[Call], loss_reduction: str, decay: float) -> None:
+        """Fold this step's EKFAC second moment into the running scale S, on the device.
+
+        S_batch = s · Σ_n (Q_Gᵀ ∇̂_n Q_A)² in the current eigenbasis, with ∇̂_n the observed
+        gradient of example n (summed over its positions and calls) and s the scale of G
+        (N for mean reduction, since δ_n = N · ∂L/∂s; 1 for sum). Then
+        S ← (1-w) S + w S_batch with w = 1-β, or w = 1 for the first batch since S was
+        initialized from λ_G λ_Aᵀ; a block whose S_batch is not finite is left unchanged.
+        Updates the view into the bucket's stack in place.
+        """
+        st = self.decomposition
+        if st is None or "s" not in st or not calls:
+            return
+        ad = self.adapter
+        total: Tensor | None = None
+        examples = 0
+        for a, d in per_pass_rows(ad, calls):
+            part = linalg.eigenbasis_second_moment(a, d, st["qa"], st["qg"])
+            total = part if total is None else total.add_(part)
+            examples += a.shape[0]
+        assert total is not None and self.scale_updates is not None
+        scale = float(examples) if loss_reduction == "mean" else 1.0
+        keep = torch.isfinite(total.sum(dim=(1, 2)) * scale)
+        weight = torch.where(self.scale_updates > 0, 1.0 - decay, 1.0).to(total.dtype) * keep
+        linalg.running_average_(st["s"], total, scale, weight, keep)
+        self.scale_updates.add_(keep)
+
+
+Call = tuple[Tensor, Tensor, int]
+"""One call of a layer as captured: (input x, gradient w.r.t. its output, pass id)."""
+
+
+def per_pass_rows(adapter: LayerAdapter, calls: list[Call]) -> list[tuple[Tensor, Tensor]]:
+    """The calls of one step as ``(N, T, blocks, a_dim)`` inputs and ``(N, T, blocks, g_dim)``
+    output gradients, one pair per pass (the same N examples); the calls of one pass (a
+    module applied several times) are concatenated along positions. Inputs carry the
+    homogeneous coordinate when the layer has a trainable bias.
+    """
+    by_pass: dict[int, list[tuple[Tensor, Tensor]]] = defaultdict(list)
+    for x, grad, pass_id in calls:
+        a = adapter.inputs(x)
+        if adapter.has_bias:
+            a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+        by_pass[pass_id].append((a, adapter.output_grads(grad)))
+    out: list[tuple[Tensor, Tensor]] = []
+    for items in by_pass.values():
+        if len({a.shape[0] for a, _ in items}) == 1:
+            out.append((torch.cat([a for a, _ in items], 1), torch.cat([d for _, d in items], 1)))
+        else:  # batch sizes differ within a pass (warned by the statistics): calls apart
+            out.extend(items)
+    return out
 
 
 def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[Layer]:
@@ -124,7 +180,7 @@ def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[La
     results: dict[tuple[int, str], tuple[dict[str, Tensor], bool]] = {}
     for items in jobs.values():
         mats = torch.cat([getattr(layer, side) for layer, side in items])
-        if damping_mode == "exact":
+        if damping_mode != "pi":
             eig = linalg.eigh_psd(mats)
             parts, ok = {"q": eig.eigenvectors, "l": eig.eigenvalues}, eig.ok
         else:
@@ -152,16 +208,43 @@ def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[La
                 stacklevel=4,
             )
             continue
-        # Keys: eigenbases/eigenvalues ("qg", "lg", "qa", "la") or inverses ("ig", "ia").
-        layer.decomposition = {
+        # Keys: eigenbases/eigenvalues ("qg", "lg", "qa", "la") or inverses ("ig", "ia")
+        # with their shifts ("cg", "ca"); "ekfac" adds the scale "s".
+        new = {
             f"{k}{side}": v
             for side, part in (("g", part_g), ("a", part_a))
             for k, v in part.items()
         }
+        if damping_mode == "pi":
+            dtype = new["ig"].dtype
+            new["cg"] = shifts[(id(layer), "G")].to(dtype)
+            new["ca"] = shifts[(id(layer), "A")].to(dtype)
+        elif damping_mode == "ekfac":
+            new["s"] = _carried_scale(layer, new)
+        layer.decomposition = new
     return waiting
 
 
-PreconditionFn = Callable[[Tensor, Decomposition], Tensor]
+def _carried_scale(layer: Layer, new: Decomposition) -> Tensor:
+    """The EKFAC scale of a layer's new eigenbasis: the previous S carried over, or λ_G λ_Aᵀ.
+
+    A layer that had a scale keeps its running average, transported to the new basis
+    (``linalg.ekfac_transport``); one without (its first basis, or a checkpoint without a
+    scale) starts from K-FAC's diagonal λ_G λ_Aᵀ and its next batch replaces it.
+    """
+    old = layer.decomposition
+    if old is not None and "s" in old and layer.scale_updates is not None:
+        return linalg.ekfac_transport(old["s"], old["qg"], old["qa"], new["qg"], new["qa"])
+    layer.scale_updates = torch.zeros(
+        layer.adapter.blocks, dtype=torch.int64, device=new["lg"].device
+    )
+    return linalg.ekfac_initial_scale(new["lg"], new["la"])
+
+
+PreconditionFn = Callable[[Tensor, Decomposition], "Tensor | tuple[Tensor, Tensor]"]
+"""Maps the stacked gradients ``(B, g, a)`` to the preconditioned ones, optionally with a
+``(B,)`` tensor of per-block values computed on the way (the quadratic forms of the
+loss-change constraint), which ``Bucket.precondition`` hands back."""
 
 
 @dataclass(eq=False)
@@ -190,15 +273,22 @@ class Bucket:
             layer.decomposition = {k: v[offset : offset + blocks] for k, v in self.stacked.items()}
             offset += blocks
 
-    def precondition(self, fn: PreconditionFn, dtype: torch.dtype) -> None:
-        """Rewrite the gradients of every member that has one, in one batched call."""
+    def precondition(
+        self, fn: PreconditionFn, dtype: torch.dtype
+    ) -> tuple[list[Layer], Tensor | None]:
+        """Rewrite the gradients of every member that has one, in one batched call.
+
+        Returns:
+            The layers whose gradients were rewritten, and the ``(B,)`` per-block values
+            ``fn`` returned beside the gradients (None if it returned none).
+        """
         layers = [
             layer
             for layer in self.active
             if all(p.grad is not None for p in layer.adapter.parameters())
         ]
         if not layers:
-            return
+            return [], None
         if len(layers) == len(self.active):
             stacked = self.stacked
         else:
@@ -223,7 +313,8 @@ class Bucket:
             offset += ad.blocks
         torch._foreach_copy_(dst, src)
 
-        out = fn(grads, stacked)
+        result = fn(grads, stacked)
+        out, extra = result if isinstance(result, tuple) else (result, None)
 
         dst, src = [], []
         offset = 0
@@ -237,6 +328,7 @@ class Bucket:
                 src.append(out[sl, :, ad.a_dim0 :].reshape(ad.bias.shape))
             offset += ad.blocks
         torch._foreach_copy_(dst, src)
+        return layers, extra
 
 
 def make_buckets(layers: list[Layer]) -> list[Bucket]:

@@ -45,6 +45,11 @@ class LayerStatistics:
     def empty(self) -> bool:
         return self.rows == 0
 
+    @property
+    def examples(self) -> int:
+        """Examples accumulated since the last ``take()``/``discard()`` (summed over passes)."""
+        return sum(self._examples.values())
+
     def _rows(self, t: Tensor, reduce_op: str) -> Tensor:
         """``(N, T, blocks, d)`` -> ``(blocks, rows, d)`` for the chosen approximation."""
         n, t_len, blocks, d = t.shape

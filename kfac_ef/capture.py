@@ -46,6 +46,10 @@ class Capture:
         on_backward: called whenever an output gradient of a watched module arrives.
         record: ``record(name, x, grad, pass_id)`` with the input of one call and the
             gradient w.r.t. that call's output.
+        hold_inputs: hand a call's input to ``record`` on *every* gradient that reaches its
+            output (several backward passes through a retained graph, as the sampled-target
+            backward of ``fisher_type="mc"`` does) and keep it until ``release()``, instead
+            of releasing it at the first gradient.
     """
 
     def __init__(
@@ -55,8 +59,11 @@ class Capture:
         wants_statistics: Callable[[], bool],
         on_backward: Callable[[], None],
         record: Callable[[str, Tensor, Tensor, int], None],
+        hold_inputs: bool = False,
     ) -> None:
         self._wants_statistics = wants_statistics
+        self._hold_inputs = hold_inputs
+        self._held: list[list[Tensor | None]] = []
         self._on_backward = on_backward
         self._record = record
         self._pass_id = 0
@@ -70,6 +77,13 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.release()
+
+    def release(self) -> None:
+        """Drop the inputs kept for further backward passes (``hold_inputs``)."""
+        for holder in self._held:
+            holder[0] = None
+        self._held.clear()
 
     def _forward_hook(self, name: str) -> Callable[..., None]:
         def hook(
@@ -88,11 +102,16 @@ class Capture:
             # caller that keeps the output alive does not keep the input alive through us.
             holder: list[Tensor | None] = [x.detach() if keep and x is not None else None]
             pass_id = self._pass_id
+            hold = self._hold_inputs
+            if hold and holder[0] is not None:
+                self._held.append(holder)
 
             def on_grad(grad: Tensor) -> None:
                 self._backward_since_forward = True
                 self._on_backward()
-                x_call, holder[0] = holder[0], None
+                x_call = holder[0]
+                if not hold:
+                    holder[0] = None
                 if x_call is not None:
                     self._record(name, x_call, grad, pass_id)
 

@@ -7,20 +7,22 @@ and, every ``inv_update_steps``, decompositions (_blocks.py, linalg.py) -> step(
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
-from . import kernels
-from ._blocks import Bucket, Decomposition, Layer, decompose, make_buckets
-from ._options import KFACOptions, SkipSpec
+from . import _constraint, kernels
+from ._blocks import Bucket, Call, Decomposition, Layer, decompose, make_buckets
+from ._constraint import LossChangeDiagnostics, StepRecord
+from ._options import KFACOptions, LearningRate, SkipSpec
 from ._stats import LayerStatistics
 from .capture import Capture
 from .layers import make_adapter
@@ -29,6 +31,13 @@ from .summary import LayerSummary, Summary
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "kfac_ef.state/1"
+
+# Decomposition entries per damping mode (a checkpoint missing one is decomposed afresh).
+_DECOMPOSITION_KEYS = {
+    "exact": {"qg", "lg", "qa", "la"},
+    "ekfac": {"qg", "lg", "qa", "la", "s"},
+    "pi": {"ig", "ia", "cg", "ca"},
+}
 
 # Modules hooked by a live preconditioner: a second one on the same module would double the
 # statistics work and disagree about p.grad, so it is refused.
@@ -49,6 +58,10 @@ class KFACPreconditioner:
     nn.Conv1d/2d/3d (any stride, padding, padding_mode, dilation, groups). Parameters of other
     modules are left untouched; ``summary()`` lists them with the reason.
 
+    With ``constraint`` other than "none", step() also scales the preconditioned gradients by
+    a 0-dim ν so that the optimizer's step Δθ = -lr·ν·∇̃ predicts E_n[(Δℓ_n)²] = c (or ≤ c),
+    the seed's loss-change constraint (docs/empirical_fisher.md).
+
     Args:
         model: the model; its supported submodules are hooked at construction.
         damping: ε > 0.
@@ -61,6 +74,19 @@ class KFACPreconditioner:
         skip_layers: module names, full-match regexes or module types to leave alone.
         factor_dtype: torch.float32 or torch.float64 for factors and decompositions.
         backend: "auto", "torch" or "triton" kernels.
+        fisher_type: "empirical" (G from the gradients of your loss) or "mc" (G from targets
+            sampled from the model's predictive distribution; use ``kfac_ef.mc_backward``).
+        constraint: "none", "kronecker" (E[(Δℓ)²] by Σ_layers ⟨ΔW, G ΔW A⟩) or "exact"
+            (by the empirical Fisher itself, from the step's captured tensors).
+        target_loss_change: c of the equality form E[(Δℓ)²] = c.
+        max_loss_change: c of the trust-region form E[(Δℓ)²] ≤ c (ν ≤ 1).
+        loss_change_unit: "absolute", "loss" (c in units of the squared mean per-example
+            loss: pass ``step(loss=...)``) or "spread" (in units of the variance of the
+            per-example losses: pass them to ``step(loss=...)``).
+        lr: the learning rate your optimizer applies, a number or a callable of the step
+            count (needed by the constraint and by ``track_loss_changes``).
+        track_loss_changes: keep the step's inputs and output gradients until step() so that
+            ``diagnostics()`` reports the per-example loss changes whatever the constraint.
 
     Raises:
         TypeError, ValueError: on an invalid option (the message names it).
@@ -82,6 +108,13 @@ class KFACPreconditioner:
         skip_layers: SkipSpec | Iterable[SkipSpec] | None = (),
         factor_dtype: torch.dtype = torch.float32,
         backend: str = "auto",
+        fisher_type: str = "empirical",
+        constraint: str = "none",
+        target_loss_change: float | None = None,
+        max_loss_change: float | None = None,
+        loss_change_unit: str = "loss",
+        lr: LearningRate | None = None,
+        track_loss_changes: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -96,6 +129,13 @@ class KFACPreconditioner:
             skip_layers=skip_layers,  # type: ignore[arg-type]
             factor_dtype=factor_dtype,
             backend=backend,  # type: ignore[arg-type]
+            fisher_type=fisher_type,  # type: ignore[arg-type]
+            constraint=constraint,  # type: ignore[arg-type]
+            target_loss_change=target_loss_change,
+            max_loss_change=max_loss_change,
+            loss_change_unit=loss_change_unit,  # type: ignore[arg-type]
+            lr=lr,
+            track_loss_changes=track_loss_changes,
         )
         self._layers, self._unpreconditioned = self._discover(model)
         if not self._layers:
@@ -114,11 +154,21 @@ class KFACPreconditioner:
         self._force_decompose = False
         self._removed = False
         self._warned_no_stats: set[str] = set()
+        # Calls held until step(): for the EKFAC scale ("fisher": the gradients that feed
+        # the factors) and for the exact loss-change form ("loss": the user's gradients).
+        self._fisher_calls: dict[str, list[Call]] = defaultdict(list)
+        self._loss_calls: dict[str, list[Call]] = defaultdict(list)
+        self._sampling = False
+        self._sampled = False
+        self._stats_examples = 1  # examples of the last statistics step
+        self._warned_missing: set[str] = set()
+        self._record_last: StepRecord | None = None
         self._capture = Capture(
             {layer.name: layer.adapter.module for layer in self._layers},
-            wants_statistics=self._wants_statistics,
+            wants_statistics=self._wants_inputs,
             on_backward=self._on_backward,
             record=self._record,
+            hold_inputs=self.options.fisher_type == "mc",
         )
 
     # ------------------------------------------------------------------ construction
@@ -185,12 +235,46 @@ class KFACPreconditioner:
     def _wants_statistics(self) -> bool:
         return self._steps % self.options.factor_update_steps == 0
 
+    def _wants_inputs(self) -> bool:
+        """Whether this step keeps layer inputs: for statistics, or for the exact form."""
+        return self._wants_statistics() or self.options.needs_loss_records
+
     def _on_backward(self) -> None:
-        self._backward_seen = True
+        if not self._sampling:
+            self._backward_seen = True
 
     def _record(self, name: str, x: Tensor, grad: Tensor, pass_id: int) -> None:
+        opts = self.options
+        # Which backward feeds the factors: the user's loss (empirical) or the sampled one.
+        feeds_factors = self._sampling == (opts.fisher_type == "mc")
+        call = (x, grad.detach(), pass_id)
         with torch.no_grad():
-            self._by_name[name].stats.add(x, grad, pass_id)
+            if feeds_factors and self._wants_statistics():
+                self._by_name[name].stats.add(x, grad, pass_id)
+                if opts.damping_mode == "ekfac":
+                    self._fisher_calls[name].append(call)
+        if not self._sampling and opts.needs_loss_records:
+            self._loss_calls[name].append(call)
+
+    @contextlib.contextmanager
+    def _sampled_backward(self) -> Iterator[None]:
+        """Marks the backward passes inside as the sampled-target ones (``kfac_ef.mc``)."""
+        self._check_live()
+        self._sampling = True
+        try:
+            yield
+        finally:
+            self._sampling = False
+        self._sampled = True
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The preconditioned parameters (weights and trainable biases of hooked layers)."""
+        return [p for layer in self._layers for p in layer.adapter.parameters()]
+
+    @property
+    def collects_statistics(self) -> bool:
+        """Whether the coming step() folds statistics into the factors (a statistics step)."""
+        return self._wants_statistics()
 
     # ------------------------------------------------------------------ step
     @property
@@ -202,17 +286,25 @@ class KFACPreconditioner:
         if self._removed:
             raise RuntimeError("this KFACPreconditioner was removed (remove() detached its hooks)")
 
-    def step(self) -> None:
+    def step(self, loss: Tensor | None = None) -> None:
         """Precondition the gradients in place: p.grad ← (G⊗A + εI)⁻¹ p.grad per layer.
 
         Folds the statistics of the last backward pass(es) into the running factors (on
         statistics steps), recomputes decompositions (on decomposition steps), then rewrites
         the gradients of every layer that has a decomposition. Layers without one yet, and
-        parameters whose ``.grad`` is None, are left as they are.
+        parameters whose ``.grad`` is None, are left as they are. With a constraint, the
+        rewritten gradients are then scaled by ν (a 0-dim device tensor; see the class doc).
+
+        Args:
+            loss: this step's loss, needed when ``loss_change_unit`` is relative: the reduced
+                loss (0-d, mean reduction, unit "loss") or the per-example losses (1-d; with
+                gradient accumulation, those of every micro-batch). Only read on the device.
 
         Raises:
             RuntimeError: if no backward pass reached a hooked layer since the last step()
-                (or since construction), or after ``remove()``.
+                (or since construction), after ``remove()``, or with ``fisher_type="mc"``
+                when a statistics step had no sampled-target backward.
+            ValueError: if the constraint needs ``loss`` and it is missing or of a wrong shape.
         """
         self._check_live()
         if not self._backward_seen:
@@ -222,8 +314,28 @@ class KFACPreconditioner:
                 "precond.step(), and step() once per backward (or per accumulated batch)"
             )
         opts = self.options
+        if opts.fisher_type == "mc" and self._wants_statistics() and not self._sampled:
+            self._clear_step()
+            raise RuntimeError(
+                "fisher_type='mc': this statistics step had no sampled-target backward; "
+                "replace loss.backward() by kfac_ef.mc_backward(precond, loss, output, "
+                "likelihood=...) so that the factors see gradients of sampled targets"
+            )
+        reference = None
+        if opts.constraint != "none" and opts.loss_change_unit != "absolute":
+            if loss is None:
+                self._clear_step()
+                raise ValueError(
+                    f"loss_change_unit={opts.loss_change_unit!r} scales the target by this "
+                    "step's loss: call precond.step(loss=...) with the loss (per-example "
+                    "losses for 'spread'), or use loss_change_unit='absolute'"
+                )
+            reference = _constraint.loss_reference(opts.loss_change_unit, loss, opts.loss_reduction)
         with torch.no_grad(), record_function("kfac_ef.step"):
             if self._wants_statistics():
+                examples = [layer.stats.examples for layer in self._layers]
+                if any(examples):
+                    self._stats_examples = max(examples)
                 for layer in self._layers:
                     if not layer.stats.empty:
                         layer.update_factors(opts.loss_reduction, opts.factor_decay)
@@ -232,11 +344,109 @@ class KFACPreconditioner:
                     layer.stats.discard()
             if self._steps % opts.inv_update_steps == 0 or self._force_decompose:
                 self._decompose()
-            fn = self._precondition_fn()
+            if opts.damping_mode == "ekfac" and self._fisher_calls:
+                for layer in self._layers:
+                    calls = self._fisher_calls.get(layer.name)
+                    if calls:
+                        layer.update_scale(calls, opts.loss_reduction, opts.factor_decay)
+            fn = self._precondition_fn(with_form=opts.needs_kronecker_form)
+            done: list[Layer] = []
+            forms: list[Tensor] = []
             for bucket in self._buckets:
-                bucket.precondition(fn, opts.factor_dtype)
+                layers, form = bucket.precondition(fn, opts.factor_dtype)
+                done.extend(layers)
+                if form is not None:
+                    forms.append(form)
+            if opts.constraint != "none" or opts.track_loss_changes:
+                self._scale_step(done, forms, reference)
+        self._clear_step()
         self._steps += 1
         self._backward_seen = False
+
+    def _clear_step(self) -> None:
+        self._fisher_calls.clear()
+        self._loss_calls.clear()
+        self._capture.release()
+        self._sampled = False
+
+    def _scale_step(self, done: list[Layer], forms: list[Tensor], reference: Tensor | None) -> None:
+        """Measure the step -lr·∇̃ in loss space, scale the gradients by ν, keep the record."""
+        opts = self.options
+        lr = opts.learning_rate(self._steps)
+        kron = None
+        if opts.needs_kronecker_form:
+            kron = torch.cat(forms).sum() if forms else torch.zeros((), dtype=opts.factor_dtype)
+            if opts.loss_reduction == "sum":
+                # G = Σ_n δδᵀ is N times the mean form: per example, divide by the N of
+                # the last statistics step.
+                kron = kron / self._stats_examples
+        directions = None
+        if opts.needs_loss_records:
+            directions, missing = _constraint.per_example_directions(
+                done,
+                self._loss_calls,
+                None if opts.loss_reduction == "mean" else 1.0,
+            )
+            self._warn_missing(missing)
+        nu = torch.ones((), dtype=torch.float64)
+        target = None
+        if opts.constraint != "none":
+            if opts.constraint == "kronecker":
+                assert kron is not None
+                form = kron
+            elif directions is not None:
+                form = directions.square().mean()
+            else:
+                form = torch.zeros((), dtype=opts.factor_dtype)
+            c = opts.target_loss_change or opts.max_loss_change
+            assert c is not None
+            target = torch.tensor(c, dtype=torch.float64)
+            if reference is not None:
+                target = target.to(reference.device) * reference.to(torch.float64)
+            nu = _constraint.step_scale(
+                form, target.to(form.device), lr, equality=opts.target_loss_change is not None
+            )
+            grads = [p.grad for layer in done for p in layer.adapter.parameters()]
+            grads_t = [g for g in grads if g is not None]
+            if grads_t:
+                torch._foreach_mul_(grads_t, nu.to(grads_t[0].device, grads_t[0].dtype))
+        self._record_last = StepRecord(
+            step=self._steps, lr=lr, nu=nu, target=target, kronecker=kron, directions=directions
+        )
+
+    def _warn_missing(self, names: list[str]) -> None:
+        new = [n for n in names if n not in self._warned_missing]
+        if new:
+            self._warned_missing.update(new)
+            warnings.warn(
+                f"layer(s) {', '.join(map(repr, new))}: gradient preconditioned but no call "
+                "captured on this step (no gradient reached the output, or the call ran in "
+                "eval mode); left out of the exact loss-change form",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def diagnostics(self) -> LossChangeDiagnostics:
+        """The scale and predicted per-example loss changes of the last step().
+
+        Reads device values on the host (synchronizes): call it when you want the numbers,
+        not inside a timed loop. The Kronecker form is available with
+        ``constraint="kronecker"`` or ``track_loss_changes=True``; the exact form and the
+        distribution of Δℓ_n with ``constraint="exact"`` or ``track_loss_changes=True``;
+        the others are None.
+
+        Raises:
+            RuntimeError: before the first step(), or when neither a constraint nor
+                ``track_loss_changes`` is on (nothing is measured).
+        """
+        if self.options.constraint == "none" and not self.options.track_loss_changes:
+            raise RuntimeError(
+                "diagnostics() needs constraint='kronecker'/'exact' or track_loss_changes=True "
+                "(and lr=...): without them step() measures nothing"
+            )
+        if self._record_last is None:
+            raise RuntimeError("diagnostics() describes the last step(): call step() first")
+        return _constraint.summarize(self._record_last)
 
     def _decompose(self) -> None:
         opts = self.options
@@ -256,21 +466,53 @@ class KFACPreconditioner:
                     stacklevel=3,
                 )
 
-    def _precondition_fn(self) -> Any:
+    def _precondition_fn(self, with_form: bool = False) -> Any:
+        """The bucket function; ``with_form`` also returns ⟨∇̃, G ∇̃ A⟩ per block."""
         damping, backend = self.options.damping, self.options.backend
-        if self.options.damping_mode == "exact":
+        mode = self.options.damping_mode
+        if mode == "pi":
+            if with_form:
 
-            def exact(grads: Tensor, st: Decomposition) -> Tensor:
-                return kernels.precondition_eigen(
-                    grads, st["qg"], st["lg"], st["qa"], st["la"], damping, backend=backend
+                def factored_form(grads: Tensor, st: Decomposition) -> tuple[Tensor, Tensor]:
+                    return _constraint.precondition_pi_with_form(
+                        grads, st["ig"], st["ia"], st["cg"], st["ca"]
+                    )
+
+                return factored_form
+
+            def factored(grads: Tensor, st: Decomposition) -> Tensor:
+                return st["ig"] @ grads @ st["ia"]
+
+            return factored
+        scaled = mode == "ekfac"
+        if with_form:
+
+            def eigen_form(grads: Tensor, st: Decomposition) -> tuple[Tensor, Tensor]:
+                return _constraint.precondition_eigen_with_form(
+                    grads,
+                    st["qg"],
+                    st["lg"],
+                    st["qa"],
+                    st["la"],
+                    damping,
+                    st["s"] if scaled else None,
                 )
 
-            return exact
+            return eigen_form
 
-        def factored(grads: Tensor, st: Decomposition) -> Tensor:
-            return st["ig"] @ grads @ st["ia"]
+        def eigen(grads: Tensor, st: Decomposition) -> Tensor:
+            return kernels.precondition_eigen(
+                grads,
+                st["qg"],
+                st["lg"],
+                st["qa"],
+                st["la"],
+                damping,
+                st["s"] if scaled else None,
+                backend=backend,
+            )
 
-        return factored
+        return eigen
 
     # ------------------------------------------------------------------ inspection
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -300,8 +542,12 @@ class KFACPreconditioner:
             ad = layer.adapter
             a, g, b = ad.a_dim, ad.g_dim, ad.blocks
             decomp = b * (a * a + g * g)
-            if self.options.damping_mode == "exact":
+            if self.options.damping_mode != "pi":
                 decomp += b * (a + g)  # eigenvalues beside the eigenbases
+            else:
+                decomp += 2 * b  # the shifts c_G, c_A
+            if self.options.damping_mode == "ekfac":
+                decomp += b * g * a  # the scale S
             prefix = "" if layer.name == "<model>" else layer.name + "."
             rows.append(
                 LayerSummary(
@@ -353,6 +599,8 @@ class KFACPreconditioner:
                     else None
                 ),
             }
+            if layer.scale_updates is not None:
+                layers[layer.name]["scale_updates"] = layer.scale_updates.clone()
         return {
             "format": STATE_FORMAT,
             "steps": self._steps,
@@ -408,8 +656,17 @@ class KFACPreconditioner:
             layer.skipped = entry["skipped"].to(device).clone()
             layer.skipped_reported = int(layer.skipped.sum())
             dec = entry.get("decomposition")
-            if dec is not None and keep_decomposition:
+            layer.scale_updates = None
+            if (
+                dec is not None
+                and keep_decomposition
+                and set(dec) == _DECOMPOSITION_KEYS[opts.damping_mode]
+            ):
                 layer.decomposition = {k: v.to(device=device, dtype=dtype) for k, v in dec.items()}
+                if "scale_updates" in entry:
+                    layer.scale_updates = entry["scale_updates"].to(device).clone()
+                elif opts.damping_mode == "ekfac":
+                    layer.scale_updates = torch.zeros_like(layer.updates)
             else:
                 layer.decomposition = None
                 self._force_decompose = True
@@ -417,3 +674,5 @@ class KFACPreconditioner:
             bucket.restack()
         self._steps = int(state["steps"])
         self._backward_seen = False
+        self._clear_step()
+        self._record_last = None

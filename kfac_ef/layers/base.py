@@ -15,7 +15,9 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 
+import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 
 class LayerAdapter(ABC):
@@ -73,6 +75,21 @@ class LayerAdapter(ABC):
     def bias_matrix(self, t: Tensor) -> Tensor:
         """A bias-shaped tensor as ``(blocks, g_dim, 1)``."""
         return t.reshape(self.blocks, self.g_dim, 1)
+
+    def linear_map(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The module's output for input ``x`` with its parameters replaced by ``weight`` and
+        ``bias`` (None: no bias term, also when the module's bias is frozen).
+
+        The output is linear in (weight, bias), so with a step (ΔW, Δb) it is the first-order
+        change of the output, Σ over positions of ΔW ã (the loss-change constraint's
+        directional derivative). This default calls the module through torch.func; adapters
+        override it with the functional form.
+        """
+        params: dict[str, Tensor] = {"weight": weight}
+        module_bias = getattr(self.module, "bias", None)
+        if isinstance(module_bias, Tensor):
+            params["bias"] = bias if bias is not None else torch.zeros_like(module_bias)
+        return functional_call(self.module, params, (x,))
 
     def describe(self) -> str:
         return self.kind

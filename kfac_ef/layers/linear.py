@@ -6,6 +6,7 @@ position (a sequence, image rows, ...). A 1-D input is one example at one positi
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LayerAdapter, flatten_positions
@@ -24,3 +25,6 @@ class LinearAdapter(LayerAdapter):
     def output_grads(self, grad: Tensor) -> Tensor:
         t = flatten_positions(grad, batched=grad.dim() > 1, channels_last=True)
         return t.unsqueeze(2)
+
+    def linear_map(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
