@@ -115,7 +115,8 @@ class KFACOptions:
         fisher_type: "empirical" (G from the gradients of the user's loss) or "mc" (G from
             targets sampled from the model's predictive distribution, see ``kfac_ef.mc``).
         constraint: "none", "kronecker" or "exact": which form of E[(Δℓ)²] step() scales the
-            preconditioned gradients to meet (docs/empirical_fisher.md).
+            preconditioned gradients to meet (docs/empirical_fisher.md). None (default):
+            "exact" when a target or maximum is given, else "none".
         target_loss_change: c of the equality form E[(Δℓ)²] = c, in ``loss_change_unit``.
         max_loss_change: c of the trust-region form E[(Δℓ)²] ≤ c, in ``loss_change_unit``.
         loss_change_unit: "absolute" (c as given), "loss" (c times the squared mean
@@ -137,10 +138,10 @@ class KFACOptions:
     factor_dtype: torch.dtype = torch.float32
     backend: Backend = "auto"
     fisher_type: FisherType = "empirical"
-    constraint: Constraint = "none"
+    constraint: Constraint | None = None
     target_loss_change: float | None = None
     max_loss_change: float | None = None
-    loss_change_unit: LossChangeUnit = "loss"
+    loss_change_unit: LossChangeUnit = "spread"
     lr: LearningRate | None = None
     track_loss_changes: bool = False
 
@@ -169,6 +170,9 @@ class KFACOptions:
         self._check_constraint()
 
     def _check_constraint(self) -> None:
+        if self.constraint is None:
+            given = self.target_loss_change is not None or self.max_loss_change is not None
+            object.__setattr__(self, "constraint", "exact" if given else "none")
         _choice("constraint", self.constraint, CONSTRAINTS)
         _choice("loss_change_unit", self.loss_change_unit, LOSS_CHANGE_UNITS)
         target = _optional_positive("target_loss_change", self.target_loss_change)

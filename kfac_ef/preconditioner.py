@@ -77,12 +77,13 @@ class KFACPreconditioner:
         fisher_type: "empirical" (G from the gradients of your loss) or "mc" (G from targets
             sampled from the model's predictive distribution; use ``kfac_ef.mc_backward``).
         constraint: "none", "kronecker" (E[(Δℓ)²] by Σ_layers ⟨ΔW, G ΔW A⟩) or "exact"
-            (by the empirical Fisher itself, from the step's captured tensors).
+            (by the empirical Fisher itself, from the step's captured tensors). Default:
+            "exact" when ``target_loss_change`` or ``max_loss_change`` is given, else "none".
         target_loss_change: c of the equality form E[(Δℓ)²] = c.
         max_loss_change: c of the trust-region form E[(Δℓ)²] ≤ c (ν ≤ 1).
-        loss_change_unit: "absolute", "loss" (c in units of the squared mean per-example
-            loss: pass ``step(loss=...)``) or "spread" (in units of the variance of the
-            per-example losses: pass them to ``step(loss=...)``).
+        loss_change_unit: "spread" (default: c in units of the variance of the per-example
+            losses, pass them to ``step(loss=...)``), "loss" (in units of the squared mean
+            per-example loss) or "absolute".
         lr: the learning rate your optimizer applies, a number or a callable of the step
             count (needed by the constraint and by ``track_loss_changes``).
         track_loss_changes: keep the step's inputs and output gradients until step() so that
@@ -109,10 +110,10 @@ class KFACPreconditioner:
         factor_dtype: torch.dtype = torch.float32,
         backend: str = "auto",
         fisher_type: str = "empirical",
-        constraint: str = "none",
+        constraint: str | None = None,
         target_loss_change: float | None = None,
         max_loss_change: float | None = None,
-        loss_change_unit: str = "loss",
+        loss_change_unit: str = "spread",
         lr: LearningRate | None = None,
         track_loss_changes: bool = False,
     ) -> None:

@@ -464,3 +464,13 @@ def test_step_does_not_synchronize_on_cuda():
             pre.step(loss=loss.detach())
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_target_alone_selects_the_measured_best_form():
+    """The defaults are what benchmarks/loss_change.py found best: the exact form, with c in
+    units of the variance of the per-example losses."""
+    pre = KFACPreconditioner(_mlp(), lr=LR, target_loss_change=1.0)
+    assert pre.options.constraint == "exact" and pre.options.loss_change_unit == "spread"
+    other = KFACPreconditioner(_mlp(), lr=LR, max_loss_change=1.0)
+    assert other.options.constraint == "exact"
+    assert KFACPreconditioner(_mlp()).options.constraint == "none"
