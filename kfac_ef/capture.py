@@ -98,8 +98,9 @@ class Capture:
                 self._backward_since_forward = False
             x = _call_input(args, kwargs)
             keep = module.training and x is not None and self._wants_statistics()
-            # The input lives in a one-slot holder released when the gradient arrives, so a
-            # caller that keeps the output alive does not keep the input alive through us.
+            # The input lives in a one-slot holder released when the gradient arrives (with
+            # hold_inputs: at release()), so a caller that keeps the output alive does not
+            # keep the input alive through us.
             holder: list[Tensor | None] = [x.detach() if keep and x is not None else None]
             pass_id = self._pass_id
             hold = self._hold_inputs

@@ -322,16 +322,20 @@ class KFACPreconditioner:
                 "replace loss.backward() by kfac_ef.mc_backward(precond, loss, output, "
                 "likelihood=...) so that the factors see gradients of sampled targets"
             )
+        # Everything that can fail on the user's input is checked before any state changes:
+        # after such an error, step() can be called again for the same backward.
         reference = None
         if opts.constraint != "none" and opts.loss_change_unit != "absolute":
             if loss is None:
-                self._clear_step()
                 raise ValueError(
                     f"loss_change_unit={opts.loss_change_unit!r} scales the target by this "
                     "step's loss: call precond.step(loss=...) with the loss (per-example "
                     "losses for 'spread'), or use loss_change_unit='absolute'"
                 )
             reference = _constraint.loss_reference(opts.loss_change_unit, loss, opts.loss_reduction)
+        lr = None
+        if opts.constraint != "none" or opts.track_loss_changes:
+            lr = opts.learning_rate(self._steps)
         with torch.no_grad(), record_function("kfac_ef.step"):
             if self._wants_statistics():
                 examples = [layer.stats.examples for layer in self._layers]
@@ -358,8 +362,8 @@ class KFACPreconditioner:
                 done.extend(layers)
                 if form is not None:
                     forms.append(form)
-            if opts.constraint != "none" or opts.track_loss_changes:
-                self._scale_step(done, forms, reference)
+            if lr is not None:
+                self._scale_step(lr, done, forms, reference)
         self._clear_step()
         self._steps += 1
         self._backward_seen = False
@@ -370,13 +374,22 @@ class KFACPreconditioner:
         self._capture.release()
         self._sampled = False
 
-    def _scale_step(self, done: list[Layer], forms: list[Tensor], reference: Tensor | None) -> None:
-        """Measure the step -lr·∇̃ in loss space, scale the gradients by ν, keep the record."""
+    def _scale_step(
+        self, lr: float, done: list[Layer], forms: list[Tensor], reference: Tensor | None
+    ) -> None:
+        """Measure the step -lr·∇̃ in loss space, scale the gradients by ν, keep the record.
+
+        All on the device of the preconditioned gradients (no host-device copy)."""
         opts = self.options
-        lr = opts.learning_rate(self._steps)
+        grads = [p.grad for layer in done for p in layer.adapter.parameters() if p.grad is not None]
+        device = grads[0].device if grads else self._layers[0].adapter.weight.device
         kron = None
         if opts.needs_kronecker_form:
-            kron = torch.cat(forms).sum() if forms else torch.zeros((), dtype=opts.factor_dtype)
+            kron = (
+                torch.cat([f.to(device) for f in forms]).sum()
+                if forms
+                else torch.zeros((), dtype=opts.factor_dtype, device=device)
+            )
             if opts.loss_reduction == "sum":
                 # G = Σ_n δδᵀ is N times the mean form: per example, divide by the N of
                 # the last statistics step.
@@ -389,28 +402,29 @@ class KFACPreconditioner:
                 None if opts.loss_reduction == "mean" else 1.0,
             )
             self._warn_missing(missing)
-        nu = torch.ones((), dtype=torch.float64)
+        nu = torch.ones((), dtype=torch.float64, device=device)
         target = None
         if opts.constraint != "none":
             if opts.constraint == "kronecker":
                 assert kron is not None
                 form = kron
             elif directions is not None:
-                form = directions.square().mean()
+                form = directions.to(device).square().mean()
             else:
-                form = torch.zeros((), dtype=opts.factor_dtype)
+                form = torch.zeros((), dtype=opts.factor_dtype, device=device)
             c = opts.target_loss_change or opts.max_loss_change
             assert c is not None
-            target = torch.tensor(c, dtype=torch.float64)
+            target = torch.full((), c, dtype=torch.float64, device=device)
             if reference is not None:
-                target = target.to(reference.device) * reference.to(torch.float64)
+                target = target * reference.to(device=device, dtype=torch.float64)
             nu = _constraint.step_scale(
-                form, target.to(form.device), lr, equality=opts.target_loss_change is not None
+                form, target, lr, equality=opts.target_loss_change is not None
             )
-            grads = [p.grad for layer in done for p in layer.adapter.parameters()]
-            grads_t = [g for g in grads if g is not None]
-            if grads_t:
-                torch._foreach_mul_(grads_t, nu.to(grads_t[0].device, grads_t[0].dtype))
+            groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+            for g in grads:
+                groups[(g.device, g.dtype)].append(g)
+            for (dev, dtype), group in groups.items():
+                torch._foreach_mul_(group, nu.to(device=dev, dtype=dtype))
         self._record_last = StepRecord(
             step=self._steps, lr=lr, nu=nu, target=target, kronecker=kron, directions=directions
         )

@@ -25,7 +25,8 @@ class LayerSummary:
         a_shape, g_shape: shape of one block's A and G (A includes the bias coordinate).
         parameters: names of the parameters the layer preconditions.
         factor_bytes: running factors plus the statistics accumulators.
-        decomposition_bytes: eigenbases and eigenvalues ("exact") or damped inverses ("pi").
+        decomposition_bytes: eigenbases and eigenvalues ("exact"; "ekfac" adds the scale S,
+            one g × a matrix per block) or damped inverses and their shifts ("pi").
     """
 
     name: str

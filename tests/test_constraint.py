@@ -226,20 +226,23 @@ def test_relative_units_follow_the_loss(unit, per_example):
 
 
 def test_relative_unit_needs_the_loss():
+    """A missing or misshapen loss is an error before anything changes: step() can be called
+    again, with the loss, for the same backward."""
     model = _mlp()
     pre = _pre(model, constraint="exact", target_loss_change=0.1, loss_change_unit="spread")
     x, y = torch.randn(4, 5), torch.randn(4, 3)
-    mse_per_example(model(x), y).mean().backward()
+    losses = mse_per_example(model(x), y)
+    losses.mean().backward()
+    raw = [p.grad.clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="step\\(loss="):
         pre.step()
-    model.zero_grad()
-    losses = mse_per_example(model(x), y)
-    losses.mean().backward()
     with pytest.raises(ValueError, match="per-example"):
-        pre.step(loss=losses.mean())
-    losses = mse_per_example(model(x), y)
-    losses.mean().backward()
-    pre.step(loss=losses)  # the state was cleared by the failed calls: this one works
+        pre.step(loss=losses.mean().detach())
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), raw))
+    assert pre.steps == 0
+    pre.step(loss=losses.detach())
+    d = pre.diagnostics()
+    assert d.step == 0 and d.target == pytest.approx(0.1 * float(losses.detach().var(correction=0)))
 
 
 def test_sum_reduction_needs_per_example_losses_for_the_loss_unit():
