@@ -1,13 +1,17 @@
 """Layers' running factors, their decompositions, and batched preconditioning by shape.
 
-Every layer contributes ``blocks`` Kronecker blocks of shape (g_dim, a_dim). Layers whose
-blocks have the same shape (and device) form a *bucket*: their decompositions are stored
-stacked, so one batched chain of products preconditions all of them at once, and the launch
-count per step does not grow with the number of layers of a shape. Each layer holds views
-into its bucket's stacks.
+Every layer contributes ``blocks`` Kronecker blocks of shape (g_dim, a_dim); each factor is
+stored dense, diagonal or block-diagonal (``_factors.FactorSpec``). Layers whose blocks have
+the same shape and factor storage (and device) form a *bucket*: their decompositions are
+stored stacked, so one batched chain of products preconditions all of them at once, and the
+launch count per step does not grow with the number of layers of a shape. Each layer holds
+views into its bucket's stacks.
 
-Decompositions are computed per factor size: all factors of one size (A's and G's of every
-layer alike) go through one batched eigendecomposition.
+Decompositions are computed per block size: all factor blocks of one size (A's and G's of
+every layer alike) go through one batched eigendecomposition; diagonal factors need none.
+
+Parameters outside the Kronecker form, with other_params="diagonal", are
+:class:`DiagonalParam`: a running diagonal empirical Fisher F and p.grad ← p.grad / (F + ε).
 """
 
 from __future__ import annotations
@@ -20,23 +24,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import linalg
-from ._stats import LayerStatistics
+from ._factors import FactorSpec, block_traces
+from ._stats import DiagonalStatistics, LayerStatistics, Scale
 from .layers import LayerAdapter
 
 logger = logging.getLogger(__name__)
 
 Decomposition = dict[str, Tensor]
+Taken = tuple[Tensor, Scale, Tensor, Scale]
+BucketKey = tuple[FactorSpec, FactorSpec, torch.device]
+
+
+def _per_stack(x: Tensor, nb: int) -> Tensor:
+    """Per-Kronecker-block values ``(blocks,)`` -> per stored block ``(blocks · nb,)``."""
+    return x if nb == 1 else x.repeat_interleave(nb)
 
 
 @dataclass(eq=False)
 class Layer:
-    """One preconditioned module: statistics, running factors and decomposition.
+    """One preconditioned Kronecker layer: statistics, running factors and decomposition.
 
-    ``updates[b]`` counts the accepted statistics updates of block b and ``skipped[b]`` the
-    rejected (non-finite) ones; both live on the device so that step() never synchronizes.
+    ``A`` and ``G`` are stored as ``spec.shape(blocks)`` stacks (see _factors). ``updates[b]``
+    counts the accepted statistics updates of block b and ``skipped[b]`` the rejected
+    (non-finite) ones; both live on the device so that step() never synchronizes.
     """
 
     name: str
@@ -50,28 +63,106 @@ class Layer:
     skipped_reported: int = 0
 
     @property
-    def shape_key(self) -> tuple[int, int, torch.device]:
-        ad = self.adapter
-        return (ad.g_dim, ad.a_dim, ad.weight.device)
+    def a_spec(self) -> FactorSpec:
+        return self.stats.a_spec
 
-    def update_factors(self, loss_reduction: str, decay: float) -> None:
-        """Fold this step's statistics into the running A and G, without host synchronization.
+    @property
+    def g_spec(self) -> FactorSpec:
+        return self.stats.g_spec
+
+    @property
+    def shape_key(self) -> BucketKey:
+        return (self.g_spec, self.a_spec, self.adapter.weight.device)
+
+    def take(self, loss_reduction: str, loss_scale: Tensor | None = None) -> Taken:
+        """This step's statistics and their scales (see LayerStatistics.take)."""
+        return self.stats.take(loss_reduction, loss_scale)
+
+    @staticmethod
+    def finite(taken: Taken) -> Tensor:
+        """0-d flag: whether every entry of this step's scaled statistics is finite."""
+        acc_a, scale_a, acc_g, scale_g = taken
+        return linalg.finite_gram(acc_a, scale_a).all() & linalg.finite_gram(acc_g, scale_g).all()
+
+    def fold(self, taken: Taken, decay: float, ok: Tensor) -> None:
+        """Fold statistics into the running A and G, without host synchronization.
 
         F ← (1-w) F + w · s · S per block, with w = 1-β (w = 1 for a block's first accepted
-        update) and w = 0 for a block whose new statistics are not finite.
+        update) and w = 0 when ``ok`` (a 0-d device flag) is False.
         """
-        acc_a, scale_a, acc_g, scale_g = self.stats.take(loss_reduction)
+        acc_a, scale_a, acc_g, scale_g = taken
+        blocks = self.adapter.blocks
         if self.A is None or self.G is None or self.updates is None or self.skipped is None:
             self.A = torch.zeros_like(acc_a)
             self.G = torch.zeros_like(acc_g)
-            self.updates = torch.zeros(acc_a.shape[0], dtype=torch.int64, device=acc_a.device)
+            self.updates = torch.zeros(blocks, dtype=torch.int64, device=acc_a.device)
             self.skipped = torch.zeros_like(self.updates)
-        keep = linalg.finite_gram(acc_a, scale_a) & linalg.finite_gram(acc_g, scale_g)
+        keep = ok.expand(blocks)
         weight = torch.where(self.updates > 0, 1.0 - decay, 1.0).to(acc_a.dtype) * keep
-        for factor, acc, scale in ((self.A, acc_a, scale_a), (self.G, acc_g, scale_g)):
-            linalg.running_average_(factor, acc, scale, weight, keep)
+        for factor, acc, scale, spec in (
+            (self.A, acc_a, scale_a, self.a_spec),
+            (self.G, acc_g, scale_g, self.g_spec),
+        ):
+            linalg.running_average_(
+                factor, acc, scale, _per_stack(weight, spec.nb), _per_stack(keep, spec.nb)
+            )
         self.updates.add_(keep)
         self.skipped.add_(~keep)
+
+    def update_factors(
+        self,
+        loss_reduction: str,
+        decay: float,
+        loss_scale: Tensor | None = None,
+        step_ok: Tensor | None = None,
+    ) -> None:
+        """take + fold: statistics enter only if they are finite (and ``step_ok``)."""
+        taken = self.take(loss_reduction, loss_scale)
+        ok = self.finite(taken)
+        self.fold(taken, decay, ok if step_ok is None else ok & step_ok)
+
+
+@dataclass(eq=False)
+class DiagonalParam:
+    """A parameter preconditioned by its diagonal empirical Fisher: p.grad ← p.grad / (F + ε).
+
+    ``F`` is the running average (same cadence, decay and reduction scaling as the Kronecker
+    factors), ``inverse`` = 1 / (F + ε) as of the last decomposition step, shaped like p.
+    """
+
+    name: str
+    param: nn.Parameter
+    stats: DiagonalStatistics
+    F: Tensor | None = None
+    updates: Tensor | None = None
+    skipped: Tensor | None = None
+    inverse: Tensor | None = None
+
+    def take(self, loss_reduction: str, loss_scale: Tensor | None = None) -> tuple[Tensor, Scale]:
+        return self.stats.take(loss_reduction, loss_scale)
+
+    @staticmethod
+    def finite(taken: tuple[Tensor, Scale]) -> Tensor:
+        acc, scale = taken
+        return torch.isfinite(acc.sum() * scale)
+
+    def fold(self, taken: tuple[Tensor, Scale], decay: float, ok: Tensor) -> None:
+        acc, scale = taken
+        if self.F is None or self.updates is None or self.skipped is None:
+            self.F = torch.zeros_like(acc)
+            self.updates = torch.zeros(1, dtype=torch.int64, device=acc.device)
+            self.skipped = torch.zeros_like(self.updates)
+        keep = ok.reshape(1)
+        weight = torch.where(self.updates > 0, 1.0 - decay, 1.0).to(acc.dtype) * keep
+        acc.masked_fill_(~keep, 0.0)
+        self.F.mul_(1.0 - weight).add_(acc * (weight * scale))
+        self.updates.add_(keep)
+        self.skipped.add_(~keep)
+
+    def decompose(self, damping: float) -> None:
+        if self.F is None:
+            return
+        self.inverse = (self.F.clamp_min(0.0) + damping).reciprocal_().view(self.param.shape)
 
 
 def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[Layer]:
@@ -88,39 +179,36 @@ def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[La
     ready: list[Layer] = []
     waiting: list[Layer] = []
     for layer in layers:
-        if layer.A is None or layer.updates is None or layer.skipped is None:
+        if layer.A is None or layer.updates is None:
             waiting.append(layer)
             continue
-        counts = layer.updates.tolist()
-        skipped = int(layer.skipped.sum())
-        if skipped > layer.skipped_reported:
-            warnings.warn(
-                f"layer {layer.name!r}: {skipped - layer.skipped_reported} statistics update(s) "
-                "had non-finite values and were skipped (factors kept their previous values)",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            layer.skipped_reported = skipped
-        (ready if min(counts) > 0 else waiting).append(layer)
+        (ready if min(layer.updates.tolist()) > 0 else waiting).append(layer)
 
-    # One batched call per factor size and device: eigendecompositions ("exact") or damped
-    # inverses ("pi", whose shifts √ε·π and √ε/π depend on each layer's traces).
+    # One batched call per block size and device: eigendecompositions ("exact") or damped
+    # inverses ("pi", whose shifts √ε·π and √ε/π depend on each layer's traces). Diagonal
+    # factors need no call: their eigenvalues are their entries.
     jobs: dict[tuple[int, torch.device], list[tuple[Layer, str]]] = defaultdict(list)
+    diagonal: list[tuple[Layer, str]] = []
     shifts: dict[tuple[int, str], Tensor] = {}
     sqrt_eps = math.sqrt(damping)
     for layer in ready:
         assert layer.A is not None and layer.G is not None
-        jobs[(layer.A.shape[-1], layer.A.device)].append((layer, "A"))
-        jobs[(layer.G.shape[-1], layer.G.device)].append((layer, "G"))
+        for side, spec in (("A", layer.a_spec), ("G", layer.g_spec)):
+            mat = getattr(layer, side)
+            if spec.has_basis:
+                jobs[(spec.bs, mat.device)].append((layer, side))
+            else:
+                diagonal.append((layer, side))
         if damping_mode == "pi":
+            blocks = layer.adapter.blocks
             pi = linalg.pi_scale(
-                layer.A.diagonal(dim1=1, dim2=2).sum(-1),
-                layer.adapter.a_dim,
-                layer.G.diagonal(dim1=1, dim2=2).sum(-1),
-                layer.adapter.g_dim,
+                block_traces(layer.A, layer.a_spec, blocks),
+                layer.a_spec.dim,
+                block_traces(layer.G, layer.g_spec, blocks),
+                layer.g_spec.dim,
             )
-            shifts[(id(layer), "A")] = sqrt_eps * pi
-            shifts[(id(layer), "G")] = sqrt_eps / pi
+            shifts[(id(layer), "A")] = _per_stack(sqrt_eps * pi, layer.a_spec.nb)
+            shifts[(id(layer), "G")] = _per_stack(sqrt_eps / pi, layer.g_spec.nb)
     results: dict[tuple[int, str], tuple[dict[str, Tensor], bool]] = {}
     for items in jobs.values():
         mats = torch.cat([getattr(layer, side) for layer, side in items])
@@ -133,9 +221,18 @@ def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[La
             parts = {"i": inv}
         offset = 0
         for layer, side in items:
-            sl = slice(offset, offset + layer.adapter.blocks)
+            n = getattr(layer, side).shape[0]
+            sl = slice(offset, offset + n)
             results[(id(layer), side)] = ({k: v[sl] for k, v in parts.items()}, all(ok[sl]))
-            offset += layer.adapter.blocks
+            offset += n
+    for layer, side in diagonal:
+        mat: Tensor = getattr(layer, side)
+        entries = mat.reshape(-1, 1).clamp_min(0.0)
+        if damping_mode == "exact":
+            results[(id(layer), side)] = ({"l": entries}, True)
+        else:
+            shift = shifts[(id(layer), side)].to(entries.dtype).unsqueeze(1)
+            results[(id(layer), side)] = ({"i": (entries + shift).reciprocal_()}, True)
 
     for layer in ready:
         part_a, ok_a = results[(id(layer), "A")]
@@ -152,7 +249,8 @@ def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[La
                 stacklevel=4,
             )
             continue
-        # Keys: eigenbases/eigenvalues ("qg", "lg", "qa", "la") or inverses ("ig", "ia").
+        # Keys: eigenbases/eigenvalues ("qg", "lg", "qa", "la"; no "q" for a diagonal factor)
+        # or damped inverses ("ig", "ia").
         layer.decomposition = {
             f"{k}{side}": v
             for side, part in (("g", part_g), ("a", part_a))
@@ -161,17 +259,25 @@ def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[La
     return waiting
 
 
-PreconditionFn = Callable[[Tensor, Decomposition], Tensor]
+PreconditionFn = Callable[[Tensor, Decomposition, FactorSpec, FactorSpec], Tensor]
 
 
 @dataclass(eq=False)
 class Bucket:
-    """Layers whose blocks share one (g_dim, a_dim) and device; decompositions stacked."""
+    """Layers whose blocks share one shape, factor storage and device; decompositions stacked."""
 
-    key: tuple[int, int, torch.device]
+    key: BucketKey
     layers: list[Layer]
     active: list[Layer] = field(default_factory=list)
     stacked: Decomposition = field(default_factory=dict)
+
+    @property
+    def g_spec(self) -> FactorSpec:
+        return self.key[0]
+
+    @property
+    def a_spec(self) -> FactorSpec:
+        return self.key[1]
 
     def restack(self) -> None:
         """Stack the members' decompositions and point each member at its slice of the stack."""
@@ -184,63 +290,78 @@ class Bucket:
             k: torch.cat([layer.decomposition[k] for layer in self.active])  # type: ignore[index]
             for k in names
         }
-        offset = 0
+        offset = {k: 0 for k in names}
         for layer in self.active:
-            blocks = layer.adapter.blocks
-            layer.decomposition = {k: v[offset : offset + blocks] for k, v in self.stacked.items()}
-            offset += blocks
+            views = {}
+            for k, v in self.stacked.items():
+                n = layer.decomposition[k].shape[0]  # type: ignore[index]
+                views[k] = v[offset[k] : offset[k] + n]
+                offset[k] += n
+            layer.decomposition = views
 
     def precondition(self, fn: PreconditionFn, dtype: torch.dtype) -> None:
-        """Rewrite the gradients of every member that has one, in one batched call."""
-        layers = [
-            layer
-            for layer in self.active
-            if all(p.grad is not None for p in layer.adapter.parameters())
-        ]
-        if not layers:
+        """Rewrite the gradients of every member that has them, in one batched call.
+
+        Gradients are gathered into one ``(B, g_pad, a_pad)`` buffer (zero padding beyond
+        the layers' widths), preconditioned, and written back through views into p.grad.
+        """
+        members: list[tuple[Layer, list[tuple[Tensor, int]]]] = []
+        for layer in self.active:
+            parts = layer.adapter.gradient_parts()
+            if parts is not None:
+                members.append((layer, parts))
+        if not members:
             return
-        if len(layers) == len(self.active):
+        if len(members) == len(self.active):
             stacked = self.stacked
         else:
             stacked = {
-                k: torch.cat([layer.decomposition[k] for layer in layers])  # type: ignore[index]
+                k: torch.cat([layer.decomposition[k] for layer, _ in members])  # type: ignore[index]
                 for k in self.stacked
             }
-        g_dim, a_dim, device = self.key
-        total = sum(layer.adapter.blocks for layer in layers)
-        grads = torch.empty(total, g_dim, a_dim, dtype=dtype, device=device)
+        g_spec, a_spec, device = self.key
+        total = sum(layer.adapter.blocks for layer, _ in members)
+        shape = (total, g_spec.padded, a_spec.padded)
+        padded = g_spec.padded != g_spec.dim or a_spec.padded != a_spec.dim
+        grads = (torch.zeros if padded else torch.empty)(shape, dtype=dtype, device=device)
+        g_dim = g_spec.dim
         dst: list[Tensor] = []
         src: list[Tensor] = []
         offset = 0
-        for layer in layers:
-            ad = layer.adapter
-            sl = slice(offset, offset + ad.blocks)
-            dst.append(grads[sl, :, : ad.a_dim0])
-            src.append(ad.weight_matrix(ad.weight.grad))  # type: ignore[arg-type]
-            if ad.bias is not None:
-                dst.append(grads[sl, :, ad.a_dim0 :])
-                src.append(ad.bias_matrix(ad.bias.grad))  # type: ignore[arg-type]
-            offset += ad.blocks
+        for layer, parts in members:
+            sl = slice(offset, offset + layer.adapter.blocks)
+            for view, col in parts:
+                dst.append(grads[sl, :g_dim, col : col + view.shape[-1]])
+                src.append(view)
+            offset += layer.adapter.blocks
         torch._foreach_copy_(dst, src)
 
-        out = fn(grads, stacked)
+        out = fn(grads, stacked, g_spec, a_spec)
 
         dst, src = [], []
         offset = 0
-        for layer in layers:
-            ad = layer.adapter
-            sl = slice(offset, offset + ad.blocks)
-            dst.append(ad.weight.grad)  # type: ignore[arg-type]
-            src.append(out[sl, :, : ad.a_dim0].reshape(ad.weight.shape))
-            if ad.bias is not None:
-                dst.append(ad.bias.grad)  # type: ignore[arg-type]
-                src.append(out[sl, :, ad.a_dim0 :].reshape(ad.bias.shape))
-            offset += ad.blocks
+        for layer, parts in members:
+            sl = slice(offset, offset + layer.adapter.blocks)
+            for view, col in parts:
+                dst.append(view)
+                src.append(out[sl, :g_dim, col : col + view.shape[-1]])
+            offset += layer.adapter.blocks
         torch._foreach_copy_(dst, src)
 
 
 def make_buckets(layers: list[Layer]) -> list[Bucket]:
-    groups: dict[tuple[int, int, torch.device], list[Layer]] = defaultdict(list)
+    groups: dict[BucketKey, list[Layer]] = defaultdict(list)
     for layer in layers:
         groups[layer.shape_key].append(layer)
     return [Bucket(key, members) for key, members in groups.items()]
+
+
+def precondition_diagonal(params: list[DiagonalParam]) -> None:
+    """p.grad ← p.grad · 1/(F + ε) for every diagonal parameter with a gradient, in one call."""
+    grads, inverses = [], []
+    for d in params:
+        if d.inverse is not None and d.param.grad is not None:
+            grads.append(d.param.grad)
+            inverses.append(d.inverse)
+    if grads:
+        torch._foreach_mul_(grads, inverses)

@@ -19,11 +19,13 @@ LossReduction = Literal["mean", "sum"]
 DampingMode = Literal["exact", "pi"]
 KFACApprox = Literal["expand", "reduce"]
 Backend = Literal["auto", "torch", "triton"]
+OtherParams = Literal["ignore", "diagonal"]
 
 LOSS_REDUCTIONS = ("mean", "sum")
 DAMPING_MODES = ("exact", "pi")
 KFAC_APPROXES = ("expand", "reduce")
 BACKENDS = ("auto", "torch", "triton")
+OTHER_PARAMS = ("ignore", "diagonal")
 FACTOR_DTYPES = (torch.float32, torch.float64)
 
 SkipSpec = str | type[nn.Module]
@@ -91,6 +93,16 @@ class KFACOptions:
         factor_dtype: float32 (default) or float64 for factors and decompositions.
         backend: "auto", "torch" or "triton" for the factor-statistics and preconditioning
             kernels.
+        other_params: what happens to trainable parameters outside the Kronecker form
+            (norm layers, lone biases, ...): "ignore" leaves them to the optimizer,
+            "diagonal" preconditions those with a per-example gradient rule by their diagonal
+            empirical Fisher, p.grad / (F + ε).
+        max_factor_dim: widest factor kept dense (None: no limit). Wider factors are
+            block-diagonal with blocks of at most ``large_factor_block``.
+        large_factor_block: block size of factors wider than ``max_factor_dim``; 1 (default)
+            keeps them diagonal. At most ``max_factor_dim``.
+        memory_budget: bytes the preconditioner's state may take (None: no limit);
+            construction raises with the plan when it exceeds them.
     """
 
     damping: float = 1e-3
@@ -103,6 +115,10 @@ class KFACOptions:
     skip_layers: tuple[SkipSpec, ...] = field(default=())
     factor_dtype: torch.dtype = torch.float32
     backend: Backend = "auto"
+    other_params: OtherParams = "ignore"
+    max_factor_dim: int | None = 4096
+    large_factor_block: int = 1
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         d = self.damping
@@ -125,6 +141,18 @@ class KFACOptions:
                 "torch.float64 (factors are kept in full precision whatever the activations' dtype)"
             )
         object.__setattr__(self, "skip_layers", _normalize_skip(self.skip_layers))
+        _choice("other_params", self.other_params, OTHER_PARAMS)
+        if self.max_factor_dim is not None:
+            _positive_int("max_factor_dim", self.max_factor_dim)
+        _positive_int("large_factor_block", self.large_factor_block)
+        if self.max_factor_dim is not None and self.large_factor_block > self.max_factor_dim:
+            raise ValueError(
+                f"Invalid large_factor_block={self.large_factor_block!r}: must be <= "
+                f"max_factor_dim={self.max_factor_dim} (blocks of wide factors are at most as "
+                "wide as a dense factor may be)"
+            )
+        if self.memory_budget is not None:
+            _positive_int("memory_budget", self.memory_budget)
 
     def skips(self, name: str, module: nn.Module) -> bool:
         """Whether ``skip_layers`` names this module (exact name, full-match regex or type)."""

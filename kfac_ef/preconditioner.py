@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -19,12 +18,25 @@ from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
 from . import kernels
-from ._blocks import Bucket, Decomposition, Layer, decompose, make_buckets
+from ._blocks import (
+    Bucket,
+    Decomposition,
+    DiagonalParam,
+    Layer,
+    decompose,
+    make_buckets,
+    precondition_diagonal,
+)
+from ._discovery import Plan, Route, check_devices, discover
+from ._factors import (
+    FactorSpec,
+    precondition_structured_eigen,
+    precondition_structured_inverse,
+    to_user,
+)
 from ._options import KFACOptions, SkipSpec
-from ._stats import LayerStatistics
 from .capture import Capture
-from .layers import make_adapter
-from .summary import LayerSummary, Summary
+from .summary import DiagonalSummary, LayerSummary, Summary
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +58,19 @@ class KFACPreconditioner:
     over steps. Call it after ``loss.backward()`` and before ``optimizer.step()``.
 
     Supported layers: nn.Linear (inputs of any rank; extra dims are shared positions),
-    nn.Conv1d/2d/3d (any stride, padding, padding_mode, dilation, groups). Parameters of other
-    modules are left untouched; ``summary()`` lists them with the reason.
+    nn.Conv1d/2d/3d (any stride, padding, padding_mode, dilation, groups), nn.Embedding (a
+    Linear on one-hot inputs: diagonal A), nn.Bilinear, nn.MultiheadAttention (its q, k, v and
+    output projections). Factors wider than ``max_factor_dim`` are kept diagonal (or
+    block-diagonal). Norm layers, PReLU and lone biases are preconditioned by their diagonal
+    empirical Fisher with ``other_params="diagonal"``. Other parameters are left untouched;
+    ``summary()`` lists them with the reason, and the bytes of the planned state.
+
+    Mixed precision: factors stay in ``factor_dtype`` whatever autocast does. With a
+    torch.amp.GradScaler, pass it as ``grad_scaler`` and call, in this order,
+    ``scaler.scale(loss).backward(); scaler.unscale_(optimizer); precond.step();
+    scaler.step(optimizer); scaler.update()``: the statistics are unscaled by the scaler's
+    scale (a device tensor, no synchronization), and a step whose statistics or gradients are
+    not finite leaves every factor unchanged.
 
     Args:
         model: the model; its supported submodules are hooked at construction.
@@ -61,10 +84,16 @@ class KFACPreconditioner:
         skip_layers: module names, full-match regexes or module types to leave alone.
         factor_dtype: torch.float32 or torch.float64 for factors and decompositions.
         backend: "auto", "torch" or "triton" kernels.
+        other_params: "ignore" or "diagonal", for parameters outside the Kronecker form.
+        max_factor_dim: widest dense factor (None: no limit); default 4096.
+        large_factor_block: block size of wider factors; 1 (default) keeps them diagonal.
+        memory_budget: bytes the planned state may take; construction raises beyond.
+        grad_scaler: the torch.amp.GradScaler scaling the loss, if any.
 
     Raises:
         TypeError, ValueError: on an invalid option (the message names it).
-        ValueError: if the model has no layer to precondition.
+        ValueError: if the model has nothing to precondition, or if the planned state exceeds
+            ``memory_budget`` (the message holds the plan).
         RuntimeError: if another live preconditioner already hooks one of the layers.
     """
 
@@ -82,9 +111,18 @@ class KFACPreconditioner:
         skip_layers: SkipSpec | Iterable[SkipSpec] | None = (),
         factor_dtype: torch.dtype = torch.float32,
         backend: str = "auto",
+        other_params: str = "ignore",
+        max_factor_dim: int | None = 4096,
+        large_factor_block: int = 1,
+        memory_budget: int | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(
+                f"Invalid grad_scaler={grad_scaler!r}: must be a torch.amp.GradScaler or None"
+            )
         self.options = KFACOptions(
             damping=damping,
             factor_decay=factor_decay,
@@ -96,90 +134,72 @@ class KFACPreconditioner:
             skip_layers=skip_layers,  # type: ignore[arg-type]
             factor_dtype=factor_dtype,
             backend=backend,  # type: ignore[arg-type]
+            other_params=other_params,  # type: ignore[arg-type]
+            max_factor_dim=max_factor_dim,
+            large_factor_block=large_factor_block,
+            memory_budget=memory_budget,
         )
-        self._layers, self._unpreconditioned = self._discover(model)
-        if not self._layers:
+        self._grad_scaler = grad_scaler
+        plan: Plan = discover(model, self.options)
+        self._layers = plan.layers
+        self._diagonal = plan.diagonal
+        self._routes: dict[str, Route] = plan.routes
+        self._unpreconditioned = plan.unpreconditioned
+        self._ties = plan.ties
+        self._trainable = plan.trainable
+        if not self._layers and not self._diagonal:
             raise ValueError(
-                "the model has no layer to precondition (supported: nn.Linear, nn.Conv1d/2d/3d "
-                "with a trainable weight, not excluded by skip_layers); left untouched:\n"
-                + "\n".join(f"  {n}: {why}" for n, why in self._unpreconditioned)
+                "the model has no layer to precondition (supported: nn.Linear, nn.Conv1d/2d/3d, "
+                "nn.Embedding, nn.Bilinear, nn.MultiheadAttention with a trainable weight, not "
+                "excluded by skip_layers; norm layers with other_params='diagonal'); left "
+                "untouched:\n" + "\n".join(f"  {n}: {why}" for n, why in self._unpreconditioned)
             )
-        for device in {layer.adapter.weight.device for layer in self._layers}:
+        for device in check_devices(plan):
             kernels.check_backend(self.options.backend, device)
-        self._claim()
         self._by_name = {layer.name: layer for layer in self._layers}
+        self._diag_by_name = {d.name: d for d in self._diagonal}
         self._buckets: list[Bucket] = make_buckets(self._layers)
+        budget = self.options.memory_budget
+        if budget is not None:
+            plan_summary = self.summary()
+            if plan_summary.total_bytes > budget:
+                raise ValueError(
+                    f"the preconditioner's planned state ({plan_summary.total_bytes} bytes) "
+                    f"exceeds memory_budget={budget}; lower max_factor_dim or "
+                    "large_factor_block, use damping_mode='pi' (no eigenbases), or skip "
+                    f"layers (skip_layers). The plan:\n{plan_summary}"
+                )
+        self._claim()
         self._steps = 0
         self._backward_seen = False
         self._force_decompose = False
         self._removed = False
         self._warned_no_stats: set[str] = set()
+        self._skipped_steps: Tensor | None = None
+        self._skipped_reported = 0
+        self._skipped_seen: dict[str, int] = {}
         self._capture = Capture(
-            {layer.name: layer.adapter.module for layer in self._layers},
+            {name: route.adapter for name, route in self._routes.items()},
             wants_statistics=self._wants_statistics,
             on_backward=self._on_backward,
             record=self._record,
         )
 
-    # ------------------------------------------------------------------ construction
-    def _discover(self, model: nn.Module) -> tuple[list[Layer], list[tuple[str, str]]]:
-        opts = self.options
-        names: dict[int, str] = {}
-        owners: dict[int, list[str]] = defaultdict(list)
-        for mname, module in model.named_modules():
-            for pname, p in module.named_parameters(recurse=False):
-                names.setdefault(id(p), f"{mname}.{pname}" if mname else pname)
-                owners[id(p)].append(mname or "<model>")
-
-        layers: list[Layer] = []
-        left: dict[int, str] = {}
-        for mname, module in model.named_modules():
-            direct = list(module.parameters(recurse=False))
-            if not direct:
-                continue
-            if opts.skips(mname, module):
-                reason: str | None = "skipped by skip_layers"
-                adapter = None
-            else:
-                made = make_adapter(module)
-                reason, adapter = (made, None) if isinstance(made, str) else (None, made)
-            if adapter is not None:
-                shared = sorted(
-                    {o for p in adapter.parameters() for o in owners[id(p)]} - {mname or "<model>"}
-                )
-                if shared:
-                    reason = (
-                        f"parameter shared with {', '.join(shared)} (tied weights are not "
-                        "supported for this layer kind)"
-                    )
-                    adapter = None
-            if adapter is None:
-                for p in direct:
-                    left.setdefault(id(p), reason or "not preconditioned")
-                continue
-            covered = {id(p) for p in adapter.parameters()}
-            for p in direct:
-                if id(p) not in covered:
-                    left.setdefault(id(p), "frozen (requires_grad is False)")
-            stats = LayerStatistics(adapter, opts.kfac_approx, opts.factor_dtype, opts.backend)
-            layers.append(Layer(mname or "<model>", adapter, stats))
-        covered_all = {id(p) for layer in layers for p in layer.adapter.parameters()}
-        unpre = [(names[i], why) for i, why in left.items() if i not in covered_all]
-        return layers, unpre
+    def _hooked_modules(self) -> list[tuple[str, nn.Module]]:
+        return [(name, route.adapter.module) for name, route in self._routes.items()]
 
     def _claim(self) -> None:
-        for layer in self._layers:
-            module = layer.adapter.module
+        for name, module in self._hooked_modules():
             ref = _OWNERS.get(module)
             other = ref() if ref is not None else None
             if other is not None and other is not self and not other._removed:
                 raise RuntimeError(
-                    f"layer {layer.name!r} is already hooked by another KFACPreconditioner; "
+                    f"module {name!r} is already hooked by another KFACPreconditioner; "
                     "call remove() on that one first (two preconditioners on one model would "
                     "both rewrite its gradients)"
                 )
-        for layer in self._layers:
-            _OWNERS[layer.adapter.module] = weakref.ref(self)
+        for _, module in self._hooked_modules():
+            _OWNERS[module] = weakref.ref(self)
 
     # ------------------------------------------------------------------ capture callbacks
     def _wants_statistics(self) -> bool:
@@ -188,9 +208,19 @@ class KFACPreconditioner:
     def _on_backward(self) -> None:
         self._backward_seen = True
 
-    def _record(self, name: str, x: Tensor, grad: Tensor, pass_id: int) -> None:
+    def _record(self, name: str, saved: Any, grad: Tensor, pass_id: int) -> None:
+        route = self._routes[name]
         with torch.no_grad():
-            self._by_name[name].stats.add(x, grad, pass_id)
+            obs = route.adapter.observe(
+                saved, grad, [i for i, _ in route.layers], [p for p, _ in route.params]
+            )
+            layers = dict(route.layers)
+            for index, inputs, grads in obs.kron:
+                layers[index].stats.add(inputs, grads, pass_id)
+            for p, entry in route.params:
+                per_example = obs.per_example.get(id(p))
+                if per_example is not None:
+                    entry.stats.add(per_example, pass_id)
 
     # ------------------------------------------------------------------ step
     @property
@@ -207,8 +237,10 @@ class KFACPreconditioner:
 
         Folds the statistics of the last backward pass(es) into the running factors (on
         statistics steps), recomputes decompositions (on decomposition steps), then rewrites
-        the gradients of every layer that has a decomposition. Layers without one yet, and
-        parameters whose ``.grad`` is None, are left as they are.
+        the gradients of every layer that has a decomposition (and of the diagonal
+        parameters). Layers without one yet, and parameters whose ``.grad`` is None, are left
+        as they are. A statistics step with any non-finite statistic or gradient leaves every
+        factor unchanged (decided on the device: no host synchronization).
 
         Raises:
             RuntimeError: if no backward pass reached a hooked layer since the last step()
@@ -224,19 +256,80 @@ class KFACPreconditioner:
         opts = self.options
         with torch.no_grad(), record_function("kfac_ef.step"):
             if self._wants_statistics():
-                for layer in self._layers:
-                    if not layer.stats.empty:
-                        layer.update_factors(opts.loss_reduction, opts.factor_decay)
+                self._update_factors()
             else:
                 for layer in self._layers:
                     layer.stats.discard()
+                for entry in self._diagonal:
+                    entry.stats.discard()
             if self._steps % opts.inv_update_steps == 0 or self._force_decompose:
                 self._decompose()
-            fn = self._precondition_fn()
             for bucket in self._buckets:
-                bucket.precondition(fn, opts.factor_dtype)
+                bucket.precondition(self._precondition_fn(bucket), opts.factor_dtype)
+            precondition_diagonal(self._diagonal)
         self._steps += 1
         self._backward_seen = False
+
+    def _loss_scale(self) -> Tensor | None:
+        """The GradScaler's current scale as a device tensor (None without scaling).
+
+        ``GradScaler.get_scale()`` would read it on the host; its ``_scale`` tensor is what
+        ``scale()`` multiplied the loss by, and stays on the device.
+        """
+        scaler = self._grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale = getattr(scaler, "_scale", None)
+        return scale if isinstance(scale, Tensor) else None
+
+    def _update_factors(self) -> None:
+        """Take every layer's statistics, decide on the device whether the step is finite
+        (statistics and gradients alike), and fold them in (or leave everything unchanged)."""
+        opts = self.options
+        loss_scale = self._loss_scale()
+        scales: dict[torch.device, Tensor | None] = {}
+
+        def scale_on(device: torch.device) -> Tensor | None:
+            if loss_scale is None:
+                return None
+            if device not in scales:
+                scales[device] = loss_scale.to(device=device, dtype=opts.factor_dtype)
+            return scales[device]
+
+        kron = [
+            (layer, layer.take(opts.loss_reduction, scale_on(layer.adapter.weight.device)))
+            for layer in self._layers
+            if not layer.stats.empty
+        ]
+        diag = [
+            (entry, entry.take(opts.loss_reduction, scale_on(entry.param.device)))
+            for entry in self._diagonal
+            if not entry.stats.empty
+        ]
+        if not kron and not diag:
+            return
+        # A step with a non-finite gradient (a loss-scale overflow, a NaN loss) updates no
+        # factor; a layer whose own statistics are not finite keeps its factors.
+        grads = [p.grad for p in self._trainable if p.grad is not None]
+        grads_ok: Tensor | None = None
+        if grads:
+            device = grads[0].device
+            norms = torch.stack([n.to(device) for n in torch._foreach_norm(grads)])
+            grads_ok = torch.isfinite(norms).all()
+            if self._skipped_steps is None:
+                self._skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+            self._skipped_steps.add_(~grads_ok)
+
+        def ok_on(flag: Tensor, device: torch.device) -> Tensor:
+            return flag if grads_ok is None else flag & grads_ok.to(device)
+
+        for layer, taken in kron:
+            ok = ok_on(Layer.finite(taken), layer.adapter.weight.device)
+            layer.fold(taken, opts.factor_decay, ok)
+        for entry, dtaken in diag:
+            entry.fold(
+                dtaken, opts.factor_decay, ok_on(DiagonalParam.finite(dtaken), entry.param.device)
+            )
 
     def _decompose(self) -> None:
         opts = self.options
@@ -244,65 +337,119 @@ class KFACPreconditioner:
             waiting = decompose(self._layers, opts.damping_mode, opts.damping)
             for bucket in self._buckets:
                 bucket.restack()
+            for entry in self._diagonal:
+                entry.decompose(opts.damping)
         self._force_decompose = False
-        for layer in waiting:
-            if layer.name not in self._warned_no_stats:
-                self._warned_no_stats.add(layer.name)
+        self._report_skipped()
+        names = [layer.name for layer in waiting] + [
+            d.name for d in self._diagonal if d.F is None or d.updates is None
+        ]
+        for name in names:
+            if name not in self._warned_no_stats:
+                self._warned_no_stats.add(name)
                 warnings.warn(
-                    f"layer {layer.name!r} has no statistics yet (no gradient reached its "
-                    "output on a statistics step, or all its statistics were non-finite); its "
+                    f"layer {name!r} has no statistics yet (no gradient reached its output "
+                    "on a statistics step, or all its statistics were non-finite); its "
                     "gradients pass through unpreconditioned until it has some",
                     RuntimeWarning,
                     stacklevel=3,
                 )
 
-    def _precondition_fn(self) -> Any:
+    def _report_skipped(self) -> None:
+        """Warn about statistics updates skipped since the last report (reads device counters:
+        decomposition steps only)."""
+        steps = int(self._skipped_steps) if self._skipped_steps is not None else 0
+        per_entry: list[str] = []
+        for entry in (*self._layers, *self._diagonal):
+            if entry.skipped is None:
+                continue
+            total = int(entry.skipped.sum())
+            done = self._skipped_seen.get(entry.name, 0)
+            if total > done:
+                per_entry.append(f"{entry.name!r} ({total - done})")
+                self._skipped_seen[entry.name] = total
+        if per_entry:
+            cause = ""
+            if steps > self._skipped_reported:
+                cause = (
+                    f"; {steps - self._skipped_reported} step(s) had non-finite gradients "
+                    "(e.g. a loss-scale overflow) and updated no factor"
+                )
+            warnings.warn(
+                "statistics updates had non-finite values and were skipped, the factors kept "
+                "their previous values: " + ", ".join(per_entry) + cause,
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        self._skipped_reported = steps
+
+    def _precondition_fn(self, bucket: Bucket) -> Any:
         damping, backend = self.options.damping, self.options.backend
+        dense = bucket.g_spec.dense and bucket.a_spec.dense
         if self.options.damping_mode == "exact":
 
-            def exact(grads: Tensor, st: Decomposition) -> Tensor:
-                return kernels.precondition_eigen(
-                    grads, st["qg"], st["lg"], st["qa"], st["la"], damping, backend=backend
-                )
+            def exact(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Tensor:
+                if dense:
+                    return kernels.precondition_eigen(
+                        grads, st["qg"], st["lg"], st["qa"], st["la"], damping, backend=backend
+                    )
+                return precondition_structured_eigen(grads, st, gs, as_, damping)
 
             return exact
 
-        def factored(grads: Tensor, st: Decomposition) -> Tensor:
-            return st["ig"] @ grads @ st["ia"]
+        def factored(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Tensor:
+            if dense:
+                return st["ig"] @ grads @ st["ia"]
+            return precondition_structured_inverse(grads, st, gs, as_)
 
         return factored
 
     # ------------------------------------------------------------------ inspection
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """The running estimates ``{module name: (A, G)}`` (copies), in DESIGN.md's convention.
+        """The running estimates ``{layer name: (A, G)}`` (copies), in DESIGN.md's convention.
 
         A is ``(a_dim, a_dim)`` with the homogeneous coordinate as its last row and column when
-        the layer has a trainable bias; G is ``(g_dim, g_dim)``. For a conv with ``groups > 1``
-        both carry a leading dimension, one entry per group: A ``(groups, a, a)``, G
-        ``(groups, g, g)``, group g's block being G[g] ⊗ A[g]. Layers without statistics yet
+        the layer has a trainable bias; G is ``(g_dim, g_dim)``. A factor kept diagonal (an
+        embedding's A; any factor wider than ``max_factor_dim`` by default) is its diagonal,
+        a vector ``(d,)``; a block-diagonal one is ``(nb, bs, bs)``, its diagonal blocks, the
+        last one zero-padded. For a conv with ``groups > 1`` each carries a leading dimension,
+        one entry per group, group g's block being G[g] ⊗ A[g]. Layers without statistics yet
         are absent.
         """
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for layer in self._layers:
             if layer.A is None or layer.G is None:
                 continue
-            a, g = layer.A.clone(), layer.G.clone()
-            if layer.adapter.blocks == 1:
+            blocks = layer.adapter.blocks
+            a = to_user(layer.A, layer.a_spec, blocks)
+            g = to_user(layer.G, layer.g_spec, blocks)
+            if blocks == 1:
                 a, g = a[0], g[0]
             out[layer.name] = (a, g)
         return out
 
+    def diagonal_fishers(self) -> dict[str, Tensor]:
+        """The running diagonal empirical Fishers ``{parameter name: F}`` (copies, shaped like
+        the parameter) of the parameters preconditioned with other_params="diagonal"."""
+        return {
+            d.name: d.F.reshape(d.param.shape).clone() for d in self._diagonal if d.F is not None
+        }
+
     def summary(self) -> Summary:
-        """Layers, factor shapes and bytes of state; parameters left to the optimizer, with why."""
-        item = torch.empty((), dtype=self.options.factor_dtype).element_size()
+        """The plan: layers, factor storage and bytes of state (available before the first
+        step), diagonal parameters, tied weights, and parameters left to the optimizer, with
+        why."""
+        opts = self.options
+        item = torch.empty((), dtype=opts.factor_dtype).element_size()
         rows = []
         for layer in self._layers:
             ad = layer.adapter
             a, g, b = ad.a_dim, ad.g_dim, ad.blocks
-            decomp = b * (a * a + g * g)
-            if self.options.damping_mode == "exact":
-                decomp += b * (a + g)  # eigenvalues beside the eigenbases
-            prefix = "" if layer.name == "<model>" else layer.name + "."
+            decomp = layer.a_spec.decomposition_numel(b, opts.damping_mode)
+            decomp += layer.g_spec.decomposition_numel(b, opts.damping_mode)
+            params = []
+            for p in ad.parameters():
+                params.append(self._param_name(p))
             rows.append(
                 LayerSummary(
                     name=layer.name,
@@ -310,27 +457,66 @@ class KFACPreconditioner:
                     blocks=b,
                     a_shape=(a, a),
                     g_shape=(g, g),
-                    parameters=(prefix + "weight",) + ((prefix + "bias",) if ad.has_bias else ()),
+                    parameters=tuple(params),
                     factor_bytes=2 * layer.stats.nbytes(),  # running factors + accumulators
                     decomposition_bytes=decomp * item,
+                    a_factor=layer.a_spec.describe(),
+                    g_factor=layer.g_spec.describe(),
                 )
             )
-        return Summary(tuple(rows), tuple(self._unpreconditioned))
+        diag = [
+            DiagonalSummary(
+                name=d.name,
+                kind=self._kind_of(d),
+                numel=d.param.numel(),
+                state_bytes=3 * d.stats.nbytes(),  # running F, accumulator, 1/(F + ε)
+            )
+            for d in self._diagonal
+        ]
+        workspace = 0
+        for bucket in self._buckets:
+            blocks = sum(layer.adapter.blocks for layer in bucket.layers)
+            # Gathered gradients, the products' intermediates and the result.
+            size = 4 * blocks * bucket.g_spec.padded * bucket.a_spec.padded * item
+            workspace = max(workspace, size)
+        return Summary(
+            tuple(rows),
+            tuple(self._unpreconditioned),
+            diagonal=tuple(diag),
+            ties=tuple(self._ties),
+            workspace_bytes=workspace,
+        )
+
+    def _param_name(self, p: nn.Parameter) -> str:
+        for name, route in self._routes.items():
+            module = route.adapter.module
+            recurse = isinstance(module, nn.MultiheadAttention)
+            for pname, q in module.named_parameters(recurse=recurse):
+                if q is p:
+                    return f"{name}.{pname}" if name else pname
+        return "?"
+
+    def _kind_of(self, entry: DiagonalParam) -> str:
+        for route in self._routes.values():
+            if any(p is entry.param for p, _ in route.params):
+                return route.adapter.kind
+        return "?"
 
     # ------------------------------------------------------------------ lifecycle
     def remove(self) -> None:
         """Detach every hook. The preconditioner can no longer step; the model is as before."""
         self._capture.remove()
-        for layer in self._layers:
-            ref = _OWNERS.get(layer.adapter.module)
+        for _, module in self._hooked_modules():
+            ref = _OWNERS.get(module)
             if ref is not None and ref() is self:
-                del _OWNERS[layer.adapter.module]
+                del _OWNERS[module]
         self._removed = True
 
     def __repr__(self) -> str:
         o = self.options
         return (
-            f"KFACPreconditioner({len(self._layers)} layers, damping={o.damping}, "
+            f"KFACPreconditioner({len(self._layers)} layers, {len(self._diagonal)} diagonal, "
+            f"damping={o.damping}, "
             f"damping_mode={o.damping_mode!r}, steps={self._steps})"
         )
 
@@ -353,11 +539,23 @@ class KFACPreconditioner:
                     else None
                 ),
             }
+        diagonal: dict[str, Any] = {}
+        for d in self._diagonal:
+            if d.F is None:
+                continue
+            assert d.updates is not None and d.skipped is not None
+            diagonal[d.name] = {
+                "F": d.F.clone(),
+                "updates": d.updates.clone(),
+                "skipped": d.skipped.clone(),
+                "inverse": d.inverse.clone() if d.inverse is not None else None,
+            }
         return {
             "format": STATE_FORMAT,
             "steps": self._steps,
             "options": self.options.to_dict(),
             "layers": layers,
+            "diagonal": diagonal,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -374,18 +572,30 @@ class KFACPreconditioner:
                 f"{state.get('format') if isinstance(state, Mapping) else type(state).__name__!r})"
             )
         saved = state["layers"]
+        saved_diag = state.get("diagonal", {})
         unknown = sorted(set(saved) - set(self._by_name))
         problems = [f"{n}: not a preconditioned layer of this model" for n in unknown]
+        problems += [
+            f"{n}: not a diagonally preconditioned parameter of this model"
+            for n in sorted(set(saved_diag) - set(self._diag_by_name))
+        ]
         for name, entry in saved.items():
             layer = self._by_name.get(name)
             if layer is None:
                 continue
-            ad = layer.adapter
-            want = {"A": (ad.blocks, ad.a_dim, ad.a_dim), "G": (ad.blocks, ad.g_dim, ad.g_dim)}
+            blocks = layer.adapter.blocks
+            want = {"A": layer.a_spec.shape(blocks), "G": layer.g_spec.shape(blocks)}
             for key, shape in want.items():
                 got = tuple(entry[key].shape)
                 if got != shape:
                     problems.append(f"{name}: {key} has shape {got}, this model needs {shape}")
+        for name, entry in saved_diag.items():
+            d = self._diag_by_name.get(name)
+            if d is not None and entry["F"].numel() != d.param.numel():
+                problems.append(
+                    f"{name}: F has {entry['F'].numel()} entries, this model needs "
+                    f"{d.param.numel()}"
+                )
         if problems:
             raise ValueError("the checkpoint does not fit this model:\n  " + "\n  ".join(problems))
         saved_opts = state.get("options", {})
@@ -406,13 +616,29 @@ class KFACPreconditioner:
             layer.G = entry["G"].to(device=device, dtype=dtype).clone()
             layer.updates = entry["updates"].to(device).clone()
             layer.skipped = entry["skipped"].to(device).clone()
-            layer.skipped_reported = int(layer.skipped.sum())
+            self._skipped_seen[layer.name] = int(layer.skipped.sum())
             dec = entry.get("decomposition")
             if dec is not None and keep_decomposition:
                 layer.decomposition = {k: v.to(device=device, dtype=dtype) for k, v in dec.items()}
             else:
                 layer.decomposition = None
                 self._force_decompose = True
+        for d in self._diagonal:
+            d.stats.discard()
+            dentry = saved_diag.get(d.name)
+            if dentry is None:
+                d.F = d.updates = d.skipped = d.inverse = None
+                continue
+            device = d.param.device
+            d.F = dentry["F"].to(device=device, dtype=dtype).clone()
+            d.updates = dentry["updates"].to(device).clone()
+            d.skipped = dentry["skipped"].to(device).clone()
+            self._skipped_seen[d.name] = int(d.skipped.sum())
+            inverse = dentry.get("inverse")
+            if inverse is not None and keep_decomposition:
+                d.inverse = inverse.to(device=device, dtype=dtype).clone()
+            else:
+                d.decompose(opts.damping)
         for bucket in self._buckets:
             bucket.restack()
         self._steps = int(state["steps"])
