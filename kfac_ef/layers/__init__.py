@@ -103,7 +103,10 @@ def make_adapter(module: nn.Module) -> ModuleAdapter | str:
     for types, reason in _REASONS:
         if isinstance(module, types):
             return reason
-    return f"module kind {kind.__name__} is not supported"
+    return (
+        f"module kind {kind.__name__} is not supported (no Kronecker or per-example gradient "
+        "rule for a custom parameter or module)"
+    )
 
 
 _INSTANCE = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
