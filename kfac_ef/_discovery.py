@@ -40,6 +40,11 @@ from ._options import KFACOptions
 from ._stats import DiagonalStatistics, LayerStatistics
 from .layers import LayerAdapter, ModuleAdapter, make_adapter
 
+# Modules that apply their submodules' parameters functionally (the submodules' hooks never
+# fire): their adapter, or their reason, covers every parameter below them.
+_ABSORBING: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,) + tuple(
+    t for t in (getattr(nn, "LinearCrossEntropyLoss", None),) if t is not None
+)
 _SEQ_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 _SEQ_STACKS = (nn.TransformerEncoder, nn.TransformerDecoder)
 
@@ -121,9 +126,10 @@ def discover(model: nn.Module, opts: KFACOptions) -> Plan:
     for mname, module in model.named_modules():
         if id(module) in absorbed:
             continue
-        if isinstance(module, nn.MultiheadAttention):
+        absorbing = isinstance(module, _ABSORBING)
+        if absorbing:
             absorbed.update(id(m) for m in module.modules() if m is not module)
-        params = [p for p in module.parameters(recurse=isinstance(module, nn.MultiheadAttention))]
+        params = list(module.parameters(recurse=absorbing))
         if not params:
             continue
         if opts.skips(mname, module):
@@ -260,8 +266,7 @@ def discover(model: nn.Module, opts: KFACOptions) -> Plan:
     # ---- everything else, with its reason.
     for adapter in adapters.values():
         module = adapter.module
-        recurse = isinstance(module, nn.MultiheadAttention)
-        for p in module.parameters(recurse=recurse):
+        for p in module.parameters(recurse=isinstance(module, _ABSORBING)):
             if id(p) not in covered and p.requires_grad:
                 left.setdefault(id(p), adapter.unsupported_reason(p))
     for p in order:

@@ -490,8 +490,7 @@ class KFACPreconditioner:
     def _param_name(self, p: nn.Parameter) -> str:
         for name, route in self._routes.items():
             module = route.adapter.module
-            recurse = isinstance(module, nn.MultiheadAttention)
-            for pname, q in module.named_parameters(recurse=recurse):
+            for pname, q in module.named_parameters():
                 if q is p:
                     return f"{name}.{pname}" if name else pname
         return "?"

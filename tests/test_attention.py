@@ -161,9 +161,13 @@ def test_projection_gradients_match_dense_solve():
     factors = pre.factors()
     for i, proj in enumerate(("q", "k", "v")):
         rows = slice(i * E, (i + 1) * E)
-        gm = torch.cat([before["attn.in_proj_weight"][rows], before["attn.in_proj_bias"][rows, None]], 1)
+        gm = torch.cat(
+            [before["attn.in_proj_weight"][rows], before["attn.in_proj_bias"][rows, None]], 1
+        )
         a, g = factors[f"attn.{proj}_proj"]
-        got = torch.cat([after["attn.in_proj_weight"][rows], after["attn.in_proj_bias"][rows, None]], 1)
+        got = torch.cat(
+            [after["attn.in_proj_weight"][rows], after["attn.in_proj_bias"][rows, None]], 1
+        )
         torch.testing.assert_close(got, dense_exact_matrix(a, g, gm, damping))
     gm = torch.cat([before["attn.out_proj.weight"], before["attn.out_proj.bias"][:, None]], 1)
     got = torch.cat([after["attn.out_proj.weight"], after["attn.out_proj.bias"][:, None]], 1)

@@ -96,9 +96,7 @@ def test_exact_rank_one():
 def test_preconditioned_gradient_matches_dense_solve(mode, padding_idx):
     damping = 1e-2
     model = EmbModel(padding_idx=padding_idx)
-    pre = KFACPreconditioner(
-        model, damping=damping, damping_mode=mode, factor_dtype=torch.float64
-    )
+    pre = KFACPreconditioner(model, damping=damping, damping_mode=mode, factor_dtype=torch.float64)
     idx, y = _data()
     idx[2, 1] = 3
     io = layer_io(model, model.emb, mse_per_example, idx, y)
@@ -168,9 +166,7 @@ class TiedLM(nn.Module):
 
 
 def _lm_loss(logits, targets):
-    return nn.functional.cross_entropy(
-        logits.transpose(1, 2), targets, reduction="none"
-    ).sum(dim=1)
+    return nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(dim=1)
 
 
 @pytest.mark.parametrize("vocab_diagonal", [False, True])

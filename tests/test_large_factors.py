@@ -45,7 +45,9 @@ def test_wide_factors_match_dense_solve(block, mode):
     """G (20 wide) and A (19 + bias wide) over max_factor_dim=10: stored as their diagonal
     (blocks) and the gradient rewritten by (G_bd ⊗ A_bd + εI)⁻¹ exactly."""
     damping = 0.05
-    model = nn.Sequential(nn.Linear(3, 19), nn.Tanh(), nn.Linear(19, 20), nn.Tanh(), nn.Linear(20, 2))
+    model = nn.Sequential(
+        nn.Linear(3, 19), nn.Tanh(), nn.Linear(19, 20), nn.Tanh(), nn.Linear(20, 2)
+    )
     pre = KFACPreconditioner(
         model,
         damping=damping,
@@ -55,7 +57,9 @@ def test_wide_factors_match_dense_solve(block, mode):
         large_factor_block=block,
     )
     rows = {r.name: r for r in pre.summary().layers}
-    kind = "diagonal" if block == 1 else f"{_blocks(20, block)[0]} blocks of {_blocks(20, block)[1]}"
+    kind = (
+        "diagonal" if block == 1 else f"{_blocks(20, block)[0]} blocks of {_blocks(20, block)[1]}"
+    )
     assert rows["2"].g_factor == kind and rows["0"].a_factor == "dense"
     x, y = torch.randn(6, 3), torch.randn(6, 2)
     lin = model[2]

@@ -90,9 +90,7 @@ def test_overflow_step_leaves_every_factor_untouched():
     torch.manual_seed(0)
     model = GPT(vocab=VOCAB)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    pre = KFACPreconditioner(
-        model, other_params="diagonal", grad_scaler=scaler, inv_update_steps=2
-    )
+    pre = KFACPreconditioner(model, other_params="diagonal", grad_scaler=scaler, inv_update_steps=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = _batch()
     _scaled_step(model, pre, scaler, opt, x, y, autocast=torch.float16)
@@ -125,9 +123,7 @@ def test_cuda_step_does_not_synchronize_under_autocast_and_scaler():
     torch.manual_seed(0)
     model = GPT(vocab=50257, dim=64, dropout=0.1).to(device)
     scaler = torch.amp.GradScaler("cuda")
-    pre = KFACPreconditioner(
-        model, other_params="diagonal", grad_scaler=scaler, inv_update_steps=4
-    )
+    pre = KFACPreconditioner(model, other_params="diagonal", grad_scaler=scaler, inv_update_steps=4)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randint(0, 50257, (4, 17), device=device)
     for step in range(4):

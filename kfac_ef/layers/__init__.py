@@ -68,6 +68,11 @@ _REASONS: tuple[tuple[type[nn.Module] | tuple[type[nn.Module], ...], str], ...] 
         "observable by module hooks",
     ),
     (
+        tuple(t for t in (getattr(nn, "LinearCrossEntropyLoss", None),) if t is not None),
+        "LinearCrossEntropyLoss applies its Linear inside a fused, chunked loss: the logits and "
+        "their gradients are never materialized for the hooks",
+    ),
+    (
         nn.EmbeddingBag,
         "EmbeddingBag sums or averages tokens inside the module: A is not diagonal and the "
         "per-bag inputs are not kept",
