@@ -226,8 +226,7 @@ def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[La
             results[(id(layer), side)] = ({k: v[sl] for k, v in parts.items()}, all(ok[sl]))
             offset += n
     for layer, side in diagonal:
-        mat: Tensor = getattr(layer, side)
-        entries = mat.reshape(-1, 1).clamp_min(0.0)
+        entries = getattr(layer, side).reshape(-1, 1).clamp_min(0.0)
         if damping_mode == "exact":
             results[(id(layer), side)] = ({"l": entries}, True)
         else:

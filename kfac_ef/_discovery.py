@@ -199,10 +199,10 @@ def discover(model: nn.Module, opts: KFACOptions) -> Plan:
         ties.append(
             (
                 shared,
-                f"preconditioned by {owner_name} alone; "
+                f"preconditioned by {owner_name} alone; the other use(s) ("
                 + ", ".join(_layer_name(kron[i][0], kron[i][2]) for i in others)
-                + " contribute nothing to its factors (their gradient share is preconditioned "
-                "with the owner's curvature)",
+                + ") contribute nothing to its factors, their share of the gradient is "
+                "preconditioned with the owner's curvature",
             )
         )
         owned = {id(p) for p in kron[owner][2].parameters()}
@@ -253,8 +253,8 @@ def discover(model: nn.Module, opts: KFACOptions) -> Plan:
                 "empirical Fisher)",
             )
             continue
-        stats = DiagonalStatistics(names[pid], p.numel(), opts.factor_dtype, p.device)
-        entry = DiagonalParam(names[pid], p, stats)
+        dstats = DiagonalStatistics(names[pid], p.numel(), opts.factor_dtype, p.device)
+        entry = DiagonalParam(names[pid], p, dstats)
         diagonal.append(entry)
         covered.add(pid)
         left.pop(pid, None)

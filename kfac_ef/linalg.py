@@ -15,7 +15,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 
-def finite_gram(acc: Tensor, scale: float) -> Tensor:
+def finite_gram(acc: Tensor, scale: float | Tensor) -> Tensor:
     """``(B,)`` flags: whether ``scale · acc[b]`` is finite, for Gram matrices ``acc[b] = XᵀX``.
 
     Reads only the traces: a NaN or inf in X reaches its column's diagonal entry Σ x², and a
@@ -26,9 +26,11 @@ def finite_gram(acc: Tensor, scale: float) -> Tensor:
 
 
 def running_average_(
-    factor: Tensor, acc: Tensor, scale: float, weight: Tensor, keep: Tensor
+    factor: Tensor, acc: Tensor, scale: float | Tensor, weight: Tensor, keep: Tensor
 ) -> Tensor:
     """F ← (1-w) F + w · s · S in place, per block; blocks with ``keep`` False are unchanged.
+
+    ``scale`` is a number or a 0-d device tensor (a loss scale folded in without reading it).
 
     ``weight`` and ``keep`` are ``(B,)`` device tensors (w must be 0 where keep is False), so
     no value is read on the host. ``acc`` is clobbered: its rejected blocks are zeroed first,

@@ -360,7 +360,8 @@ class KFACPreconditioner:
         decomposition steps only)."""
         steps = int(self._skipped_steps) if self._skipped_steps is not None else 0
         per_entry: list[str] = []
-        for entry in (*self._layers, *self._diagonal):
+        entries: list[Layer | DiagonalParam] = [*self._layers, *self._diagonal]
+        for entry in entries:
             if entry.skipped is None:
                 continue
             total = int(entry.skipped.sum())

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 
 class SDPAAttention(nn.Module):
-    """Causal self-attention written with nn.Linear projections and F.scaled_dot_product_attention."""
+    """Causal self-attention: nn.Linear projections and F.scaled_dot_product_attention."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()

@@ -3,6 +3,8 @@ others are left out."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from . import embedding
@@ -43,9 +45,9 @@ DIAGONAL_KINDS = (
 # Linear subclasses whose forward is nn.Linear's (the out_proj type of MultiheadAttention).
 _LINEAR_TYPES = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
-_REASONS: tuple[tuple[type[nn.Module] | tuple[type[nn.Module], ...], str], ...] = (
+_REASONS: tuple[tuple[Any, str], ...] = (
     (
-        nn.modules.lazy.LazyModuleMixin,  # type: ignore[arg-type]
+        nn.modules.lazy.LazyModuleMixin,
         "lazy module not materialized yet: run one forward pass before building the preconditioner",
     ),
     (

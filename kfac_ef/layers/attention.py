@@ -124,12 +124,14 @@ class MultiheadAttentionAdapter(ModuleAdapter):
 
     def __init__(self, module: nn.MultiheadAttention) -> None:
         super().__init__(module)
+        self.mha = module
         m = module
         e = m.embed_dim
         bias = m.in_proj_bias if isinstance(m.in_proj_bias, nn.Parameter) else None
         projections: list[LayerAdapter] = []
         if m._qkv_same_embed_dim:
             w = m.in_proj_weight
+            assert isinstance(w, nn.Parameter)
             if w.requires_grad:
                 for i, name in enumerate(_NAMES):
                     rows = slice(i * e, (i + 1) * e)
@@ -141,10 +143,10 @@ class MultiheadAttentionAdapter(ModuleAdapter):
                 if w.requires_grad:
                     rows = slice(i * e, (i + 1) * e)
                     projections.append(_Projection(m, "." + name, w, bias, None, rows, dim))
-        out = m.out_proj
-        if out.weight.requires_grad:
-            out_bias = out.bias if isinstance(out.bias, nn.Parameter) else None
-            projections.append(_Projection(m, ".out_proj", out.weight, out_bias, None, None, e))
+        out_w, out_b = m.out_proj.weight, m.out_proj.bias
+        if isinstance(out_w, nn.Parameter) and out_w.requires_grad:
+            out_bias = out_b if isinstance(out_b, nn.Parameter) else None
+            projections.append(_Projection(m, ".out_proj", out_w, out_bias, None, None, e))
         self._layers = projections
         self._twin: nn.MultiheadAttention | None = None
 
@@ -153,7 +155,7 @@ class MultiheadAttentionAdapter(ModuleAdapter):
         return self._layers
 
     def unsupported_reason(self, param: nn.Parameter) -> str:
-        m = self.module
+        m = self.mha
         if param is m.bias_k or param is m.bias_v:
             return (
                 "MultiheadAttention bias_k/bias_v: appended to the keys/values inside the "
@@ -166,7 +168,7 @@ class MultiheadAttentionAdapter(ModuleAdapter):
 
     # ------------------------------------------------------------------ forward side
     def before_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        m = self.module
+        m = self.mha
         if not (m.training and m.dropout > 0):
             return None
         query = args[0] if args else kwargs["query"]
@@ -190,7 +192,7 @@ class MultiheadAttentionAdapter(ModuleAdapter):
             args=tuple(args[3:]),
             kwargs=kwargs,
             self_attention=query is key and key is value,
-            training=self.module.training,
+            training=self.mha.training,
             rng=before,
             autocast=(
                 device_type,
@@ -206,7 +208,7 @@ class MultiheadAttentionAdapter(ModuleAdapter):
     def _twin_module(self) -> nn.MultiheadAttention:
         """A hook-free copy of the module's configuration (its parameters are set per call)."""
         if self._twin is None:
-            m = self.module
+            m = self.mha
             with torch.random.fork_rng(devices=[]):  # initialization must not draw numbers
                 self._twin = nn.MultiheadAttention(
                     m.embed_dim,
@@ -221,7 +223,7 @@ class MultiheadAttentionAdapter(ModuleAdapter):
         return self._twin
 
     def _projections(self, call: _Call) -> tuple[Tensor, Tensor, Tensor]:
-        m = self.module
+        m = self.mha
         b = m.in_proj_bias.detach() if m.in_proj_bias is not None else None
         if m._qkv_same_embed_dim:
             w = m.in_proj_weight.detach()
@@ -240,12 +242,11 @@ class MultiheadAttentionAdapter(ModuleAdapter):
 
     def _recompute(self, call: _Call, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The attention output before out_proj and ∂L/∂q, ∂L/∂k, ∂L/∂v of one call."""
-        m = self.module
+        m = self.mha
         twin = self._twin_module()
         e = m.embed_dim
         w_out = m.out_proj.weight.detach()
-        opts = dict(dtype=w_out.dtype, device=w_out.device)
-        eye = torch.eye(e, **opts)  # type: ignore[arg-type]
+        eye = torch.eye(e, dtype=w_out.dtype, device=w_out.device)
         twin.in_proj_weight = nn.Parameter(eye.repeat(3, 1), requires_grad=False)
         twin.out_proj.weight = nn.Parameter(eye, requires_grad=False)
         if m.bias_k is not None and m.bias_v is not None:
@@ -278,7 +279,7 @@ class MultiheadAttentionAdapter(ModuleAdapter):
         """(L, N, E) / (N, L, E) / (L, E) -> (N, L, E)."""
         if t.dim() == 2:
             return t.unsqueeze(0)
-        return t if self.module.batch_first else t.transpose(0, 1)
+        return t if self.mha.batch_first else t.transpose(0, 1)
 
     def observe(
         self, saved: Any, grad: Tensor, layers: Sequence[int], params: Sequence[nn.Parameter]

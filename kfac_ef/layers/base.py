@@ -152,9 +152,9 @@ class LayerAdapter(ModuleAdapter):
         suffix: str = "",
     ) -> None:
         super().__init__(module)
-        weight = module.weight if weight is None else weight
-        assert isinstance(weight, nn.Parameter)
-        self.weight: nn.Parameter = weight
+        w = module.weight if weight is None else weight
+        assert isinstance(w, nn.Parameter)
+        self.weight: nn.Parameter = w
         if isinstance(bias, str):
             bias = getattr(module, "bias", None)
         self.bias: nn.Parameter | None = (

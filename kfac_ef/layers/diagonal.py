@@ -79,7 +79,7 @@ class LayerNormAdapter(AffineDiagonalAdapter):
     """nn.LayerNorm and nn.RMSNorm: parameters over the trailing ``normalized_shape`` dims."""
 
     def _normalized(self, x: Tensor) -> Tensor:
-        m = self.module
+        m: Any = self.module
         shape = tuple(m.normalized_shape)
         xf = x.to(_compute_dtype(x))
         if isinstance(m, nn.RMSNorm):
@@ -89,7 +89,8 @@ class LayerNormAdapter(AffineDiagonalAdapter):
         return F.layer_norm(xf, shape, None, None, m.eps)
 
     def _per_example(self, t: Tensor, x: Tensor) -> Tensor:
-        k = len(self.module.normalized_shape)
+        m: Any = self.module
+        k = len(m.normalized_shape)
         if t.dim() == k:  # one example without batch dimension
             t = t.unsqueeze(0)
         elif self.batch_dim:  # sequence-first: (T, N, ...) batched, (T, ...) one example
@@ -101,13 +102,13 @@ class ChannelNormAdapter(AffineDiagonalAdapter):
     """nn.GroupNorm and nn.InstanceNorm*d (affine): parameters over the channel dim 1."""
 
     def _batched(self, x: Tensor) -> bool:
-        m = self.module
+        m: Any = self.module
         if isinstance(m, _INSTANCE_NORMS):
             return x.dim() != m._get_no_batch_dim()
         return True
 
     def _normalized(self, x: Tensor) -> Tensor:
-        m = self.module
+        m: Any = self.module
         xf = x.to(_compute_dtype(x))
         if not self._batched(xf):
             xf = xf.unsqueeze(0)
@@ -129,14 +130,14 @@ class PReLUAdapter(ModuleAdapter):
     kind = "PReLU"
 
     def diagonal_candidates(self) -> list[nn.Parameter]:
-        w = self.module.weight
+        w: Any = self.module.weight
         return [w] if w.requires_grad else []
 
     def observe(
         self, saved: Any, grad: Tensor, layers: Sequence[int], params: Sequence[nn.Parameter]
     ) -> Observation:
         obs = Observation()
-        w = self.module.weight
+        w: Any = self.module.weight
         if not any(p is w for p in params):
             return obs
         x: Tensor = saved
