@@ -259,7 +259,8 @@ def precondition_structured_eigen(
     v = rotate_a(rotate_g(grads, qg, g_spec, transpose=True), qa, a_spec, transpose=False)
     lg = dec["lg"].reshape(b, g_spec.padded, 1)
     la = dec["la"].reshape(b, 1, a_spec.padded)
-    v = v / (lg * la + damping)
+    denominator = lg * la  # one (B, g, a) temporary, then in place (these can be vocab-sized)
+    v = v.div_(denominator.add_(damping)) if v is not grads else v / denominator.add_(damping)
     return rotate_a(rotate_g(v, qg, g_spec, transpose=False), qa, a_spec, transpose=True)
 
 
