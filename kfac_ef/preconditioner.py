@@ -69,8 +69,8 @@ class KFACPreconditioner:
     torch.amp.GradScaler, pass it as ``grad_scaler`` and call, in this order,
     ``scaler.scale(loss).backward(); scaler.unscale_(optimizer); precond.step();
     scaler.step(optimizer); scaler.update()``: the statistics are unscaled by the scaler's
-    scale (a device tensor, no synchronization), and a step whose statistics or gradients are
-    not finite leaves every factor unchanged.
+    scale (a device tensor, no synchronization), and a step whose gradients are not finite
+    (an overflow) leaves every factor unchanged.
 
     Args:
         model: the model; its supported submodules are hooked at construction.
@@ -166,8 +166,8 @@ class KFACPreconditioner:
                 raise ValueError(
                     f"the preconditioner's planned state ({plan_summary.total_bytes} bytes) "
                     f"exceeds memory_budget={budget}; lower max_factor_dim or "
-                    "large_factor_block, use damping_mode='pi' (no eigenbases), or skip "
-                    f"layers (skip_layers). The plan:\n{plan_summary}"
+                    "large_factor_block, or leave layers out (skip_layers). The plan:\n"
+                    f"{plan_summary}"
                 )
         self._claim()
         self._steps = 0
@@ -635,7 +635,8 @@ class KFACPreconditioner:
             d.skipped = dentry["skipped"].to(device).clone()
             self._skipped_seen[d.name] = int(d.skipped.sum())
             inverse = dentry.get("inverse")
-            if inverse is not None and keep_decomposition:
+            # 1/(F + ε) depends on ε in either damping mode.
+            if inverse is not None and saved_opts.get("damping") == opts.damping:
                 d.inverse = inverse.to(device=device, dtype=dtype).clone()
             else:
                 d.decompose(opts.damping)

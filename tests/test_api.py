@@ -152,6 +152,12 @@ def test_tied_linear_weights_with_own_biases_have_one_owner():
     assert "tied weight preconditioned by 2" in dict(s.unpreconditioned)["0.bias"]
     ((names, what),) = s.ties
     assert names == "0.weight" and "preconditioned by 2 alone" in what
+    pre.remove()
+    # With other_params="diagonal" that bias gets its diagonal Fisher (per-example Σ_t δ).
+    pre = KFACPreconditioner(model, other_params="diagonal")
+    assert [d.name for d in pre.summary().diagonal] == ["0.bias"]
+    step_once(model, pre, mse_per_example, torch.randn(4, 4), torch.randn(4, 1))
+    assert set(pre.diagonal_fishers()) == {"0.bias"}
 
 
 def _train(model, pre, batches):

@@ -162,3 +162,37 @@ def test_a_non_finite_gradient_alone_skips_the_statistics_step():
         assert torch.equal(a, factors[name][0]) and torch.equal(g, factors[name][1]), name
     for name, f in pre.diagonal_fishers().items():
         assert torch.equal(f, fishers[name]), name
+
+
+def test_step_reads_no_tensor_value_on_the_host(monkeypatch):
+    """A CPU stand-in for CUDA's sync debug mode: between decompositions, step() (with a
+    GradScaler, attention, embeddings, wide and diagonal factors) converts no tensor to a
+    Python value — .item(), bool(), int(), float(), .tolist(), .nonzero() all raise."""
+    torch.manual_seed(0)
+    model = GPT(vocab=VOCAB)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    pre = KFACPreconditioner(
+        model,
+        other_params="diagonal",
+        grad_scaler=scaler,
+        inv_update_steps=10,
+        max_factor_dim=64,
+        large_factor_block=16,
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = _batch()
+    _scaled_step(model, pre, scaler, opt, x, y, autocast=torch.bfloat16)  # step 0 decomposes
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("step() read a tensor value on the host")
+
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = lm_loss(model(x), y)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__"):
+            m.setattr(torch.Tensor, name, host_read)
+        pre.step()
+    scaler.step(opt)
