@@ -2,7 +2,7 @@
 
 Part 1, dense factors of width d: bytes of the state one factor keeps (running factor,
 statistics accumulator, eigenbasis and eigenvalues: 3d² + d floats) and the time of its
-eigendecomposition (float32, one matrix, median of a few) and of its damped inverse
+eigendecomposition (float32, one matrix, fastest of a few) and of its damped inverse
 (Cholesky, damping_mode="pi").
 
 Part 2, a vocabulary-sized output layer (Linear(dim, vocab), G over the vocabulary): its G
@@ -17,7 +17,6 @@ are noisy: compare rows of one run only.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _median_time(fn, reps: int, device: torch.device) -> float:
+def _best_time(fn, reps: int, device: torch.device) -> float:
+    """Least disturbed of ``reps`` timings (after one warm-up call): the minimum, as timeit
+    reports it. On a shared CPU the median mostly measures the other load."""
     fn()
     times = []
     for _ in range(reps):
@@ -45,7 +46,7 @@ def _median_time(fn, reps: int, device: torch.device) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def dense_factors(dims: list[int], reps: int, device: torch.device) -> list[dict[str, object]]:
@@ -55,8 +56,8 @@ def dense_factors(dims: list[int], reps: int, device: torch.device) -> list[dict
         x = torch.randn(2 * d, d, device=device)
         m = x.T @ x / (2 * d)
         eye = torch.eye(d, device=device)
-        t_eigh = _median_time(lambda m=m: torch.linalg.eigh(m), reps, device)
-        t_chol = _median_time(
+        t_eigh = _best_time(lambda m=m: torch.linalg.eigh(m), reps, device)
+        t_chol = _best_time(
             lambda m=m, eye=eye: torch.cholesky_inverse(torch.linalg.cholesky(m + 1e-3 * eye)),
             reps,
             device,
@@ -91,12 +92,12 @@ def vocab_head(
             pre.step()
 
         step()  # step 0 decomposes
-        t_step = _median_time(step, reps, device)
+        t_step = _best_time(step, reps, device)
 
         def decompose(pre=pre) -> None:
             pre._decompose()
 
-        t_dec = _median_time(decompose, max(1, reps // 2), device)
+        t_dec = _best_time(decompose, max(1, reps // 2), device)
         print(
             f"{block:>7}{row.g_factor:>22}{row.total_bytes / 2**20:>11.1f}{t_step:>9.3f}"
             f"{t_dec:>11.3f}",
@@ -135,9 +136,7 @@ def main() -> None:
     rows += vocab_head(args.vocab, args.dim, args.rows, args.blocks, args.reps, device)
     meta = machine()
     keys = sorted({k for r in rows for k in r})
-    append_csv(
-        RESULTS / "factor_sizes.csv", [{k: r.get(k, "") for k in keys} | meta for r in rows]
-    )
+    append_csv(RESULTS / "factor_sizes.csv", [{k: r.get(k, "") for k in keys} | meta for r in rows])
     print(f"\nappended to {RESULTS / 'factor_sizes.csv'}")
 
 

@@ -12,11 +12,15 @@ side by side in one invocation:
 - kfac inv=k fus=f: statistics every f steps only.
 
 Timing: ``--steps`` steps after ``--warmup`` ones; with ``--steps`` a multiple of every k, the
-timed steps hold exactly steps/k decompositions, amortized as in training. Peak memory: on CUDA
-``torch.cuda.max_memory_allocated`` over the timed steps; on the CPU the growth of the peak
-resident set size over the process's size after building model and optimizer (includes the
-allocator's caching: approximate). The planned bytes of the preconditioner's state
-(``summary().total_bytes``) are reported beside them.
+timed steps hold exactly steps/k decompositions, amortized as in training. The configurations
+run in ``--rounds`` interleaved rounds; each reports its fastest round, the one least disturbed
+by other load, with the median beside it; "CPU ms" is the process's CPU time per step (all
+threads; its minimum over rounds), much less sensitive to other load than wall time on a
+shared machine (peak memory: the largest round).
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps; on the CPU the
+growth of the peak resident set size over the process's size after building model and
+optimizer (includes the allocator's caching: approximate). The planned bytes of the
+preconditioner's state (``summary().total_bytes``) are reported beside them.
 
 Prints a table and appends it to benchmarks/results/transformer.csv. On a shared CPU the
 timings are noisy: compare rows of one run only.
@@ -85,11 +89,12 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
         base_cuda = torch.cuda.memory_allocated(device)
     loss = torch.zeros(())
-    t0 = 0.0
+    t0 = c0 = 0.0
     for step in range(config["warmup"] + config["steps"]):
         if step == config["warmup"]:
             _sync(device)
             t0 = time.perf_counter()
+            c0 = time.process_time()
         opt.zero_grad(set_to_none=True)
         logits = model(x[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
@@ -99,6 +104,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         opt.step()
     _sync(device)
     elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base_cuda
     else:  # ru_maxrss is in KiB on Linux
@@ -106,6 +112,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     return {
         "steps_per_s": config["steps"] / elapsed,
         "ms_per_step": 1e3 * elapsed / config["steps"],
+        "cpu_ms_per_step": 1e3 * cpu / config["steps"],
         "peak_extra_mib": peak / 2**20,
         "planned_state_mib": planned / 2**20,
         "final_loss": float(loss.detach()),
@@ -125,6 +132,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--inv", type=int, nargs="*", default=[1, 5, 10])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rounds", type=int, default=3, help="median over interleaved rounds")
     args = parser.parse_args()
     attention = ["mha" if i % 2 == 0 else "sdpa" for i in range(args.layers)]
     base = {
@@ -151,19 +159,38 @@ def main() -> None:
         f"GPT vocab {args.vocab}, dim {args.dim}, {args.layers} blocks ({'/'.join(attention)}), "
         f"batch {args.batch} x {args.seq} tokens, device {args.device}, {args.threads} threads"
     )
-    header = f"{'config':<22}{'steps/s':>9}{'ms/step':>10}{'peak MiB':>10}{'state MiB':>11}"
+    header = (
+        f"{'config':<22}{'steps/s':>9}{'ms/step':>10}{'median':>9}{'CPU ms':>9}{'peak MiB':>10}"
+        f"{'state MiB':>11}"
+    )
     lines = [header, "-" * len(header)]
+    # Rounds interleave the configurations so that load changes of a shared machine hit them
+    # alike; each configuration reports its median round.
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in configs}
+    for r in range(args.rounds):
+        for name, config in configs:
+            with ctx.Pool(1) as pool:
+                results[name].append(pool.apply(run, (config,)))
+            print(f"round {r + 1}/{args.rounds} {name}: {results[name][-1]['ms_per_step']:.1f} ms")
     rows = []
     baseline = None
     for name, config in configs:
-        with ctx.Pool(1) as pool:
-            result = pool.apply(run, (config,))
+        runs = sorted(results[name], key=lambda res: res["ms_per_step"])
+        # The fastest round is the least disturbed by other load (as timeit's minimum).
+        result = {
+            **runs[0],
+            "rounds": len(runs),
+            "ms_per_step_median": runs[len(runs) // 2]["ms_per_step"],
+            "cpu_ms_per_step": min(res["cpu_ms_per_step"] for res in runs),
+        }
+        result["peak_extra_mib"] = max(res["peak_extra_mib"] for res in runs)
         baseline = baseline or result
         lines.append(
             f"{name:<22}{result['steps_per_s']:>9.2f}{result['ms_per_step']:>10.1f}"
-            f"{result['peak_extra_mib']:>10.1f}{result['planned_state_mib']:>11.2f}"
+            f"{result['ms_per_step_median']:>9.1f}{result['cpu_ms_per_step']:>9.1f}"
+            f"{result['peak_extra_mib']:>10.1f}"
+            f"{result['planned_state_mib']:>11.2f}"
         )
-        print(lines[-1], flush=True)
         rows.append(
             {
                 "config": name,

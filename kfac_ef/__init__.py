@@ -8,8 +8,15 @@ optimizer.step()      # any torch optimizer
 
 from ._options import KFACOptions
 from .preconditioner import KFACPreconditioner
-from .summary import LayerSummary, Summary
+from .summary import DiagonalSummary, LayerSummary, Summary
 
 __version__ = "0.1.0"
 
-__all__ = ["KFACOptions", "KFACPreconditioner", "LayerSummary", "Summary", "__version__"]
+__all__ = [
+    "DiagonalSummary",
+    "KFACOptions",
+    "KFACPreconditioner",
+    "LayerSummary",
+    "Summary",
+    "__version__",
+]

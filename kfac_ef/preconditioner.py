@@ -446,8 +446,9 @@ class KFACPreconditioner:
         for layer in self._layers:
             ad = layer.adapter
             a, g, b = ad.a_dim, ad.g_dim, ad.blocks
-            decomp = layer.a_spec.decomposition_numel(b, opts.damping_mode)
-            decomp += layer.g_spec.decomposition_numel(b, opts.damping_mode)
+            dec_a = layer.a_spec.decomposition_numel(b, opts.damping_mode)
+            dec_g = layer.g_spec.decomposition_numel(b, opts.damping_mode)
+            decomp = dec_a + dec_g
             params = []
             for p in ad.parameters():
                 params.append(self._param_name(p))
@@ -463,6 +464,9 @@ class KFACPreconditioner:
                     decomposition_bytes=decomp * item,
                     a_factor=layer.a_spec.describe(),
                     g_factor=layer.g_spec.describe(),
+                    # running factor + accumulator + decomposition, per side
+                    a_bytes=(2 * layer.a_spec.numel(b) + dec_a) * item,
+                    g_bytes=(2 * layer.g_spec.numel(b) + dec_g) * item,
                 )
             )
         diag = [

@@ -28,6 +28,8 @@ class LayerSummary:
         factor_bytes: running factors plus the statistics accumulators.
         decomposition_bytes: eigenbases and eigenvalues ("exact") or damped inverses ("pi").
         a_factor, g_factor: storage of A and G: "dense", "diagonal" or "N blocks of B".
+        a_bytes, g_bytes: the share of A and of G in the total (running factor, accumulator
+            and decomposition of each).
     """
 
     name: str
@@ -40,6 +42,8 @@ class LayerSummary:
     decomposition_bytes: int
     a_factor: str = "dense"
     g_factor: str = "dense"
+    a_bytes: int = 0
+    g_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:

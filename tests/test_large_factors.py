@@ -115,6 +115,8 @@ def test_vocabulary_sized_head_is_never_squared():
     # running G + accumulator: 2 · 4 bytes · 50257; decomposition: its eigenvalues.
     assert row.factor_bytes == 2 * 4 * (vocab + 8 * 8)
     assert row.decomposition_bytes == 4 * (vocab + 8 * 8 + 8)
+    assert row.g_bytes == 4 * 3 * vocab and row.a_bytes == 4 * (3 * 64 + 8)
+    assert row.a_bytes + row.g_bytes == row.total_bytes
     assert s.total_bytes < 2_000_000
     x = torch.randn(4, 3, 8, dtype=torch.float32)
     y = torch.randint(0, vocab, (4, 3))
