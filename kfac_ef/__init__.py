@@ -7,9 +7,17 @@ optimizer.step()      # any torch optimizer
 """
 
 from ._options import KFACOptions
+from .distributed import DistributedOptions
 from .preconditioner import KFACPreconditioner
 from .summary import LayerSummary, Summary
 
 __version__ = "0.1.0"
 
-__all__ = ["KFACOptions", "KFACPreconditioner", "LayerSummary", "Summary", "__version__"]
+__all__ = [
+    "DistributedOptions",
+    "KFACOptions",
+    "KFACPreconditioner",
+    "LayerSummary",
+    "Summary",
+    "__version__",
+]

@@ -18,6 +18,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -61,26 +62,71 @@ class Layer:
         update) and w = 0 for a block whose new statistics are not finite.
         """
         acc_a, scale_a, acc_g, scale_g = self.stats.take(loss_reduction)
+        self.fold(acc_a, scale_a, acc_g, scale_g, decay)
+
+    def fold(
+        self,
+        acc_a: Tensor,
+        scale_a: float,
+        acc_g: Tensor,
+        scale_g: float,
+        decay: float,
+        present: Tensor | None = None,
+    ) -> None:
+        """Fold batch factors ``scale · acc`` into the running A and G (``acc`` is clobbered).
+
+        ``present`` (``(blocks,)`` bool on the device, optional) marks blocks that have
+        statistics at all: a block without is left alone and not counted as skipped (the
+        distributed path, where a layer may see no data on any rank, decides it on the device).
+        """
         if self.A is None or self.G is None or self.updates is None or self.skipped is None:
             self.A = torch.zeros_like(acc_a)
             self.G = torch.zeros_like(acc_g)
             self.updates = torch.zeros(acc_a.shape[0], dtype=torch.int64, device=acc_a.device)
             self.skipped = torch.zeros_like(self.updates)
         keep = linalg.finite_gram(acc_a, scale_a) & linalg.finite_gram(acc_g, scale_g)
+        skip = ~keep
+        if present is not None:
+            keep &= present
+            skip &= present
         weight = torch.where(self.updates > 0, 1.0 - decay, 1.0).to(acc_a.dtype) * keep
         for factor, acc, scale in ((self.A, acc_a, scale_a), (self.G, acc_g, scale_g)):
             linalg.running_average_(factor, acc, scale, weight, keep)
         self.updates.add_(keep)
-        self.skipped.add_(~keep)
+        self.skipped.add_(skip)
 
 
-def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[Layer]:
+# (id(layer), "A" | "G") -> (parts of the decomposition, whether it succeeded)
+Results = dict[tuple[int, str], tuple[dict[str, Tensor], bool]]
+
+
+class DecompositionShare(Protocol):
+    """How decompositions are split between processes (see kfac_ef/distributed.py).
+
+    ``owns(layer, side)`` says whether this process computes the decomposition of factor
+    ``side`` ("A" or "G") of ``layer``; ``exchange(results, ready)`` returns the results of
+    every factor this process needs (its own and those received from their owners), keyed
+    like ``results``. Layers absent from the returned results keep their decomposition.
+    """
+
+    def owns(self, layer: Layer, side: str) -> bool: ...
+
+    def exchange(self, results: Results, ready: list[Layer]) -> Results: ...
+
+
+def decompose(
+    layers: list[Layer],
+    damping_mode: str,
+    damping: float,
+    share: DecompositionShare | None = None,
+) -> list[Layer]:
     """Recompute the decomposition of every layer whose factors have been updated.
 
     A layer whose eigendecomposition fails even in float64 keeps its previous decomposition
     (warning); without one it stays unpreconditioned until a later decomposition succeeds.
     Reads update counts on the host: called only on decomposition steps. Warnings point at
-    the caller of ``KFACPreconditioner.step()``.
+    the caller of ``KFACPreconditioner.step()``. With ``share``, only the factors this process
+    owns are decomposed here, and the others arrive through ``share.exchange``.
 
     Returns:
         The layers that have no accepted statistics yet (nothing to decompose).
@@ -110,8 +156,9 @@ def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[La
     sqrt_eps = math.sqrt(damping)
     for layer in ready:
         assert layer.A is not None and layer.G is not None
-        jobs[(layer.A.shape[-1], layer.A.device)].append((layer, "A"))
-        jobs[(layer.G.shape[-1], layer.G.device)].append((layer, "G"))
+        for side, factor in (("A", layer.A), ("G", layer.G)):
+            if share is None or share.owns(layer, side):
+                jobs[(factor.shape[-1], factor.device)].append((layer, side))
         if damping_mode == "pi":
             pi = linalg.pi_scale(
                 layer.A.diagonal(dim1=1, dim2=2).sum(-1),
@@ -121,7 +168,7 @@ def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[La
             )
             shifts[(id(layer), "A")] = sqrt_eps * pi
             shifts[(id(layer), "G")] = sqrt_eps / pi
-    results: dict[tuple[int, str], tuple[dict[str, Tensor], bool]] = {}
+    results: Results = {}
     for items in jobs.values():
         mats = torch.cat([getattr(layer, side) for layer, side in items])
         if damping_mode == "exact":
@@ -136,8 +183,12 @@ def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[La
             sl = slice(offset, offset + layer.adapter.blocks)
             results[(id(layer), side)] = ({k: v[sl] for k, v in parts.items()}, all(ok[sl]))
             offset += layer.adapter.blocks
+    if share is not None:
+        results = share.exchange(results, ready)
 
     for layer in ready:
+        if (id(layer), "A") not in results:
+            continue  # preconditioned by other processes (distributed)
         part_a, ok_a = results[(id(layer), "A")]
         part_g, ok_g = results[(id(layer), "G")]
         if not (ok_a and ok_g):

@@ -94,6 +94,13 @@ class LayerStatistics:
         self._examples.clear()
         return self._acc_a, scale_a, self._acc_g, scale_g
 
+    def peek(self) -> tuple[Tensor | None, int, Tensor | None, int]:
+        """The raw sums S_A, S_G so far with their row and example counts, without resetting.
+
+        The tensors are the accumulators themselves (None before the first ``add``).
+        """
+        return self._acc_a, self.rows, self._acc_g, sum(self._examples.values())
+
     def discard(self) -> None:
         """Forget what was accumulated since the last step (buffers are kept)."""
         self.rows = 0

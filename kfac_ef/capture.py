@@ -46,6 +46,9 @@ class Capture:
         on_backward: called whenever an output gradient of a watched module arrives.
         record: ``record(name, x, grad, pass_id)`` with the input of one call and the
             gradient w.r.t. that call's output.
+        on_call: optional ``on_call(name, pass_id)``, told in the forward pass of every call
+            whose statistics will be recorded (so that a listener knows when a layer's
+            statistics of a pass are complete: one ``record`` per announced call).
     """
 
     def __init__(
@@ -55,8 +58,10 @@ class Capture:
         wants_statistics: Callable[[], bool],
         on_backward: Callable[[], None],
         record: Callable[[str, Tensor, Tensor, int], None],
+        on_call: Callable[[str, int], None] | None = None,
     ) -> None:
         self._wants_statistics = wants_statistics
+        self._on_call = on_call
         self._on_backward = on_backward
         self._record = record
         self._pass_id = 0
@@ -88,6 +93,8 @@ class Capture:
             # caller that keeps the output alive does not keep the input alive through us.
             holder: list[Tensor | None] = [x.detach() if keep and x is not None else None]
             pass_id = self._pass_id
+            if keep and self._on_call is not None:
+                self._on_call(name, pass_id)
 
             def on_grad(grad: Tensor) -> None:
                 self._backward_since_forward = True

@@ -23,6 +23,7 @@ from ._blocks import Bucket, Decomposition, Layer, decompose, make_buckets
 from ._options import KFACOptions, SkipSpec
 from ._stats import LayerStatistics
 from .capture import Capture
+from .distributed import DistributedOptions, Distributor, resolve, unwrap
 from .layers import make_adapter
 from .summary import LayerSummary, Summary
 
@@ -61,6 +62,13 @@ class KFACPreconditioner:
         skip_layers: module names, full-match regexes or module types to leave alone.
         factor_dtype: torch.float32 or torch.float64 for factors and decompositions.
         backend: "auto", "torch" or "triton" kernels.
+        distributed: data-parallel training over torch.distributed (docs/distributed.md).
+            None (default): on when torch.distributed is initialized with several ranks;
+            True, or a :class:`~kfac_ef.DistributedOptions`: on (torch.distributed must be
+            initialized); False: off. On, the factors are those of the global batch, the
+            decompositions are split across ranks, and every rank must construct the
+            preconditioner and call step() in step with the others. A
+            DistributedDataParallel model is unwrapped: layer names carry no ``module.``.
 
     Raises:
         TypeError, ValueError: on an invalid option (the message names it).
@@ -82,6 +90,7 @@ class KFACPreconditioner:
         skip_layers: SkipSpec | Iterable[SkipSpec] | None = (),
         factor_dtype: torch.dtype = torch.float32,
         backend: str = "auto",
+        distributed: bool | DistributedOptions | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -97,6 +106,8 @@ class KFACPreconditioner:
             factor_dtype=factor_dtype,
             backend=backend,  # type: ignore[arg-type]
         )
+        dist_options = resolve(distributed)
+        model, ddp = unwrap(model)
         self._layers, self._unpreconditioned = self._discover(model)
         if not self._layers:
             raise ValueError(
@@ -106,6 +117,12 @@ class KFACPreconditioner:
             )
         for device in {layer.adapter.weight.device for layer in self._layers}:
             kernels.check_backend(self.options.backend, device)
+        # Every exchange with other processes goes through this object (distributed.py).
+        self._dist = (
+            Distributor(self._layers, self.options, dist_options, ddp)
+            if dist_options is not None
+            else None
+        )
         self._claim()
         self._by_name = {layer.name: layer for layer in self._layers}
         self._buckets: list[Bucket] = make_buckets(self._layers)
@@ -119,6 +136,7 @@ class KFACPreconditioner:
             wants_statistics=self._wants_statistics,
             on_backward=self._on_backward,
             record=self._record,
+            on_call=self._dist.on_call if self._dist is not None else None,
         )
 
     # ------------------------------------------------------------------ construction
@@ -189,8 +207,11 @@ class KFACPreconditioner:
         self._backward_seen = True
 
     def _record(self, name: str, x: Tensor, grad: Tensor, pass_id: int) -> None:
+        layer = self._by_name[name]
         with torch.no_grad():
-            self._by_name[name].stats.add(x, grad, pass_id)
+            layer.stats.add(x, grad, pass_id)
+            if self._dist is not None:
+                self._dist.on_record(layer, pass_id)
 
     # ------------------------------------------------------------------ step
     @property
@@ -223,7 +244,9 @@ class KFACPreconditioner:
             )
         opts = self.options
         with torch.no_grad(), record_function("kfac_ef.step"):
-            if self._wants_statistics():
+            if self._wants_statistics() and self._dist is not None:
+                self._dist.reduce_statistics(self._layers)
+            elif self._wants_statistics():
                 for layer in self._layers:
                     if not layer.stats.empty:
                         layer.update_factors(opts.loss_reduction, opts.factor_decay)
@@ -235,13 +258,17 @@ class KFACPreconditioner:
             fn = self._precondition_fn()
             for bucket in self._buckets:
                 bucket.precondition(fn, opts.factor_dtype)
+            if self._dist is not None:
+                self._dist.share_gradients(self._layers)
         self._steps += 1
         self._backward_seen = False
 
     def _decompose(self) -> None:
         opts = self.options
         with record_function("kfac_ef.decompose"):
-            waiting = decompose(self._layers, opts.damping_mode, opts.damping)
+            if self._dist is not None:
+                self._dist.sync_factors(self._layers)
+            waiting = decompose(self._layers, opts.damping_mode, opts.damping, share=self._dist)
             for bucket in self._buckets:
                 bucket.restack()
         self._force_decompose = False
@@ -273,6 +300,11 @@ class KFACPreconditioner:
         return factored
 
     # ------------------------------------------------------------------ inspection
+    @property
+    def distributed(self) -> Distributor | None:
+        """The distributed machinery (assignment, bytes communicated), or None."""
+        return self._dist
+
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The running estimates ``{module name: (A, G)}`` (copies), in DESIGN.md's convention.
 
@@ -360,6 +392,16 @@ class KFACPreconditioner:
             "layers": layers,
         }
 
+    def _own_name(self, name: str) -> str:
+        """A checkpointed layer name as this preconditioner names it: names saved with the
+        ``module.`` prefix of a DistributedDataParallel wrapper (older checkpoints, or a
+        preconditioner built on ``ddp.module``'s parent) map to the unwrapped name."""
+        if name not in self._by_name and name.startswith("module."):
+            bare = name.removeprefix("module.")
+            if bare in self._by_name:
+                return bare
+        return name
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a ``state_dict()``; tensors move to each layer's device and factor dtype.
 
@@ -373,7 +415,7 @@ class KFACPreconditioner:
                 f"not a KFACPreconditioner state (expected format {STATE_FORMAT!r}, got "
                 f"{state.get('format') if isinstance(state, Mapping) else type(state).__name__!r})"
             )
-        saved = state["layers"]
+        saved = {self._own_name(name): entry for name, entry in state["layers"].items()}
         unknown = sorted(set(saved) - set(self._by_name))
         problems = [f"{n}: not a preconditioned layer of this model" for n in unknown]
         for name, entry in saved.items():
@@ -413,6 +455,8 @@ class KFACPreconditioner:
             else:
                 layer.decomposition = None
                 self._force_decompose = True
+        if self._dist is not None:
+            self._force_decompose = self._dist.after_load(self._layers, self._force_decompose)
         for bucket in self._buckets:
             bucket.restack()
         self._steps = int(state["steps"])
