@@ -414,6 +414,7 @@ class Distributor:
         self._got: dict[str, int] = defaultdict(int)
         self._next = 0
         self.bytes: dict[str, int] = defaultdict(int)
+        self.calls: dict[str, int] = defaultdict(int)  # collectives launched, by kind
 
     # ------------------------------------------------------------------ construction
     def _subgroup(self, members: list[int], size: int, parent: Any, everyone: bool) -> Any:
@@ -509,6 +510,7 @@ class Distributor:
     def _count(self, kind: str, t: Tensor) -> None:
         self.bytes[kind] += t.numel() * t.element_size()
         self.bytes["collectives"] += 1
+        self.calls[kind] += 1
 
     def communicated(self) -> dict[str, int]:
         """Bytes handed to collectives by this rank so far, by kind, and their number.
@@ -711,6 +713,10 @@ class Distributor:
             pos += n
 
     # ------------------------------------------------------------------ 2. decompositions
+    def preconditions(self, layer: Layer) -> bool:
+        """Whether this rank holds ``layer``'s decomposition and preconditions its gradient."""
+        return self.plan.column[layer.name] == self._my_column
+
     def owns(self, layer: Layer, side: str) -> bool:
         """Whether this rank decomposes factor ``side`` of ``layer``."""
         return self.plan.owner[(layer.name, side)] == self.rank
@@ -847,7 +853,7 @@ class Distributor:
         and agree on whether any rank lacks one it needs (then all recompute at the next
         step, since decompositions are computed together). Returns that agreement."""
         for layer in layers:
-            if self.plan.column[layer.name] != self._my_column:
+            if not self.preconditions(layer):
                 layer.decomposition = None
         flag = torch.tensor([1.0 if missing else 0.0], device=self._control_device)
         self._wait(

@@ -334,6 +334,8 @@ class KFACPreconditioner:
             decomp = b * (a * a + g * g)
             if self.options.damping_mode == "exact":
                 decomp += b * (a + g)  # eigenvalues beside the eigenbases
+            if self._dist is not None and not self._dist.preconditions(layer):
+                decomp = 0  # another rank holds it (grad_worker_fraction < 1)
             prefix = "" if layer.name == "<model>" else layer.name + "."
             rows.append(
                 LayerSummary(

@@ -7,6 +7,7 @@ reference, see slices of the same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,8 @@ class Scenario:
     reduction: str = "mean"
     sizes: tuple[int, ...] = ()  # local batch size per rank (default: 4 each)
     accumulate: bool = False  # two micro-batches per rank, the first under no_sync()
+    no_sync: bool = True  # False: accumulate with DDP syncing both micro-batches
+    bucket_cap_mb: float = 25.0
     factor_sync: str = "update"
     overlap: bool = True
     steps: int = 4
@@ -105,11 +108,21 @@ def _train_ranks(sc: Scenario, group: Any, r: int, world: int) -> dict[str, Any]
         grad_worker_fraction=sc.fraction,
         factor_sync=sc.factor_sync,
         overlap=sc.overlap,
+        bucket_cap_mb=sc.bucket_cap_mb,
     )
     pre = KFACPreconditioner(model, distributed=opts, **sc.kfac_options())
     assert pre.distributed is not None
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    out: dict[str, Any] = {"params": [], "launched_in_backward": []}
+    out: dict[str, Any] = {"params": [], "launched_in_backward": [], "before_first_layer": []}
+    seen: list[int] = []
+
+    def before_first_layer(module: nn.Module, args: Any, output: Tensor) -> None:
+        # The gradient of the first layer's activation arrives just before the first
+        # layer's own: how many reductions of statistics have started by then?
+        output.register_hook(lambda g: seen.append(pre.distributed.calls["statistics"]))  # type: ignore[union-attr]
+
+    model.module[1].register_forward_hook(before_first_layer)
+    assert sc.resume_at is None or sc.bucket_cap_mb >= 1, "the probe does not survive resume"
     for step in range(sc.steps):
         if sc.resume_at is not None and step == sc.resume_at:
             state = [pre.state_dict() if r == 0 else None, model.module.state_dict()]
@@ -126,9 +139,10 @@ def _train_ranks(sc: Scenario, group: Any, r: int, world: int) -> dict[str, Any]
         x, y = _local(x, sizes, r), _local(y, sizes, r)
         opt.zero_grad()
         sent = pre.distributed.communicated().get("statistics", 0)
+        calls = pre.distributed.calls["statistics"]
         if sc.accumulate:
             h = x.shape[0] // 2
-            with model.no_sync():
+            with model.no_sync() if sc.no_sync else contextlib.nullcontext():
                 _reduce(losses(model, x[:h], y[:h]), sc.reduction, 2).backward()
             _reduce(losses(model, x[h:], y[h:]), sc.reduction, 2).backward()
         else:
@@ -136,12 +150,18 @@ def _train_ranks(sc: Scenario, group: Any, r: int, world: int) -> dict[str, Any]
         out["launched_in_backward"].append(
             pre.distributed.communicated().get("statistics", 0) > sent
         )
+        out["before_first_layer"].append(seen[-1] - calls if seen else None)
         pre.step()
         opt.step()
         out["params"].append(flat_params(model))
     out["factors"] = pre.factors()
     out["state"] = pre.state_dict()
     out["bytes"] = pre.distributed.communicated()
+    out["decomposition_bytes"] = {s.name: s.decomposition_bytes for s in pre.summary().layers}
+    out["preconditions"] = {
+        layer.name: pre.distributed.preconditions(layer) for layer in pre._layers
+    }
+    out["holds"] = {layer.name: layer.decomposition is not None for layer in pre._layers}
     out["world"] = w
     return out
 

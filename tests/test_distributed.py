@@ -33,6 +33,15 @@ SCENARIOS: dict[int, list[Scenario]] = {
         Scenario("comm_opt/pi/mean/uneven", "comm_opt", "pi", "mean", sizes=(2, 6)),
         Scenario("comm_opt/exact/mean/no_sync", "comm_opt", "exact", "mean", accumulate=True),
         Scenario(
+            "comm_opt/exact/mean/accumulate_with_sync/tiny_buckets",
+            "comm_opt",
+            "exact",
+            "mean",
+            accumulate=True,
+            no_sync=False,
+            bucket_cap_mb=1e-4,
+        ),
+        Scenario(
             "mem_opt/pi/sum/no_sync/no_overlap",
             "mem_opt",
             "pi",
@@ -74,7 +83,7 @@ SCENARIOS: dict[int, list[Scenario]] = {
     4: [
         Scenario("comm_opt/exact/mean", "comm_opt", "exact", "mean"),
         Scenario("mem_opt/pi/mean", "mem_opt", "pi", "mean"),
-        Scenario("hybrid/exact/mean", "hybrid", "exact", "mean"),
+        Scenario("hybrid/exact/mean", "hybrid", "exact", "mean", bucket_cap_mb=1e-4),
         Scenario("hybrid/pi/sum/uneven", "hybrid", "pi", "sum", sizes=(1, 2, 3, 6)),
         Scenario("hybrid/exact/mean/no_sync", "hybrid", "exact", "mean", accumulate=True),
         Scenario(
@@ -140,6 +149,11 @@ def test_statistics_launched_during_backward(runs, world):
         fu = sc.kfac.get("factor_update_steps", 1)
         expected = [sc.overlap and s % fu == 0 for s in range(sc.steps)]
         assert launched == expected, sc.name
+        if sc.bucket_cap_mb < 1e-3 and sc.overlap:
+            # One layer per bucket: the four later layers' reductions start while backward
+            # still has the first layer to go (in every pass, when DDP syncs every pass).
+            passes = 2 if sc.accumulate and not sc.no_sync else 1
+            assert flags["before_first_layer"] == [5 * (passes - 1) + 4] * sc.steps, sc.name
 
 
 @pytest.mark.distributed
@@ -162,6 +176,13 @@ def test_traffic_follows_the_strategy(runs):
         for s in pre.summary().layers
     )
     assert comm["statistics"] == 4 * 8 * tri
+    # mem_opt: each layer's decomposition lives on one rank (summary() counts it there).
+    for name in by_name["mem_opt/pi/mean"]["preconditions"]:
+        holders = [r for r in range(4) if runs(4)[r]["mem_opt/pi/mean"]["preconditions"][name]]
+        assert len(holders) == 1
+        held = [runs(4)[r]["mem_opt/pi/mean"]["decomposition_bytes"][name] for r in range(4)]
+        assert [r for r in range(4) if held[r] > 0] == holders
+        assert [r for r in range(4) if runs(4)[r]["mem_opt/pi/mean"]["holds"][name]] == holders
     sync = runs(2)[0]["mem_opt/exact/mean/sync_at_decomposition"]["bytes"]
     assert sync.get("statistics", 0) == 0 and sync["factors"] > 0
 
