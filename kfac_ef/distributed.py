@@ -279,8 +279,8 @@ class _Triangles:
         b, d, _ = out.shape
         upper, lower = self.get(d, out.device)
         flat = out.view(b, d * d)
-        flat.index_copy_(1, upper, packed)
-        flat.index_copy_(1, lower, packed)
+        flat.scatter_(1, upper.expand(b, -1), packed)
+        flat.scatter_(1, lower.expand(b, -1), packed)
 
 
 def _tri(d: int) -> int:
