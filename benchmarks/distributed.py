@@ -11,9 +11,10 @@ every step, or only before decompositions). factor_update_steps=1, inv_update_st
 
 Step time: each rank times every step; per step the slowest rank counts; reported are the
 median (a step without decomposition) and the mean (decompositions amortized) over the timed
-steps. Bytes: what each rank hands to K-FAC's collectives per step (payloads, mean over ranks
-and steps; kfac_ef.distributed.Distributor.communicated()), beside the gradient bytes DDP
-all-reduces. At 1 rank, K-FAC runs without distribution.
+steps. Bytes per step and rank (mean over ranks and timed steps), from
+kfac_ef.distributed.Distributor.communicated(): the buffers K-FAC all-reduces, and what the
+rank receives through broadcasts; beside them the gradient bytes DDP all-reduces. At 1 rank,
+K-FAC runs without distribution.
 
 Each world size runs in its own torchrun; the sweep appends one row per (world, strategy) to
 benchmarks/results/distributed.csv. On a machine with fewer cores than ranks (this

@@ -507,18 +507,20 @@ class Distributor:
                 f"Cause: {exc}"
             ) from exc
 
-    def _count(self, kind: str, t: Tensor) -> None:
-        self.bytes[kind] += t.numel() * t.element_size()
+    def _count(self, kind: str, t: Tensor, source: bool = False) -> None:
+        if not source:
+            self.bytes[kind] += t.numel() * t.element_size()
         self.bytes["collectives"] += 1
         self.calls[kind] += 1
 
     def communicated(self) -> dict[str, int]:
-        """Bytes handed to collectives by this rank so far, by kind, and their number.
+        """Bytes communicated by this rank so far, by kind, and the number of collectives.
 
-        Kinds: "statistics" (all-reduce on statistics steps), "factors" (all-reduce before
-        decompositions with factor_sync="decomposition"), "decompositions" and "gradients"
-        (broadcasts); "collectives" counts the calls. These are payload sizes: a ring
-        all-reduce moves about 2(W-1)/W times its payload through each rank's link.
+        Kinds: "statistics" (all-reduce on statistics steps) and "factors" (all-reduce before
+        decompositions with factor_sync="decomposition") count the buffer each rank reduces
+        (a ring all-reduce moves about 2(W-1)/W times that through each rank's link);
+        "decompositions" and "gradients" (broadcasts) count the bytes this rank receives
+        (nothing for the rank that sends). "collectives" counts the calls.
         """
         return dict(self.bytes)
 
@@ -770,7 +772,7 @@ class Distributor:
                         pos += n
                     if got is not None and got[1]:
                         flags[k] = 1.0
-            self._count("decompositions", buf)
+            self._count("decompositions", buf, source=src == self.rank)
             self._wait(
                 dist.broadcast(
                     buf,
@@ -838,7 +840,7 @@ class Distributor:
                 buf = torch.cat([g.reshape(-1) for g in grads])
             else:
                 buf = torch.empty(sum(g.numel() for g in grads), dtype=dtype, device=self.device)
-            self._count("gradients", buf)
+            self._count("gradients", buf, source=src == self.rank)
             work = dist.broadcast(buf, src=self.ranks[src], group=self._row_group, async_op=True)
             pending.append((work, buf, grads, src == self.rank))
         for work, buf, grads, mine in pending:
