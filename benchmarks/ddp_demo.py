@@ -61,12 +61,8 @@ def main() -> None:
     model: torch.nn.Module = mlp([64, 128, 128, 10])
     if distributed:
         model = DistributedDataParallel(model)
-    precond = KFACPreconditioner(
-        model,
-        damping=0.1,
-        inv_update_steps=10,
-        distributed=DistributedOptions(grad_worker_fraction=args.strategy) if distributed else False,
-    )
+    options = DistributedOptions(grad_worker_fraction=args.strategy) if distributed else False
+    precond = KFACPreconditioner(model, damping=0.1, inv_update_steps=10, distributed=options)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     if rank == 0 and precond.distributed is not None:
         print(precond.distributed.describe())
