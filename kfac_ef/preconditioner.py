@@ -395,9 +395,8 @@ class KFACPreconditioner:
         }
 
     def _own_name(self, name: str) -> str:
-        """A checkpointed layer name as this preconditioner names it: names saved with the
-        ``module.`` prefix of a DistributedDataParallel wrapper (older checkpoints, or a
-        preconditioner built on ``ddp.module``'s parent) map to the unwrapped name."""
+        """A checkpointed layer name as this preconditioner names it: a name saved with the
+        ``module.`` prefix of a DistributedDataParallel wrapper maps to the unwrapped name."""
         if name not in self._by_name and name.startswith("module."):
             bare = name.removeprefix("module.")
             if bare in self._by_name:
@@ -406,6 +405,9 @@ class KFACPreconditioner:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a ``state_dict()``; tensors move to each layer's device and factor dtype.
+
+        Distributed, every rank must call it (the ranks agree on whether decompositions are
+        recomputed at the next step).
 
         Raises:
             ValueError: if the state is not from a KFACPreconditioner, names layers this one
