@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -222,6 +223,45 @@ def dead_peer(rank: int, world: int, how: str) -> dict[str, Any]:
     return {"error": None, "seconds": time.monotonic() - start}
 
 
+class Branchy(nn.Module):
+    """A trunk, a head, a branch used only when asked, and a layer never used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(5, 4)
+        self.head = nn.Linear(4, 3)
+        self.extra = nn.Linear(4, 3)
+        self.never = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor, use_extra: bool) -> Tensor:
+        h = torch.tanh(self.trunk(x))
+        return self.head(h) + (self.extra(h) if use_extra else 0.0)
+
+
+def branch_batch(rank: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(50 + rank)
+    return torch.randn(3 + rank, 5, generator=g), torch.randn(3 + rank, 3, generator=g)
+
+
+def partly_used_layers(rank: int, world: int, distributed: bool) -> dict[str, Any]:
+    """Rank 0 alone uses ``extra``; nobody uses ``never``. Factors after one step."""
+    model = Branchy().double()
+    opts: Any = DistributedOptions(overlap=False) if distributed else False
+    pre = KFACPreconditioner(model, factor_dtype=torch.float64, distributed=opts)
+    x, y = branch_batch(rank)
+    ((model(x.double(), use_extra=rank == 0) - y.double()) ** 2).sum(1).mean().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "never" has no statistics
+        pre.step()
+    assert pre.distributed is not None or not distributed
+    return {
+        "factors": pre.factors(),
+        "updates": {layer.name: layer.updates for layer in pre._layers},
+        "grads": {k: p.grad for k, p in model.named_parameters() if p.grad is not None},
+    }
+
+
 def identical_training(rank: int, world: int, fraction: str) -> list[Tensor]:
     """A short training run (float32, default options): parameters after every step."""
     torch.manual_seed(0)
@@ -288,6 +328,7 @@ __all__ = [
     "identical_training",
     "make_model",
     "mismatched_layers",
+    "partly_used_layers",
     "reference_run",
     "train_scenarios",
 ]

@@ -21,6 +21,7 @@ from .distributed_workers import (
     identical_training,
     make_model,
     mismatched_layers,
+    partly_used_layers,
     reference_run,
     train_scenarios,
 )
@@ -215,6 +216,24 @@ def test_training_keeps_ranks_identical(fraction):
         for r in (1, 2):
             assert torch.equal(runs[r][step], runs[0][step]), (fraction, r, step)
     assert not torch.equal(runs[0][0], runs[0][-1])
+
+
+@pytest.mark.distributed
+def test_layer_used_on_some_ranks_only():
+    """A layer with data on rank 0 only gets rank 0's factors on every rank; a layer with
+    data nowhere gets no update (and is not counted as a skipped one)."""
+    got = harness.run(partly_used_layers, 2, True, time_limit_s=90.0)
+    alone = partly_used_layers(0, 1, False)  # rank 0's batch, one process
+    for r in range(2):
+        extra = got[r]["factors"]["extra"]
+        torch.testing.assert_close(extra[0], alone["factors"]["extra"][0])
+        torch.testing.assert_close(extra[1], alone["factors"]["extra"][1])
+        assert got[r]["updates"]["never"].tolist() == [0]
+        assert got[r]["updates"]["extra"].tolist() == [1]
+    assert "never" not in alone["factors"]
+    # The trunk's factors are the same on both ranks (global), and differ from rank 0's own.
+    torch.testing.assert_close(got[0]["factors"]["trunk"][0], got[1]["factors"]["trunk"][0])
+    assert not torch.allclose(got[0]["factors"]["trunk"][0], alone["factors"]["trunk"][0])
 
 
 @pytest.mark.distributed
