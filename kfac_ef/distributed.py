@@ -576,6 +576,8 @@ class Distributor:
             self._next += 1
 
     def _launch(self, bucket: _StatsBucket) -> None:
+        """Pack the bucket's statistics so far (upper triangles; S_G scaled by N_r² for
+        "mean") and their counts, and start the all-reduce without waiting for it."""
         if bucket.work is not None:
             self._wait(bucket.work, "the all-reduce of factor statistics")
         buf = bucket.buffer
