@@ -105,4 +105,6 @@ class Capture:
 
             out.register_hook(on_grad)
 
-        return hook
+        # Under torch.compile the hook must run eagerly, on real tensors: dynamo would
+        # otherwise trace it once, and the tensor hook on the output would never fire.
+        return torch.compiler.disable(hook, recursive=True)

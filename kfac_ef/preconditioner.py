@@ -38,6 +38,24 @@ _OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[KFACPreconditioner]] =
 )
 
 
+def _structure(model: nn.Module) -> list[tuple[str, str, int, tuple[int, ...], tuple[bool, ...]]]:
+    """Modules with parameters: name, type, identity, parameter identities, trainability."""
+    out = []
+    for name, module in model.named_modules():
+        direct = list(module.parameters(recurse=False))
+        if direct:
+            out.append(
+                (
+                    name or "<model>",
+                    type(module).__name__,
+                    id(module),
+                    tuple(id(p) for p in direct),
+                    tuple(p.requires_grad for p in direct),
+                )
+            )
+    return out
+
+
 class KFACPreconditioner:
     """Kronecker-factored preconditioning with the empirical Fisher.
 
@@ -108,6 +126,8 @@ class KFACPreconditioner:
         )
         dist_options = resolve(distributed)
         model, ddp = unwrap(model)
+        self._model = weakref.ref(model)
+        self._structure = _structure(model)
         self._layers, self._unpreconditioned = self._discover(model)
         if not self._layers:
             raise ValueError(
@@ -254,6 +274,7 @@ class KFACPreconditioner:
                 for layer in self._layers:
                     layer.stats.discard()
             if self._steps % opts.inv_update_steps == 0 or self._force_decompose:
+                self._check_structure()
                 self._decompose()
             fn = self._precondition_fn()
             for bucket in self._buckets:
@@ -262,6 +283,38 @@ class KFACPreconditioner:
                 self._dist.share_gradients(self._layers)
         self._steps += 1
         self._backward_seen = False
+
+    def _check_structure(self) -> None:
+        """Raise if the model's modules or parameters changed since construction.
+
+        Runs on decomposition steps only (pure Python, no device work): a replaced layer
+        would silently lose its preconditioning, a replaced parameter would have its old
+        tensor's gradient rewritten instead of the new one's.
+        """
+        model = self._model()
+        if model is None:
+            return
+        now = _structure(model)
+        if now == self._structure:
+            return
+        before = {entry[0]: entry for entry in self._structure}
+        after = {entry[0]: entry for entry in now}
+        changes = [f"{n}: added" for n in after.keys() - before.keys()]
+        changes += [f"{n}: removed" for n in before.keys() - after.keys()]
+        for n in before.keys() & after.keys():
+            old, new = before[n], after[n]
+            if old[1:3] != new[1:3]:
+                changes.append(f"{n}: module replaced ({old[1]} -> {new[1]})")
+            elif old[3] != new[3]:
+                changes.append(f"{n}: parameters replaced")
+            elif old[4] != new[4]:
+                changes.append(f"{n}: requires_grad changed {old[4]} -> {new[4]}")
+        raise RuntimeError(
+            "the model changed after the KFACPreconditioner was built:\n  "
+            + "\n  ".join(sorted(changes))
+            + "\ncall remove() on this preconditioner and build a new one for the new model "
+            "(load_state_dict() carries the factors of unchanged layers over)"
+        )
 
     def _decompose(self) -> None:
         opts = self.options
