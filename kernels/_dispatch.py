@@ -14,9 +14,9 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton")
 
-# Set once the Triton implementations exist (see each kernel file); the dispatch point is
-# independent of them so that "auto" and "torch" never depend on triton.
-TRITON_KERNELS_IMPLEMENTED = False
+# The Triton implementations exist (see each kernel file); the dispatch point is independent
+# of them so that "auto" and "torch" never depend on triton.
+TRITON_KERNELS_IMPLEMENTED = True
 
 
 @functools.cache
@@ -30,7 +30,19 @@ def _triton_import_error() -> str | None:
 
 
 def interpreter_enabled() -> bool:
+    """Whether Triton's CPU interpreter is switched on (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: no query per launch)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _multiprocessors(index)
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
