@@ -177,7 +177,7 @@ def _build() -> SimpleNamespace:
         beta,
         APPEND_ONES: tl.constexpr,
         BETA_ZERO: tl.constexpr,
-        SPLIT: tl.constexpr,
+        PARTIAL: tl.constexpr,
         BLOCK: tl.constexpr,
         BLOCK_K: tl.constexpr,
         DOT_FP32: tl.constexpr,
@@ -212,7 +212,7 @@ def _build() -> SimpleNamespace:
                 False, BLOCK, BLOCK_K, DOT_FP32, INPUT_PRECISION,
             )  # fmt: skip
         n_tiles = tl.cdiv(d, BLOCK)
-        if SPLIT == 1:
+        if not PARTIAL:
             _store_gram_tile(
                 out_ptr + b.to(tl.int64) * stride_ob, acc, colsum, ti, tj, n_tiles - 1, d,
                 rows, stride_or, stride_oc, alpha, beta, APPEND_ONES, BETA_ZERO, BLOCK,
@@ -291,11 +291,9 @@ def triton_supports(x: Tensor, out: Tensor) -> str | None:
     return None
 
 
-@functools.cache
-def _default_precision() -> str:
-    # float32 operands: three TF32 tensor-core products per multiply (≈ float32 accuracy,
-    # several times the float32 FMA rate). 16-bit operands ignore the setting.
-    return "tf32x3"
+# float32 operands: three TF32 tensor-core products per multiply (about float32 accuracy,
+# several times the float32 FMA rate). 16-bit operands ignore the setting.
+DEFAULT_PRECISION = "tf32x3"
 
 
 def _config(d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -354,7 +352,9 @@ def factor_stats_triton(
     n_splits = splits if splits is not None else _splits(tiles * nb, rows, block_k, x.device)
     n_splits = max(1, min(n_splits, max(1, math.ceil(rows / block_k))))
     rows_per_split = math.ceil(rows / n_splits / block_k) * block_k if rows else 0
-    precision = input_precision or _default_precision()
+    if rows_per_split:
+        n_splits = math.ceil(rows / rows_per_split)  # no split without rows
+    precision = input_precision or DEFAULT_PRECISION
     flags = dict(
         APPEND_ONES=append_ones,
         BETA_ZERO=beta == 0.0,
@@ -370,9 +370,9 @@ def factor_stats_triton(
         rows, d, rows_per_split,
         *x.stride(), *out.stride(),
         float(alpha), float(beta),
-        SPLIT=n_splits, BLOCK_K=block_k,
+        PARTIAL=n_splits > 1, BLOCK_K=block_k,
         DOT_FP32=interpreter_enabled() and x.dtype == torch.bfloat16,
-        INPUT_PRECISION=precision if x.dtype == torch.float32 else "ieee",
+        INPUT_PRECISION=precision if x.dtype == torch.float32 else "tf32",  # unused for 16-bit
         num_warps=warps, num_stages=stages, **flags,
     )  # fmt: skip
     if n_splits > 1:
