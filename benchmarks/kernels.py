@@ -14,10 +14,11 @@ Three kernels (docs/kernels.md):
   blocks over 64) and ``compiled``; for small blocks (64 blocks of 32 × 33) also ``triton``.
 
 CSV columns ``m``, ``n``: rows and columns of X for factor_stats (F is (n+1)²), the block
-shape m × n for preconditioning. Each shape also times a plain GEMM of the kernel's operand dtype and size (``gemm`` rows:
-torch.mm / torch.bmm) so that ``frac_gemm`` (executed FLOP/s over the GEMM's FLOP/s) is
-measured in the same run. ``tflops`` counts the FLOPs each variant executes: the triangle
-rows·d'(d'+1) for the Triton factor statistics, 2·rows·d'² for the full products.
+shape m × n for preconditioning. Each shape also times a plain GEMM of the kernel's operand
+dtype and size (``gemm`` rows: torch.mm / torch.bmm) so that ``frac_gemm`` (executed FLOP/s
+over the GEMM's FLOP/s) is measured in the same run. ``tflops`` counts the FLOPs each
+variant executes: the triangle rows·d'(d'+1) for the Triton factor statistics, 2·rows·d'²
+for the full products.
 
 Timings: ``triton.testing.do_bench`` median on CUDA; on the CPU (``--smoke``: tiny shapes
 through Triton's interpreter, to keep this script runnable in CI) a median of wall times,
@@ -139,58 +140,44 @@ class Bench:
             )
 
 
-def bench_factor_stats(b: Bench, cfg: dict) -> None:
+def _stats_shape(b: Bench, dtype: torch.dtype, rows: int, d: int) -> None:
     from kfac_ef.kernels import factor_stats, factor_stats_reference
 
     dev = b.device
+    x = torch.randn(1, rows, d, device=dev).to(dtype)
+    dim = d + 1
+    out = torch.zeros(1, dim, dim, device=dev)
+    xt = torch.cat([x.float(), torch.ones(1, rows, 1, device=dev)], dim=2)[0]
+    full = 2.0 * rows * dim * dim
+    kw = dict(alpha=0.05, beta=0.95, append_ones=True)
+    variants = {
+        "triton": b.time(lambda: factor_stats(x, out, backend="triton", **kw)),
+        "eager": b.time(lambda: factor_stats_reference(x, out, **kw)),
+        "addmm": b.time(lambda: out[0].addmm_(xt.T, xt, beta=0.95, alpha=0.05)),
+    }
+    comp = b.compiled(f"stats-{dtype}", factor_stats_reference)
+    if comp is not None:
+        variants["compiled"] = b.time(lambda: comp(x, out, **kw))
+    flops = {k: full for k in variants}
+    flops["triton"] = float(rows) * dim * (dim + 1)  # the triangle
+    # The GEMM rate of the kernel's operand dtype: X̃ᵀX̃ as a plain matrix product.
+    xg = xt.to(dtype)
+    gemm_ms = b.time(lambda: torch.mm(xg.T, xg))
+    shape = {"dtype": str(dtype).removeprefix("torch."), "blocks": 1, "m": rows, "n": d,
+             "path": "triangle"}  # fmt: skip
+    b.report("factor_stats", shape, variants, flops, gemm_ms, full)
+
+
+def bench_factor_stats(b: Bench, cfg: dict) -> None:
     for dtype in cfg["stats_dtypes"]:
         for d in cfg["stats_d"]:
             for rows in cfg["stats_rows"]:
-                x = torch.randn(1, rows, d, device=dev).to(dtype)
-                dim = d + 1
-                out = torch.zeros(1, dim, dim, device=dev)
-                xt = torch.cat([x.float(), torch.ones(1, rows, 1, device=dev)], dim=2)[0]
-                full = 2.0 * rows * dim * dim
-                variants = {
-                    "triton": b.time(
-                        lambda: factor_stats(
-                            x, out, alpha=0.05, beta=0.95, append_ones=True, backend="triton"
-                        )
-                    ),
-                    "eager": b.time(
-                        lambda: factor_stats_reference(
-                            x, out, alpha=0.05, beta=0.95, append_ones=True
-                        )
-                    ),
-                    "addmm": b.time(lambda: out[0].addmm_(xt.T, xt, beta=0.95, alpha=0.05)),
-                }
-                comp = b.compiled(f"stats-{dtype}", factor_stats_reference)
-                if comp is not None:
-                    variants["compiled"] = b.time(
-                        lambda: comp(x, out, alpha=0.05, beta=0.95, append_ones=True)
-                    )
-                flops = {k: full for k in variants}
-                flops["triton"] = float(rows) * dim * (dim + 1)
-                # The GEMM rate of the kernel's operand dtype: X̃ᵀX̃ as a plain matrix product.
-                xg = xt.to(dtype)
-                gemm_ms = b.time(lambda: torch.mm(xg.T, xg))
-                shape = {"dtype": str(dtype).removeprefix("torch."), "blocks": 1, "m": rows,
-                         "n": d, "path": "triangle"}  # fmt: skip
-                b.report("factor_stats", shape, variants, flops, gemm_ms, full)
-                del x, out, xt, xg
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+                _stats_shape(b, dtype, rows, d)
+                if b.device.type == "cuda":
+                    torch.cuda.empty_cache()
 
 
-def _eigen_inputs(nb: int, m: int, n: int, dev: torch.device) -> list[torch.Tensor]:
-    qg = torch.linalg.qr(torch.randn(nb, m, m, device=dev))[0]
-    qa = torch.linalg.qr(torch.randn(nb, n, n, device=dev))[0]
-    lg = torch.rand(nb, m, device=dev)
-    la = torch.rand(nb, n, device=dev)
-    return [torch.randn(nb, m, n, device=dev), qg, lg, qa, la]
-
-
-def bench_precondition(b: Bench, cfg: dict) -> None:
+def _precondition_shape(b: Bench, nb: int, m: int, n: int, path: str) -> None:
     from kfac_ef.kernels import (
         precondition_eigen,
         precondition_eigen_reference,
@@ -199,49 +186,60 @@ def bench_precondition(b: Bench, cfg: dict) -> None:
     )
 
     dev = b.device
+    qg = torch.linalg.qr(torch.randn(nb, m, m, device=dev))[0]
+    qa = torch.linalg.qr(torch.randn(nb, n, n, device=dev))[0]
+    lg = torch.rand(nb, m, device=dev)
+    la = torch.rand(nb, n, device=dev)
+    grad = torch.randn(nb, m, n, device=dev)
+    chain = 2.0 * nb * (m * m * n + m * n * n)  # two products
+    gemm_ms = b.time(lambda: torch.bmm(qg, grad))
+    gemm_flops = 2.0 * nb * m * m * n
+    shape = {"dtype": "float32", "blocks": nb, "m": m, "n": n, "path": path}
+
+    args = (grad, qg, lg, qa, la, 1e-3)
+    variants = {
+        "triton": b.time(lambda: precondition_eigen(*args, backend="triton")),
+        "triton_ieee": b.time(
+            lambda: precondition_eigen(*args, backend="triton", input_precision="ieee")
+        ),
+        "eager": b.time(lambda: precondition_eigen_reference(*args)),
+    }
+    comp = b.compiled("eigen", precondition_eigen_reference)
+    if comp is not None:
+        variants["compiled"] = b.time(lambda: comp(*args))
+    flops = {k: 2 * chain for k in variants}
+    b.report("precondition_eigen", shape, variants, flops, gemm_ms, gemm_flops)
+
+    ig, ia = qg @ qg.transpose(1, 2), qa @ qa.transpose(1, 2)
+    variants = {"eager": b.time(lambda: precondition_factored_reference(grad, ig, ia))}
+    if path == "fused":
+        variants["triton"] = b.time(lambda: precondition_factored(grad, ig, ia, backend="triton"))
+    comp = b.compiled("factored", precondition_factored_reference)
+    if comp is not None:
+        variants["compiled"] = b.time(lambda: comp(grad, ig, ia))
+    flops = {k: chain for k in variants}
+    b.report("precondition_factored", shape, variants, flops, gemm_ms, gemm_flops)
+
+
+def bench_precondition(b: Bench, cfg: dict) -> None:
     nb = cfg["precond_blocks"]
     shapes = [(nb, d, d + 1, "tiled") for d in cfg["precond_d"]] + [(*cfg["small"], "fused")]
-    for nb_, m, n, path in shapes:
-        grad, qg, lg, qa, la = _eigen_inputs(nb_, m, n, dev)
-        chain = 2.0 * nb_ * (m * m * n + m * n * n)  # two products
-        variants = {
-            "triton": b.time(lambda: precondition_eigen(grad, qg, lg, qa, la, 1e-3, backend="triton")),
-            "triton_ieee": b.time(
-                lambda: precondition_eigen(
-                    grad, qg, lg, qa, la, 1e-3, backend="triton", input_precision="ieee"
-                )
-            ),
-            "eager": b.time(lambda: precondition_eigen_reference(grad, qg, lg, qa, la, 1e-3)),
-        }
-        comp = b.compiled("eigen", precondition_eigen_reference)
-        if comp is not None:
-            variants["compiled"] = b.time(lambda: comp(grad, qg, lg, qa, la, 1e-3))
-        gemm_ms = b.time(lambda: torch.bmm(qg, grad))
-        shape = {"dtype": "float32", "blocks": nb_, "m": m, "n": n, "path": path}
-        b.report("precondition_eigen", shape, variants, {k: 2 * chain for k in variants},
-                 gemm_ms, 2.0 * nb_ * m * m * n)  # fmt: skip
-
-        ig, ia = qg @ qg.transpose(1, 2), qa @ qa.transpose(1, 2)
-        variants = {"eager": b.time(lambda: precondition_factored_reference(grad, ig, ia))}
-        if path == "fused":
-            variants["triton"] = b.time(
-                lambda: precondition_factored(grad, ig, ia, backend="triton")
-            )
-        comp = b.compiled("factored", precondition_factored_reference)
-        if comp is not None:
-            variants["compiled"] = b.time(lambda: comp(grad, ig, ia))
-        b.report("precondition_factored", shape, variants, {k: chain for k in variants},
-                 gemm_ms, 2.0 * nb_ * m * m * n)  # fmt: skip
-        del grad, qg, lg, qa, la, ig, ia
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    for shape in shapes:
+        _precondition_shape(b, *shape)
+        if b.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes; on a machine without CUDA through Triton's interpreter")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=RESULTS / "kernels.csv", help="CSV to append to")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes; without CUDA through Triton's interpreter",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS / "kernels.csv", help="CSV to append to"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile variants")
     parser.add_argument("--only", choices=["stats", "precond"], help="run one group")
     args = parser.parse_args(argv)

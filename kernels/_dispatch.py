@@ -49,18 +49,18 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why Triton kernels cannot run on ``device`` (None when they can)."""
     if not TRITON_KERNELS_IMPLEMENTED:
         return "this version of kfac_ef ships no Triton kernels yet; use backend='torch' or 'auto'"
+    # The device first: probing the import would import triton, and triton must not be
+    # imported before TRITON_INTERPRET is set (its own jitted helpers are built at import).
+    if not (device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())):
+        return (
+            f"Triton kernels run on CUDA tensors (got device {device}); on the CPU only "
+            "through Triton's interpreter, enabled by TRITON_INTERPRET=1 set before triton is "
+            "imported. Use backend='torch' or 'auto' here"
+        )
     err = _triton_import_error()
     if err is not None:
         return f"triton does not import ({err}); install triton or use backend='torch'"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and interpreter_enabled():
-        return None
-    return (
-        f"Triton kernels run on CUDA tensors (got device {device}); on the CPU only through "
-        "Triton's interpreter, enabled by TRITON_INTERPRET=1 set before triton is imported. "
-        "Use backend='torch' or 'auto' here"
-    )
+    return None
 
 
 def check_backend(backend: str, device: torch.device) -> None:

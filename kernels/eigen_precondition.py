@@ -156,11 +156,17 @@ def _build() -> SimpleNamespace:
 
         mask = mask_m & mask_n
         if EPILOGUE == 1:
-            lg = tl.load(lg_ptr + bid * stride_lgb + offs_m * stride_lgi, mask=offs_m < M, other=1.0)
-            la = tl.load(la_ptr + bid * stride_lab + offs_n * stride_lai, mask=offs_n < N, other=1.0)
+            lg = tl.load(
+                lg_ptr + bid * stride_lgb + offs_m * stride_lgi, mask=offs_m < M, other=1.0
+            )
+            la = tl.load(
+                la_ptr + bid * stride_lab + offs_n * stride_lai, mask=offs_n < N, other=1.0
+            )
             acc = acc / (lg[:, None] * la[None, :] + damping)
         elif EPILOGUE == 2:
-            s_ptrs = s_ptr + bid * stride_sb + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn
+            s_ptrs = (
+                s_ptr + bid * stride_sb + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn
+            )
             acc = acc / (tl.load(s_ptrs, mask=mask, other=1.0) + damping)
         c_ptrs = c_ptr + bid * stride_cb + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c_ptrs, acc, mask=mask)

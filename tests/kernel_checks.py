@@ -47,7 +47,9 @@ def eigen_truth(
     return torch.matmul(torch.matmul(qg, v), qa.transpose(1, 2))
 
 
-def eigenbasis(b: int, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def eigenbasis(
+    b: int, n: int, *, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """Eigenvectors and eigenvalues of b random PSD n × n matrices (float32)."""
     x = torch.randn(b, n, 2 * n + 1, generator=generator, dtype=torch.float64)
     lam, q = torch.linalg.eigh(x @ x.transpose(1, 2) / (2 * n + 1))

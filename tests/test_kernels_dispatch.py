@@ -14,15 +14,14 @@ from torch import nn
 from kfac_ef import KFACPreconditioner
 from kfac_ef.kernels import check_backend, use_triton
 
-# The package re-exports functions named like their modules: fetch the modules themselves.
-eigen_module = importlib.import_module("kfac_ef.kernels.eigen_precondition")
-factor_stats_module = importlib.import_module("kfac_ef.kernels.factor_stats")
-factored_module = importlib.import_module("kfac_ef.kernels.factored_precondition")
-
 from .helpers import step_once
 from .reference import mse_per_example
 
 CPU = torch.device("cpu")
+# The package re-exports functions named like their modules: fetch the modules themselves.
+eigen_module = importlib.import_module("kfac_ef.kernels.eigen_precondition")
+factor_stats_module = importlib.import_module("kfac_ef.kernels.factor_stats")
+factored_module = importlib.import_module("kfac_ef.kernels.factored_precondition")
 
 
 def _run_python(code: str, env_interpret: str | None = None) -> subprocess.CompletedProcess:

@@ -75,7 +75,9 @@ def test_factor_stats_strided_inputs(layout):
     out = torch.full((3, x.shape[2] + 1, x.shape[2] + 1), float("nan"))
     factor_stats(x, out, alpha=1.0, beta=0.0, append_ones=True, backend="triton")
     f0 = torch.zeros_like(out)
-    assert_within_bound(out, gram_torch(x, f0, 1.0, 0.0, True), gram_truth(x, f0, 1.0, 0.0, True), REL_ATOL)
+    assert_within_bound(
+        out, gram_torch(x, f0, 1.0, 0.0, True), gram_truth(x, f0, 1.0, 0.0, True), REL_ATOL
+    )
 
 
 def test_factor_stats_strided_out():

@@ -106,7 +106,9 @@ def test_precondition_factored_within_bound(shape):
     got = precondition_factored_triton(grad, ig, ia, out=out)
     truth = ig.double() @ grad.double() @ ia.double()
     assert_within_bound(got, ig @ grad @ ia, truth, REL_ATOL)
-    assert_within_bound(precondition_factored_reference(grad, ig, ia), ig @ grad @ ia, truth, REL_ATOL)
+    assert_within_bound(
+        precondition_factored_reference(grad, ig, ia), ig @ grad @ ia, truth, REL_ATOL
+    )
 
 
 def test_precondition_factored_large_blocks_run_the_reference():
