@@ -176,3 +176,20 @@ def test_preconditioner_triton_backend_matches_torch(mode, monkeypatch):
 
 def _param_name(model: nn.Module, p: torch.Tensor) -> str:
     return next(k for k, q in model.named_parameters() if q is p)
+
+
+def test_float64_factors_with_triton_backend_run_the_references(monkeypatch):
+    """factor_dtype=float64 is computed by the references, whatever the backend."""
+    launches = _count_launches(monkeypatch)
+    torch.manual_seed(2)
+    models = {b: _OddNet().double() for b in ("torch", "triton")}
+    models["triton"].load_state_dict(models["torch"].state_dict())
+    pres = {
+        b: KFACPreconditioner(m, factor_dtype=torch.float64, inv_update_steps=1, backend=b)
+        for b, m in models.items()
+    }
+    x, y = torch.randn(4, 3, 7, 7, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    after = {b: step_once(models[b], pres[b], mse_per_example, x, y)[1] for b in models}
+    for name, g in after["torch"].items():
+        assert torch.equal(after["triton"][name], g), name
+    assert not launches
