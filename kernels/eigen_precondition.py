@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._dispatch import interpreter_enabled, use_triton
+from ._dispatch import interpreter_enabled, multiprocessors, use_triton
 
 DEFAULT_PRECISION = "tf32x3"
 # Largest padded block side handled by the one-program-per-block kernel (its four operand
@@ -183,13 +183,16 @@ def _pad(x: int) -> int:
     return max(16, 1 << (x - 1).bit_length())
 
 
-def _gemm_config(m: int, n: int, k: int) -> dict[str, int]:
+def _gemm_config(m: int, n: int, nb: int, device: torch.device) -> dict[str, int]:
     if interpreter_enabled():
         # Serial numpy programs: large tiles are faster, 64 still tiles the test shapes.
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
     bm = 128 if m > 64 else 64
     bn = 128 if n > 64 else 64
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    if device.type == "cuda" and nb * _cdiv(m, bm) * _cdiv(n, bn) < multiprocessors(device):
+        bm = bn = 64  # too few 128-tiles to fill the GPU: four times as many programs
+    warps = 8 if bm * bn > 64 * 64 else 4
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, GROUP_M=8, num_warps=warps, num_stages=3)
 
 
 def triton_supports(grad: Tensor, qg: Tensor, lg: Tensor, qa: Tensor, la: Tensor) -> str | None:
@@ -216,7 +219,7 @@ def _gemm(
     """c[i] = a[i] @ b[i] (+ the division epilogue) for every i, in one launch."""
     nb, m, k = a.shape
     n = b.shape[2]
-    cfg = _gemm_config(m, n, k)
+    cfg = _gemm_config(m, n, nb, a.device)
     grid = (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]), nb)
     lg_ = lg if lg is not None else c
     la_ = la if la is not None else c

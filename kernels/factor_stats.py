@@ -312,11 +312,10 @@ def _splits(tiles: int, rows: int, block_k: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     sms = multiprocessors(device)
-    if tiles >= sms:
-        return 1
-    # At least 4 K-steps per split, so the partial tiles stay cheap against the GEMM work.
-    by_rows = max(1, rows // (4 * block_k))
-    return max(1, min(math.ceil(2 * sms / tiles), by_rows, 64))
+    # One wave of programs (a second, partial wave would leave most SMs idle), and at least
+    # 8 K-steps per split so that the partial tiles' round trip stays small against the work.
+    by_rows = max(1, rows // (8 * block_k))
+    return max(1, min(sms // tiles, by_rows, 64))
 
 
 def factor_stats_triton(

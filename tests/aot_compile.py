@@ -112,6 +112,10 @@ def main() -> None:
         consts = dict(EPILOGUE=epilogue, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8,
                       INPUT_PRECISION="tf32x3")  # fmt: skip
         print(json.dumps(compile_one(ke.gemm, "fp32", consts, gemm_values, 8, 3)))
+    consts = dict(
+        EPILOGUE=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, INPUT_PRECISION="tf32x3"
+    )
+    print(json.dumps(compile_one(ke.gemm, "fp32", consts, gemm_values, 4, 3)))
 
     bm, bn, m, n = 64, 64, 60, 61
     fused_values = {
