@@ -7,6 +7,7 @@ interpreter, which must be switched on (TRITON_INTERPRET=1) before triton is imp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -37,6 +38,11 @@ def interpreter_enabled() -> bool:
 @functools.cache
 def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current for a launch (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def multiprocessors(device: torch.device) -> int:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._dispatch import interpreter_enabled, multiprocessors, use_triton
+from ._dispatch import device_guard, interpreter_enabled, multiprocessors, use_triton
 
 DEFAULT_PRECISION = "tf32x3"
 # Largest padded block side handled by the one-program-per-block kernel (its four operand
@@ -261,7 +261,23 @@ def precondition_eigen_triton(
         reason = "the kernels take a float32 scale matrix"
     if reason is not None:
         raise ValueError(f"precondition_eigen: the Triton kernels cannot run: {reason}")
-    kernels = _build()
+    with device_guard(grad.device):
+        return _launch(_build(), grad, qg, lg, qa, la, damping, scale, input_precision, fused, out)
+
+
+def _launch(
+    kernels: SimpleNamespace,
+    grad: Tensor,
+    qg: Tensor,
+    lg: Tensor,
+    qa: Tensor,
+    la: Tensor,
+    damping: float,
+    scale: Tensor | None,
+    input_precision: str | None,
+    fused: bool | None,
+    out: Tensor | None,
+) -> Tensor:
     precision = input_precision or DEFAULT_PRECISION
     nb, m, n = grad.shape
     if out is None:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._dispatch import interpreter_enabled, multiprocessors, use_triton
+from ._dispatch import device_guard, interpreter_enabled, multiprocessors, use_triton
 
 # ---------------------------------------------------------------------------------- kernel
 # The jitted functions are built on first use so that importing kfac_ef never imports
@@ -364,21 +364,22 @@ def factor_stats_triton(
         psum = torch.empty(n_splits * nb * n_tiles * blk, dtype=torch.float32, device=x.device)
     else:
         part = psum = out  # unused
-    kernels.main[(tiles, nb, n_splits)](
-        x, out, part, psum,
-        rows, d, rows_per_split,
-        *x.stride(), *out.stride(),
-        float(alpha), float(beta),
-        PARTIAL=n_splits > 1, BLOCK_K=block_k,
-        DOT_FP32=interpreter_enabled() and x.dtype == torch.bfloat16,
-        INPUT_PRECISION=precision if x.dtype == torch.float32 else "tf32",  # unused for 16-bit
-        num_warps=warps, num_stages=stages, **flags,
-    )  # fmt: skip
-    if n_splits > 1:
-        kernels.reduce[(tiles, nb)](
-            out, part, psum, rows, d, n_splits, *out.stride(), float(alpha), float(beta),
-            num_warps=warps, **flags,
+    with device_guard(x.device):
+        kernels.main[(tiles, nb, n_splits)](
+            x, out, part, psum,
+            rows, d, rows_per_split,
+            *x.stride(), *out.stride(),
+            float(alpha), float(beta),
+            PARTIAL=n_splits > 1, BLOCK_K=block_k,
+            DOT_FP32=interpreter_enabled() and x.dtype == torch.bfloat16,
+            INPUT_PRECISION=precision if x.dtype == torch.float32 else "tf32",  # unused for 16-bit
+            num_warps=warps, num_stages=stages, **flags,
         )  # fmt: skip
+        if n_splits > 1:
+            kernels.reduce[(tiles, nb)](
+                out, part, psum, rows, d, n_splits, *out.stride(), float(alpha), float(beta),
+                num_warps=warps, **flags,
+            )  # fmt: skip
     return out
 
 

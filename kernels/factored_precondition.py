@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._dispatch import use_triton
+from ._dispatch import device_guard, use_triton
 
 DEFAULT_PRECISION = "tf32x3"
 FUSED_MAX = 64  # largest padded block side of the one-program-per-block kernel
@@ -121,13 +121,14 @@ def precondition_factored_triton(
     if nb == 0 or m == 0 or n == 0:
         return out
     bm, bn = _pad(m), _pad(n)
-    kernels.fused[(nb,)](
-        grad, ig, ia, out,
-        m, n,
-        *grad.stride(), *ig.stride(), *ia.stride(), *out.stride(),
-        BM=bm, BN=bn, INPUT_PRECISION=input_precision or DEFAULT_PRECISION,
-        num_warps=4 if max(bm, bn) <= 32 else 8,
-    )  # fmt: skip
+    with device_guard(grad.device):
+        kernels.fused[(nb,)](
+            grad, ig, ia, out,
+            m, n,
+            *grad.stride(), *ig.stride(), *ia.stride(), *out.stride(),
+            BM=bm, BN=bn, INPUT_PRECISION=input_precision or DEFAULT_PRECISION,
+            num_warps=4 if max(bm, bn) <= 32 else 8,
+        )  # fmt: skip
     return out
 
 
