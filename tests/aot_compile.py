@@ -18,7 +18,10 @@ import importlib
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("run without TRITON_INTERPRET=1: the interpreter does not compile")
@@ -43,6 +46,38 @@ def _types(x_dtype: str):
     return of
 
 
+def _loop_spills(cubin: bytes) -> int | None:
+    """Local-memory loads/stores (register spills) inside loops that run tensor-core MMAs.
+
+    Reads the SASS with the cuobjdump shipped in the triton wheel (None without it): a loop
+    is a backward branch; spills there would slow every K-step, spills elsewhere only once.
+    """
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run(
+            [str(tool), "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+    line_of = {}
+    for i, line in enumerate(sass):
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/", line)
+        if m:
+            line_of[int(m.group(1), 16)] = i
+    mma = [i for i, line in enumerate(sass) if "HGMMA" in line or "HMMA" in line]
+    spills = [i for i, line in enumerate(sass) if re.search(r"\b(LDL|STL)\b", line)]
+    total = 0
+    for i, line in enumerate(sass):
+        m = re.match(r"\s*/\*([0-9a-f]+)\*/.*\bBRA\s+0x([0-9a-f]+)", line)
+        if m and int(m.group(2), 16) < int(m.group(1), 16):
+            start = line_of.get(int(m.group(2), 16), i)
+            if any(start <= k <= i for k in mma):
+                total += sum(start <= k <= i for k in spills)
+    return total
+
+
 def compile_one(fn, x_dtype: str, consts: dict, values: dict, num_warps: int, num_stages: int):
     sig: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list] = {}
@@ -65,6 +100,7 @@ def compile_one(fn, x_dtype: str, consts: dict, values: dict, num_warps: int, nu
     )
     ttgir = kernel.asm["ttgir"]
     return {
+        "loop_spills": _loop_spills(kernel.asm["cubin"]),
         "kernel": fn.__name__,
         "x_dtype": x_dtype,
         "consts": {k: v for k, v in consts.items()},

@@ -2,8 +2,8 @@
 
 The interpreted tests check what the kernels compute; this checks that the GPU code builds,
 fits in shared memory, runs its products on Hopper's tensor cores (warpgroup MMA, also for
-float32 through tf32x3) and pipelines its loads, for the configurations a launch on large
-contiguous inputs gets. It compiles in a subprocess without TRITON_INTERPRET (tests/aot_compile.py).
+float32 through tf32x3), pipelines its loads and spills no register inside its K loops, for
+the configurations a launch on large contiguous inputs gets. It compiles in a subprocess without TRITON_INTERPRET (tests/aot_compile.py).
 """
 
 from __future__ import annotations
@@ -43,3 +43,4 @@ def test_kernels_compile_for_hopper():
         assert b["wgmma"] > 0 and b["dot"] == 0, f"not on warpgroup MMA: {b}"
         if b["kernel"] in ("_factor_stats_kernel", "_eigen_gemm_kernel"):
             assert b["async_copies"] > 0, f"loads not pipelined: {b}"
+            assert b["loop_spills"] in (0, None), f"register spills in the K loop: {b}"
