@@ -1,9 +1,10 @@
-"""The Triton kernels compile for an H100 (sm_90) on this CPU-only machine.
+"""The Triton kernels compile for an H100 (sm_90) on a machine without a GPU.
 
 The interpreted tests check what the kernels compute; this checks that the GPU code builds,
 fits in shared memory, runs its products on Hopper's tensor cores (warpgroup MMA, also for
 float32 through tf32x3), pipelines its loads and spills no register inside its K loops, for
-the configurations a launch on large contiguous inputs gets. It compiles in a subprocess without TRITON_INTERPRET (tests/aot_compile.py).
+the configurations a launch on large contiguous inputs gets. It compiles in a subprocess
+without TRITON_INTERPRET (tests/aot_compile.py).
 """
 
 from __future__ import annotations
