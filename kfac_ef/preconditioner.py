@@ -348,7 +348,7 @@ class KFACPreconditioner:
             return exact
 
         def factored(grads: Tensor, st: Decomposition) -> Tensor:
-            return st["ig"] @ grads @ st["ia"]
+            return kernels.precondition_factored(grads, st["ig"], st["ia"], backend=backend)
 
         return factored
 
