@@ -105,6 +105,19 @@ class Capture:
 
             out.register_hook(on_grad)
 
-        # Under torch.compile the hook must run eagerly, on real tensors: dynamo would
-        # otherwise trace it once, and the tensor hook on the output would never fire.
-        return torch.compiler.disable(hook, recursive=True)
+        eager: list[Callable[..., None]] = []
+
+        def dispatch(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+        ) -> None:
+            if not torch.compiler.is_compiling():
+                return hook(module, args, kwargs, out)
+            # Under torch.compile the hook must run eagerly, on real tensors: traced, it would
+            # run once at compile time and the tensor hook on the output would never fire.
+            # The wrapper (and with it torch._dynamo, which imports triton) is made only
+            # when compilation is actually in use.
+            if not eager:
+                eager.append(torch.compiler.disable(hook, recursive=True))
+            return eager[0](module, args, kwargs, out)
+
+        return dispatch

@@ -95,3 +95,25 @@ def test_hooks_graph_break_is_reported(mode):
     KFACPreconditioner(model)
     explanation = torch._dynamo.explain(model)(torch.randn(2, 2, 6))
     assert explanation.graph_break_count >= 1
+
+
+def test_compiling_after_eager_steps():
+    """A model stepped eagerly first and compiled afterwards keeps feeding the factors."""
+    torch._dynamo.reset()
+    model = _model()
+    pre = KFACPreconditioner(model, damping=1e-2)
+    x, y = torch.randn(4, 2, 6), torch.randn(4, 2)
+    mse_per_example(model(x), y).mean().backward()
+    pre.step()
+    compiled = torch.compile(model)
+    eager_twin = _model()
+    pre_twin = KFACPreconditioner(eager_twin, damping=1e-2)
+    mse_per_example(eager_twin(x), y).mean().backward()
+    pre_twin.step()
+    for m, p, run in ((model, pre, compiled), (eager_twin, pre_twin, eager_twin)):
+        m.zero_grad()
+        mse_per_example(run(x), y).mean().backward()
+        p.step()
+    for name, (a, g) in pre_twin.factors().items():
+        torch.testing.assert_close(pre.factors()[name][0], a, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(pre.factors()[name][1], g, rtol=1e-4, atol=1e-6)
