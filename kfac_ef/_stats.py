@@ -4,7 +4,7 @@ Per call the hooks hand over the input ã and the observed output gradient ∂L/
 S_A = Σ ã ãᵀ and S_G = Σ (∂L/∂s)(∂L/∂s)ᵀ accumulate over calls and micro-batches, over rows
 that are (example, position) pairs for "expand" and examples for "reduce" (ā_n the mean of
 ã over positions, the gradient summed over positions). ``batch_factors`` then scales them
-per docs/index.md:
+per docs/math.md:
 
     A = S_A / rows
     G = N · S_G   (loss_reduction="mean": ∂ℓ_n/∂s = N · ∂L/∂s, and G = (1/N) Σ δ δᵀ)

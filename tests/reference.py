@@ -5,7 +5,7 @@
   through plain autograd;
 - conv patches by explicit loops over output positions (checked against the per-example
   gradients by ``test_reference_is_consistent``);
-- factor definitions and dense solves straight from docs/index.md.
+- factor definitions and dense solves straight from docs/math.md.
 """
 
 from __future__ import annotations
