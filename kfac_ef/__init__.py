@@ -7,6 +7,7 @@ optimizer.step()      # any torch optimizer
 """
 
 from ._options import KFACOptions
+from .distributed import DistributedOptions
 from .preconditioner import KFACPreconditioner
 from .summary import DiagonalSummary, LayerSummary, Summary
 
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DiagonalSummary",
+    "DistributedOptions",
     "KFACOptions",
     "KFACPreconditioner",
     "LayerSummary",

@@ -22,6 +22,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -84,11 +85,16 @@ class Layer:
         acc_a, scale_a, acc_g, scale_g = taken
         return linalg.finite_gram(acc_a, scale_a).all() & linalg.finite_gram(acc_g, scale_g).all()
 
-    def fold(self, taken: Taken, decay: float, ok: Tensor) -> None:
+    def fold(self, taken: Taken, decay: float, ok: Tensor, present: Tensor | None = None) -> None:
         """Fold statistics into the running A and G, without host synchronization.
 
         F ← (1-w) F + w · s · S per block, with w = 1-β (w = 1 for a block's first accepted
-        update) and w = 0 when ``ok`` (a 0-d device flag) is False.
+        update) and w = 0 when ``ok`` (a 0-d device flag) is False. ``taken``'s accumulators
+        are clobbered.
+
+        ``present`` (a 0-d bool device tensor, optional) says whether the layer has statistics
+        at all: without, it is left alone and not counted as skipped (the distributed path,
+        where a layer may see no data on any rank, decides it on the device).
         """
         acc_a, scale_a, acc_g, scale_g = taken
         blocks = self.adapter.blocks
@@ -98,6 +104,10 @@ class Layer:
             self.updates = torch.zeros(blocks, dtype=torch.int64, device=acc_a.device)
             self.skipped = torch.zeros_like(self.updates)
         keep = ok.expand(blocks)
+        skip = ~keep
+        if present is not None:
+            keep = keep & present
+            skip = skip & present
         weight = torch.where(self.updates > 0, 1.0 - decay, 1.0).to(acc_a.dtype) * keep
         for factor, acc, scale, spec in (
             (self.A, acc_a, scale_a, self.a_spec),
@@ -107,19 +117,7 @@ class Layer:
                 factor, acc, scale, _per_stack(weight, spec.nb), _per_stack(keep, spec.nb)
             )
         self.updates.add_(keep)
-        self.skipped.add_(~keep)
-
-    def update_factors(
-        self,
-        loss_reduction: str,
-        decay: float,
-        loss_scale: Tensor | None = None,
-        step_ok: Tensor | None = None,
-    ) -> None:
-        """take + fold: statistics enter only if they are finite (and ``step_ok``)."""
-        taken = self.take(loss_reduction, loss_scale)
-        ok = self.finite(taken)
-        self.fold(taken, decay, ok if step_ok is None else ok & step_ok)
+        self.skipped.add_(skip)
 
 
 @dataclass(eq=False)
@@ -146,32 +144,74 @@ class DiagonalParam:
         acc, scale = taken
         return torch.isfinite(acc.sum() * scale)
 
-    def fold(self, taken: tuple[Tensor, Scale], decay: float, ok: Tensor) -> None:
+    def fold(
+        self,
+        taken: tuple[Tensor, Scale],
+        decay: float,
+        ok: Tensor,
+        present: Tensor | None = None,
+    ) -> None:
+        """F ← (1-w) F + w · s · S, as :meth:`Layer.fold` (``ok``, ``present``: 0-d flags)."""
         acc, scale = taken
         if self.F is None or self.updates is None or self.skipped is None:
             self.F = torch.zeros_like(acc)
             self.updates = torch.zeros(1, dtype=torch.int64, device=acc.device)
             self.skipped = torch.zeros_like(self.updates)
         keep = ok.reshape(1)
+        skip = ~keep
+        if present is not None:
+            keep = keep & present
+            skip = skip & present
         weight = torch.where(self.updates > 0, 1.0 - decay, 1.0).to(acc.dtype) * keep
         acc.masked_fill_(~keep, 0.0)
         self.F.mul_(1.0 - weight).add_(acc * (weight * scale))
         self.updates.add_(keep)
-        self.skipped.add_(~keep)
+        self.skipped.add_(skip)
 
-    def decompose(self, damping: float) -> None:
-        if self.F is None:
-            return
+    def decompose(self, damping: float) -> bool:
+        """inverse ← 1/(F + ε); False (and no inverse) while F has no accepted update.
+
+        Reads the update count on the host: decomposition steps only.
+        """
+        if self.F is None or self.updates is None or int(self.updates.sum()) == 0:
+            return False
         self.inverse = (self.F.clamp_min(0.0) + damping).reciprocal_().view(self.param.shape)
+        return True
 
 
-def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[Layer]:
+# (id(layer), "A" | "G") -> (parts of the decomposition, whether it succeeded)
+Results = dict[tuple[int, str], tuple[dict[str, Tensor], bool]]
+
+
+class DecompositionShare(Protocol):
+    """How decompositions are split between processes (see kfac_ef/distributed.py).
+
+    ``owns(layer, side)`` says whether this process computes the decomposition of factor
+    ``side`` ("A" or "G") of ``layer`` (asked for factors with an eigenbasis only: diagonal
+    factors are decomposed by every process, it costs O(d)); ``exchange(results, ready)``
+    returns the results of every factor this process needs (its own, the diagonal ones, and
+    those received from their owners), keyed like ``results``. Layers absent from the
+    returned results keep their decomposition.
+    """
+
+    def owns(self, layer: Layer, side: str) -> bool: ...
+
+    def exchange(self, results: Results, ready: list[Layer]) -> Results: ...
+
+
+def decompose(
+    layers: list[Layer],
+    damping_mode: str,
+    damping: float,
+    share: DecompositionShare | None = None,
+) -> list[Layer]:
     """Recompute the decomposition of every layer whose factors have been updated.
 
     A layer whose eigendecomposition fails even in float64 keeps its previous decomposition
     (warning); without one it stays unpreconditioned until a later decomposition succeeds.
     Reads update counts on the host: called only on decomposition steps. Warnings point at
-    the caller of ``KFACPreconditioner.step()``.
+    the caller of ``KFACPreconditioner.step()``. With ``share``, only the factors this process
+    owns are decomposed here, and the others arrive through ``share.exchange``.
 
     Returns:
         The layers that have no accepted statistics yet (nothing to decompose).
@@ -195,10 +235,10 @@ def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[La
         assert layer.A is not None and layer.G is not None
         for side, spec in (("A", layer.a_spec), ("G", layer.g_spec)):
             mat = getattr(layer, side)
-            if spec.has_basis:
+            if not spec.has_basis:
+                diagonal.append((layer, side))  # local everywhere: cheap
+            elif share is None or share.owns(layer, side):
                 jobs[(spec.bs, mat.device)].append((layer, side))
-            else:
-                diagonal.append((layer, side))
         if damping_mode == "pi":
             blocks = layer.adapter.blocks
             pi = linalg.pi_scale(
@@ -209,7 +249,7 @@ def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[La
             )
             shifts[(id(layer), "A")] = _per_stack(sqrt_eps * pi, layer.a_spec.nb)
             shifts[(id(layer), "G")] = _per_stack(sqrt_eps / pi, layer.g_spec.nb)
-    results: dict[tuple[int, str], tuple[dict[str, Tensor], bool]] = {}
+    results: Results = {}
     for items in jobs.values():
         mats = torch.cat([getattr(layer, side) for layer, side in items])
         if damping_mode == "exact":
@@ -232,8 +272,12 @@ def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[La
         else:
             shift = shifts[(id(layer), side)].to(entries.dtype).unsqueeze(1)
             results[(id(layer), side)] = ({"i": (entries + shift).reciprocal_()}, True)
+    if share is not None:
+        results = share.exchange(results, ready)
 
     for layer in ready:
+        if (id(layer), "A") not in results:
+            continue  # preconditioned by other processes (distributed)
         part_a, ok_a = results[(id(layer), "A")]
         part_g, ok_g = results[(id(layer), "G")]
         if not (ok_a and ok_g):

@@ -70,7 +70,7 @@ class Plan:
 
     layers: list[Layer]
     diagonal: list[DiagonalParam]
-    routes: dict[str, Route]
+    routes: dict[str, Route]  # by hooked module name, in module order
     unpreconditioned: list[tuple[str, str]]
     ties: list[tuple[str, str]]
     trainable: list[nn.Parameter]
@@ -278,6 +278,7 @@ def discover(model: nn.Module, opts: KFACOptions) -> Plan:
                 "parameter)"
             )
     unpre = [(names[id(p)], left[id(p)]) for p in order if id(p) not in covered]
+    routes = {m: routes[m] for m in adapters if m in routes}  # module order
     trainable = [p for p in order if p.requires_grad]
     return Plan(layers, diagonal, routes, unpre, ties, trainable)
 

@@ -85,7 +85,7 @@ class KFACOptions:
         factor_update_steps: statistics are captured on steps 0, k, 2k, ...
         inv_update_steps: eigendecompositions at step 0 and every k steps after.
         loss_reduction: how the loss reduces over the batch, "mean" or "sum" (fixes the
-            scale of G, see docs/index.md).
+            scale of G, see docs/math.md).
         damping_mode: "exact" (eigenbasis of the Kronecker product) or "pi" (factored
             Tikhonov damping with π-scaling).
         kfac_approx: "expand" or "reduce" for layers with shared positions.

@@ -5,7 +5,7 @@ observed output gradient ∂L/∂s. Raw sums S_A = Σ ã ãᵀ and S_G = Σ (∂
 over calls and micro-batches, over rows that are (example, position) pairs for "expand" and
 examples for "reduce" (ā_n the mean of ã over positions, the gradient summed over positions),
 restricted to each factor's stored blocks (dense, diagonal or block-diagonal, see _factors).
-``take`` then returns them with their scales, per docs/index.md:
+``take`` then returns them with their scales, per docs/math.md:
 
     A = S_A / rows
     G = N · S_G / σ²   (loss_reduction="mean": ∂ℓ_n/∂s = N · ∂L/∂s, and G = (1/N) Σ δ δᵀ)
@@ -112,27 +112,32 @@ class LayerStatistics:
             summed = summed / t_len
         return summed.transpose(0, 1)
 
+    def buffers(self) -> tuple[Tensor, Tensor]:
+        """The accumulators S_A, S_G (allocated on first use; their content is undefined
+        while the row count is 0)."""
+        if self._acc_a is None or self._acc_g is None:
+            ad = self.adapter
+            dev = ad.weight.device
+            self._acc_a = torch.empty(self.a_spec.shape(ad.blocks), dtype=self.dtype, device=dev)
+            self._acc_g = torch.empty(self.g_spec.shape(ad.blocks), dtype=self.dtype, device=dev)
+        return self._acc_a, self._acc_g
+
     def add(self, inputs: Inputs, grads: Tensor, pass_id: int) -> None:
         """Accumulate one call: inputs ``(N, T, blocks, a_dim0)`` (or one-hot indices) and
         output gradients ``(N, T, blocks, g_dim)``."""
         ad = self.adapter
         n = inputs.shape[0]
         first = self.rows == 0
-        if self._acc_a is None or self._acc_g is None:
-            dev = ad.weight.device
-            self._acc_a = torch.empty(self.a_spec.shape(ad.blocks), dtype=self.dtype, device=dev)
-            self._acc_g = torch.empty(self.g_spec.shape(ad.blocks), dtype=self.dtype, device=dev)
+        acc_a, acc_g = self.buffers()
         beta = 0.0 if first else 1.0
         if isinstance(inputs, OneHotInputs):
-            rows = one_hot_counts_(
-                inputs.indices, self._acc_a, beta, self.approx, inputs.num_classes
-            )
+            rows = one_hot_counts_(inputs.indices, acc_a, beta, self.approx, inputs.num_classes)
         else:
             xa = self._rows(inputs, "mean")
-            gram_(xa, self._acc_a, self.a_spec, beta, ad.has_bias, self.backend)
+            gram_(xa, acc_a, self.a_spec, beta, ad.has_bias, self.backend)
             rows = xa.shape[1]
         dg = self._rows(grads, "sum")
-        gram_(dg, self._acc_g, self.g_spec, beta, False, self.backend)
+        gram_(dg, acc_g, self.g_spec, beta, False, self.backend)
         self.rows += rows
         self._passes.add(pass_id, n)
 
@@ -150,6 +155,14 @@ class LayerStatistics:
         self.rows = 0
         self._passes.clear()
         return self._acc_a, scale_a, self._acc_g, scale_g
+
+    def peek(self) -> tuple[Tensor | None, int, Tensor | None, int]:
+        """The raw sums S_A, S_G so far with their row and example counts, without resetting.
+
+        The tensors are the accumulators themselves (None before the first ``add``; stale
+        when the row count is 0).
+        """
+        return self._acc_a, self.rows, self._acc_g, self._passes.total()
 
     def discard(self) -> None:
         """Forget what was accumulated since the last step (buffers are kept)."""
@@ -204,14 +217,17 @@ class DiagonalStatistics:
             self._acc.add_(sq)
         self._stale = False
 
+    def _fold_pending(self) -> None:
+        for g in self._pending.values():
+            self._fold(g)
+        self._pending.clear()
+
     def take(self, loss_reduction: str, loss_scale: Tensor | None = None) -> tuple[Tensor, Scale]:
         """S = Σ_n ĝ_n² of this step (``(numel,)``) and its scale; resets the counts.
 
         The returned tensor is the accumulator itself: use it before the next ``add``.
         """
-        for g in self._pending.values():
-            self._fold(g)
-        self._pending.clear()
+        self._fold_pending()
         if self._acc is None:
             self._acc = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         elif self._stale:
@@ -220,6 +236,20 @@ class DiagonalStatistics:
         scale = _g_scale(self._passes.total(), loss_reduction, loss_scale)
         self._passes.clear()
         return self._acc, scale
+
+    def buffer(self) -> Tensor:
+        """The accumulator S (allocated on first use; stale until the next ``add``)."""
+        if self._acc is None:
+            self._acc = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        return self._acc
+
+    def peek(self) -> tuple[Tensor | None, int]:
+        """S = Σ_n ĝ_n² so far (None if nothing was added) and the example count, without
+        resetting. Completes the pending passes: call it only once their calls are all in
+        (a later call of the same pass would then count as other examples).
+        """
+        self._fold_pending()
+        return (None if self._stale else self._acc), self._passes.total()
 
     def discard(self) -> None:
         self._pending.clear()

@@ -47,6 +47,9 @@ class Capture:
         on_backward: called whenever an output gradient of a watched module arrives.
         record: ``record(name, saved, grad, pass_id)`` with what was saved from one call and
             the gradient w.r.t. that call's output.
+        on_call: optional ``on_call(name, pass_id)``, told in the forward pass of every call
+            whose statistics will be recorded (so that a listener knows when a module's
+            statistics of a pass are complete: one ``record`` per announced call).
     """
 
     def __init__(
@@ -56,8 +59,10 @@ class Capture:
         wants_statistics: Callable[[], bool],
         on_backward: Callable[[], None],
         record: Callable[[str, Any, Tensor, int], None],
+        on_call: Callable[[str, int], None] | None = None,
     ) -> None:
         self._wants_statistics = wants_statistics
+        self._on_call = on_call
         self._on_backward = on_backward
         self._record = record
         self._pass_id = 0
@@ -94,7 +99,7 @@ class Capture:
             # Overwritten by every call: a call that raised leaves nothing stale behind.
             self._before[name] = adapter.before_call(args, kwargs) if self._keeps(module) else None
 
-        return hook
+        return _eager_when_compiling(hook)
 
     def _forward_hook(self, name: str, adapter: ModuleAdapter) -> Callable[..., None]:
         def hook(
@@ -115,6 +120,8 @@ class Capture:
             # through us.
             holder: list[Any] = [adapter.save(args, kwargs, before) if keep else None]
             pass_id = self._pass_id
+            if holder[0] is not None and self._on_call is not None:
+                self._on_call(name, pass_id)
 
             def on_grad(grad: Tensor) -> None:
                 self._backward_since_forward = True
@@ -125,4 +132,24 @@ class Capture:
 
             watched.register_hook(on_grad)
 
-        return hook
+        return _eager_when_compiling(hook)
+
+
+def _eager_when_compiling(hook: Callable[..., None]) -> Callable[..., None]:
+    """``hook`` as called by torch: directly in eager mode, through a compiler-disabled
+    wrapper while torch.compile traces the module.
+
+    Under torch.compile a hook must run eagerly, on real tensors: traced, it would run once at
+    compile time and the tensor hook on the output would never fire. The wrapper (and with it
+    torch._dynamo, which imports triton) is made only when compilation is actually in use.
+    """
+    eager: list[Callable[..., None]] = []
+
+    def dispatch(*args: Any) -> None:
+        if not torch.compiler.is_compiling():
+            return hook(*args)
+        if not eager:
+            eager.append(torch.compiler.disable(hook, recursive=True))
+        return eager[0](*args)
+
+    return dispatch

@@ -1,6 +1,6 @@
 """Pure-torch math of kfac_ef: running averages, eigendecompositions with fallbacks, damping.
 
-Conventions (docs/index.md has the derivations): A and G are symmetric positive
+Conventions (docs/math.md has the derivations): A and G are symmetric positive
 semi-definite factors of one Kronecker block G ⊗ A (torch order), kept in float32 or float64.
 """
 

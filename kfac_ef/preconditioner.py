@@ -36,6 +36,7 @@ from ._factors import (
 )
 from ._options import KFACOptions, SkipSpec
 from .capture import Capture
+from .distributed import DistributedOptions, Distributor, resolve, unwrap
 from .summary import DiagonalSummary, LayerSummary, Summary
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,30 @@ STATE_FORMAT = "kfac_ef.state/1"
 _OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[KFACPreconditioner]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+def _structure(model: nn.Module) -> list[tuple[str, str, int, tuple[int, ...], tuple[bool, ...]]]:
+    """Modules with parameters: name, type, identity, parameter identities, trainability.
+
+    Covers every module discovery looks at: a tied weight appears under each module that
+    registers it (so untying or re-tying shows), and the projections of a MultiheadAttention
+    (its packed ``in_proj_weight`` and its ``out_proj`` submodule) are listed although the
+    attention's adapter, not their own, reads them.
+    """
+    out = []
+    for name, module in model.named_modules():
+        direct = list(module.parameters(recurse=False))
+        if direct:
+            out.append(
+                (
+                    name or "<model>",
+                    type(module).__name__,
+                    id(module),
+                    tuple(id(p) for p in direct),
+                    tuple(p.requires_grad for p in direct),
+                )
+            )
+    return out
 
 
 class KFACPreconditioner:
@@ -89,6 +114,13 @@ class KFACPreconditioner:
         large_factor_block: block size of wider factors; 1 (default) keeps them diagonal.
         memory_budget: bytes the planned state may take; construction raises beyond.
         grad_scaler: the torch.amp.GradScaler scaling the loss, if any.
+        distributed: data-parallel training over torch.distributed (docs/distributed.md).
+            None (default): on when torch.distributed is initialized with several ranks;
+            True, or a :class:`~kfac_ef.DistributedOptions`: on (torch.distributed must be
+            initialized); False: off. On, the factors are those of the global batch, the
+            decompositions are split across ranks, and every rank must construct the
+            preconditioner and call step() in step with the others. A
+            DistributedDataParallel model is unwrapped: layer names carry no ``module.``.
 
     Raises:
         TypeError, ValueError: on an invalid option (the message names it).
@@ -116,6 +148,7 @@ class KFACPreconditioner:
         large_factor_block: int = 1,
         memory_budget: int | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
+        distributed: bool | DistributedOptions | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -140,6 +173,10 @@ class KFACPreconditioner:
             memory_budget=memory_budget,
         )
         self._grad_scaler = grad_scaler
+        dist_options = resolve(distributed)
+        model, ddp = unwrap(model)
+        self._model = weakref.ref(model)
+        self._structure = _structure(model)
         plan: Plan = discover(model, self.options)
         self._layers = plan.layers
         self._diagonal = plan.diagonal
@@ -159,6 +196,10 @@ class KFACPreconditioner:
         self._by_name = {layer.name: layer for layer in self._layers}
         self._diag_by_name = {d.name: d for d in self._diagonal}
         self._buckets: list[Bucket] = make_buckets(self._layers)
+        # Every exchange with other processes goes through this object (distributed.py).
+        self._dist = (
+            Distributor(plan, self.options, dist_options, ddp) if dist_options is not None else None
+        )
         budget = self.options.memory_budget
         if budget is not None:
             plan_summary = self.summary()
@@ -183,6 +224,7 @@ class KFACPreconditioner:
             wants_statistics=self._wants_statistics,
             on_backward=self._on_backward,
             record=self._record,
+            on_call=self._dist.on_call if self._dist is not None else None,
         )
 
     def _hooked_modules(self) -> list[tuple[str, nn.Module]]:
@@ -221,6 +263,8 @@ class KFACPreconditioner:
                 per_example = obs.per_example.get(id(p))
                 if per_example is not None:
                     entry.stats.add(per_example, pass_id)
+            if self._dist is not None:
+                self._dist.on_record(name, pass_id)
 
     # ------------------------------------------------------------------ step
     @property
@@ -263,10 +307,13 @@ class KFACPreconditioner:
                 for entry in self._diagonal:
                     entry.stats.discard()
             if self._steps % opts.inv_update_steps == 0 or self._force_decompose:
+                self._check_structure()
                 self._decompose()
             for bucket in self._buckets:
                 bucket.precondition(self._precondition_fn(bucket), opts.factor_dtype)
             precondition_diagonal(self._diagonal)
+            if self._dist is not None:
+                self._dist.share_gradients()
         self._steps += 1
         self._backward_seen = False
 
@@ -296,16 +343,22 @@ class KFACPreconditioner:
                 scales[device] = loss_scale.to(device=device, dtype=opts.factor_dtype)
             return scales[device]
 
-        kron = [
-            (layer, layer.take(opts.loss_reduction, scale_on(layer.adapter.weight.device)))
-            for layer in self._layers
-            if not layer.stats.empty
-        ]
-        diag = [
-            (entry, entry.take(opts.loss_reduction, scale_on(entry.param.device)))
-            for entry in self._diagonal
-            if not entry.stats.empty
-        ]
+        if self._dist is not None:
+            # The global batch's statistics (every rank gets every entry, with a device flag
+            # saying whether any rank had statistics for it).
+            kron, diag = self._dist.reduce_statistics(scale_on)
+        else:
+            reduction = opts.loss_reduction
+            kron = [
+                (layer, layer.take(reduction, scale_on(layer.adapter.weight.device)), None)
+                for layer in self._layers
+                if not layer.stats.empty
+            ]
+            diag = [
+                (entry, entry.take(reduction, scale_on(entry.param.device)), None)
+                for entry in self._diagonal
+                if not entry.stats.empty
+            ]
         if not kron and not diag:
             return
         # A step with a non-finite gradient (a loss-scale overflow, a NaN loss) updates no
@@ -323,27 +376,27 @@ class KFACPreconditioner:
         def ok_on(flag: Tensor, device: torch.device) -> Tensor:
             return flag if grads_ok is None else flag & grads_ok.to(device)
 
-        for layer, taken in kron:
+        for layer, taken, present in kron:
             ok = ok_on(Layer.finite(taken), layer.adapter.weight.device)
-            layer.fold(taken, opts.factor_decay, ok)
-        for entry, dtaken in diag:
-            entry.fold(
-                dtaken, opts.factor_decay, ok_on(DiagonalParam.finite(dtaken), entry.param.device)
-            )
+            layer.fold(taken, opts.factor_decay, ok, present)
+        for entry, dtaken, present in diag:
+            ok = ok_on(DiagonalParam.finite(dtaken), entry.param.device)
+            entry.fold(dtaken, opts.factor_decay, ok, present)
 
     def _decompose(self) -> None:
         opts = self.options
         with record_function("kfac_ef.decompose"):
-            waiting = decompose(self._layers, opts.damping_mode, opts.damping)
+            if self._dist is not None:
+                self._dist.sync_factors()
+            waiting = decompose(self._layers, opts.damping_mode, opts.damping, share=self._dist)
             for bucket in self._buckets:
                 bucket.restack()
+            names = [layer.name for layer in waiting]
             for entry in self._diagonal:
-                entry.decompose(opts.damping)
+                if not entry.decompose(opts.damping):
+                    names.append(entry.name)
         self._force_decompose = False
         self._report_skipped()
-        names = [layer.name for layer in waiting] + [
-            d.name for d in self._diagonal if d.F is None or d.updates is None
-        ]
         for name in names:
             if name not in self._warned_no_stats:
                 self._warned_no_stats.add(name)
@@ -354,6 +407,38 @@ class KFACPreconditioner:
                     RuntimeWarning,
                     stacklevel=3,
                 )
+
+    def _check_structure(self) -> None:
+        """Raise if the model's modules or parameters changed since construction.
+
+        Runs on decomposition steps only (pure Python, no device work): a replaced layer
+        would silently lose its preconditioning, a replaced parameter would have its old
+        tensor's gradient rewritten instead of the new one's.
+        """
+        model = self._model()
+        if model is None:
+            return
+        now = _structure(model)
+        if now == self._structure:
+            return
+        before = {entry[0]: entry for entry in self._structure}
+        after = {entry[0]: entry for entry in now}
+        changes = [f"{n}: added" for n in after.keys() - before.keys()]
+        changes += [f"{n}: removed" for n in before.keys() - after.keys()]
+        for n in before.keys() & after.keys():
+            old, new = before[n], after[n]
+            if old[1:3] != new[1:3]:
+                changes.append(f"{n}: module replaced ({old[1]} -> {new[1]})")
+            elif old[3] != new[3]:
+                changes.append(f"{n}: parameters replaced")
+            elif old[4] != new[4]:
+                changes.append(f"{n}: requires_grad changed {old[4]} -> {new[4]}")
+        raise RuntimeError(
+            "the model changed after the KFACPreconditioner was built:\n  "
+            + "\n  ".join(sorted(changes))
+            + "\ncall remove() on this preconditioner and build a new one for the new model "
+            "(load_state_dict() carries the factors of unchanged layers over)"
+        )
 
     def _report_skipped(self) -> None:
         """Warn about statistics updates skipped since the last report (reads device counters:
@@ -400,12 +485,17 @@ class KFACPreconditioner:
 
         def factored(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Tensor:
             if dense:
-                return st["ig"] @ grads @ st["ia"]
+                return kernels.precondition_factored(grads, st["ig"], st["ia"], backend=backend)
             return precondition_structured_inverse(grads, st, gs, as_)
 
         return factored
 
     # ------------------------------------------------------------------ inspection
+    @property
+    def distributed(self) -> Distributor | None:
+        """The distributed machinery (assignment, bytes communicated), or None."""
+        return self._dist
+
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The running estimates ``{layer name: (A, G)}`` (copies), in DESIGN.md's convention.
 
@@ -448,6 +538,8 @@ class KFACPreconditioner:
             a, g, b = ad.a_dim, ad.g_dim, ad.blocks
             dec_a = layer.a_spec.decomposition_numel(b, opts.damping_mode)
             dec_g = layer.g_spec.decomposition_numel(b, opts.damping_mode)
+            if self._dist is not None and not self._dist.preconditions(layer):
+                dec_a = dec_g = 0  # another rank holds it (grad_worker_fraction < 1)
             decomp = dec_a + dec_g
             params = []
             for p in ad.parameters():
@@ -562,8 +654,22 @@ class KFACPreconditioner:
             "diagonal": diagonal,
         }
 
+    @staticmethod
+    def _own_name(name: str, known: Mapping[str, Any]) -> str:
+        """A checkpointed layer or parameter name as this preconditioner names it: a name
+        saved with the ``module.`` prefix of a DistributedDataParallel wrapper maps to the
+        unwrapped name."""
+        if name not in known and name.startswith("module."):
+            bare = name.removeprefix("module.")
+            if bare in known:
+                return bare
+        return name
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a ``state_dict()``; tensors move to each layer's device and factor dtype.
+
+        Distributed, every rank must call it (the ranks agree on whether decompositions are
+        recomputed at the next step).
 
         Raises:
             ValueError: if the state is not from a KFACPreconditioner, names layers this one
@@ -575,8 +681,10 @@ class KFACPreconditioner:
                 f"not a KFACPreconditioner state (expected format {STATE_FORMAT!r}, got "
                 f"{state.get('format') if isinstance(state, Mapping) else type(state).__name__!r})"
             )
-        saved = state["layers"]
-        saved_diag = state.get("diagonal", {})
+        saved = {self._own_name(n, self._by_name): e for n, e in state["layers"].items()}
+        saved_diag = {
+            self._own_name(n, self._diag_by_name): e for n, e in state.get("diagonal", {}).items()
+        }
         unknown = sorted(set(saved) - set(self._by_name))
         problems = [f"{n}: not a preconditioned layer of this model" for n in unknown]
         problems += [
@@ -644,6 +752,8 @@ class KFACPreconditioner:
                 d.inverse = inverse.to(device=device, dtype=dtype).clone()
             else:
                 d.decompose(opts.damping)
+        if self._dist is not None:
+            self._force_decompose = self._dist.after_load(self._force_decompose)
         for bucket in self._buckets:
             bucket.restack()
         self._steps = int(state["steps"])

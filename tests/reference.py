@@ -5,7 +5,7 @@
   through plain autograd;
 - conv patches by explicit loops over output positions (checked against the per-example
   gradients by ``test_reference_is_consistent``);
-- factor definitions and dense solves straight from docs/index.md.
+- factor definitions and dense solves straight from docs/math.md.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def embedding_factors(
     """Dense A (V×V) and G (D×D) of an embedding as a Linear (no bias) on one-hot inputs.
 
     ``io`` from :func:`layer_io` with the embedding as module: per example, per call, the
-    index tensor of that example and ∂ℓ_n/∂(output). Definitions of docs/index.md.
+    index tensor of that example and ∂ℓ_n/∂(output). Definitions of docs/math.md.
     """
     n_examples = len(io)
     a_rows, d_rows = [], []

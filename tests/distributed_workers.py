@@ -1,0 +1,334 @@
+"""What each rank runs in the distributed tests, and the one-process runs they are compared to.
+
+Everything is float64 (model, data, factors) so that "the same parameters" can be checked to
+~1e-10. Data are generated from the step number alone: every rank, and the one-process
+reference, see slices of the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from kfac_ef import DistributedOptions, KFACPreconditioner
+
+from .reference import clean_copy
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One training run: K-FAC and distribution options, local batch sizes, steps."""
+
+    name: str
+    fraction: float | str = "comm_opt"
+    mode: str = "exact"
+    reduction: str = "mean"
+    sizes: tuple[int, ...] = ()  # local batch size per rank (default: 4 each)
+    accumulate: bool = False  # two micro-batches per rank, the first under no_sync()
+    no_sync: bool = True  # False: accumulate with DDP syncing both micro-batches
+    bucket_cap_mb: float = 25.0
+    factor_sync: str = "update"
+    overlap: bool = True
+    steps: int = 4
+    resume_at: int | None = None  # rebuild model + preconditioner from rank 0's checkpoint
+    ranks: tuple[int, ...] | None = None  # train on this subgroup only
+    kfac: dict[str, Any] = field(default_factory=dict)
+
+    def local_sizes(self, world: int) -> list[int]:
+        n = len(self.ranks) if self.ranks is not None else world
+        return list(self.sizes) if self.sizes else [4] * n
+
+    def kfac_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = dict(
+            damping=0.1,
+            factor_decay=0.5,
+            inv_update_steps=2,
+            loss_reduction=self.reduction,
+            damping_mode=self.mode,
+            factor_dtype=torch.float64,
+        )
+        opts.update(self.kfac)
+        return opts
+
+
+def make_model(width: int = 6) -> nn.Module:
+    """A grouped conv, Linears with and without bias, two of the same shape (one bucket)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, groups=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(64, width),
+        nn.Tanh(),
+        nn.Linear(width, 6),
+        nn.Tanh(),
+        nn.Linear(6, 6),
+        nn.Tanh(),
+        nn.Linear(6, 3, bias=False),
+    ).double()
+
+
+def batch(step: int, n: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return ((model(x) - y) ** 2).sum(dim=1)
+
+
+def flat_params(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+
+
+# ---------------------------------------------------------------------- ranks
+
+
+def _local(x: Tensor, sizes: list[int], r: int) -> Tensor:
+    lo = sum(sizes[:r])
+    return x[lo : lo + sizes[r]]
+
+
+def _train_ranks(sc: Scenario, group: Any, r: int, world: int) -> dict[str, Any]:
+    sizes = sc.local_sizes(world)
+    w = len(sizes)
+    model = DistributedDataParallel(make_model(), process_group=group)
+    opts = DistributedOptions(
+        process_group=group,
+        grad_worker_fraction=sc.fraction,
+        factor_sync=sc.factor_sync,
+        overlap=sc.overlap,
+        bucket_cap_mb=sc.bucket_cap_mb,
+    )
+    pre = KFACPreconditioner(model, distributed=opts, **sc.kfac_options())
+    assert pre.distributed is not None
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out: dict[str, Any] = {"params": [], "launched_in_backward": [], "before_first_layer": []}
+    seen: list[int] = []
+
+    def before_first_layer(module: nn.Module, args: Any, output: Tensor) -> None:
+        # The gradient of the first layer's activation arrives just before the first
+        # layer's own: how many reductions of statistics have started by then?
+        output.register_hook(lambda g: seen.append(pre.distributed.calls["statistics"]))  # type: ignore[union-attr]
+
+    model.module[1].register_forward_hook(before_first_layer)
+    assert sc.resume_at is None or sc.bucket_cap_mb >= 1, "the probe does not survive resume"
+    for step in range(sc.steps):
+        if sc.resume_at is not None and step == sc.resume_at:
+            state = [pre.state_dict() if r == 0 else None, model.module.state_dict()]
+            dist.broadcast_object_list(state, src=dist.get_global_rank(group, 0), group=group)
+            pre.remove()
+            inner = make_model()
+            inner.load_state_dict(state[1])
+            model = DistributedDataParallel(inner, process_group=group)
+            pre = KFACPreconditioner(model, distributed=opts, **sc.kfac_options())
+            pre.load_state_dict(state[0])
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        assert pre.distributed is not None
+        x, y = batch(step, sum(sizes))
+        x, y = _local(x, sizes, r), _local(y, sizes, r)
+        opt.zero_grad()
+        sent = pre.distributed.communicated().get("statistics", 0)
+        calls = pre.distributed.calls["statistics"]
+        if sc.accumulate:
+            h = x.shape[0] // 2
+            with model.no_sync() if sc.no_sync else contextlib.nullcontext():
+                _reduce(losses(model, x[:h], y[:h]), sc.reduction, 2).backward()
+            _reduce(losses(model, x[h:], y[h:]), sc.reduction, 2).backward()
+        else:
+            _reduce(losses(model, x, y), sc.reduction, 1).backward()
+        out["launched_in_backward"].append(
+            pre.distributed.communicated().get("statistics", 0) > sent
+        )
+        out["before_first_layer"].append(seen[-1] - calls if seen else None)
+        pre.step()
+        opt.step()
+        out["params"].append(flat_params(model))
+    out["factors"] = pre.factors()
+    out["state"] = pre.state_dict()
+    out["bytes"] = pre.distributed.communicated()
+    out["decomposition_bytes"] = {s.name: s.decomposition_bytes for s in pre.summary().layers}
+    out["preconditions"] = {
+        layer.name: pre.distributed.preconditions(layer) for layer in pre._layers
+    }
+    out["holds"] = {layer.name: layer.decomposition is not None for layer in pre._layers}
+    out["world"] = w
+    return out
+
+
+def _reduce(values: Tensor, reduction: str, micro: int) -> Tensor:
+    """Mean over the micro-batch, divided by the number of micro-batches; or the plain sum."""
+    return values.mean() / micro if reduction == "mean" else values.sum()
+
+
+def train_scenarios(rank: int, world: int, scenarios: list[Scenario]) -> dict[str, Any]:
+    """Every scenario on this rank; results by scenario name (None where not a member)."""
+    results: dict[str, Any] = {}
+    for sc in scenarios:
+        if sc.ranks is None:
+            group = dist.group.WORLD
+            results[sc.name] = _train_ranks(sc, group, rank, world)
+        else:
+            group = dist.new_group(list(sc.ranks))  # every rank calls new_group
+            if rank in sc.ranks:
+                results[sc.name] = _train_ranks(sc, group, list(sc.ranks).index(rank), world)
+            else:
+                results[sc.name] = None
+    return results
+
+
+def mismatched_layers(rank: int, world: int) -> str:
+    """Rank 1 builds a wider model: every rank must raise the same clear error.
+
+    (No DDP wrapper here: DDP checks parameter shapes itself; K-FAC's check also covers
+    data-parallel training without it and options that differ.)
+    """
+    model = make_model(width=6 if rank != 1 else 7)
+    try:
+        KFACPreconditioner(model)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def dead_peer(rank: int, world: int, how: str) -> dict[str, Any]:
+    """One step together, then rank 1 exits (or hangs); rank 0's next step() must fail."""
+    model = make_model()  # no DDP: K-FAC's own collectives are the ones to notice
+    pre = KFACPreconditioner(model, distributed=True, **Scenario("x").kfac_options())
+    x, y = batch(0, 4)
+    losses(model, x, y).mean().backward()
+    pre.step()
+    if rank == 1:
+        if how == "exit":
+            os._exit(3)
+        time.sleep(600)
+    model.zero_grad()
+    losses(model, x, y).mean().backward()
+    start = time.monotonic()
+    try:
+        pre.step()
+    except RuntimeError as exc:
+        return {"error": str(exc), "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
+class Branchy(nn.Module):
+    """A trunk, a head, a branch used only when asked, and a layer never used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(5, 4)
+        self.head = nn.Linear(4, 3)
+        self.extra = nn.Linear(4, 3)
+        self.never = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor, use_extra: bool) -> Tensor:
+        h = torch.tanh(self.trunk(x))
+        return self.head(h) + (self.extra(h) if use_extra else 0.0)
+
+
+def branch_batch(rank: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(50 + rank)
+    return torch.randn(3 + rank, 5, generator=g), torch.randn(3 + rank, 3, generator=g)
+
+
+def partly_used_layers(rank: int, world: int, distributed: bool) -> dict[str, Any]:
+    """Rank 0 alone uses ``extra``; nobody uses ``never``. Factors after one step."""
+    model = Branchy().double()
+    opts: Any = DistributedOptions(overlap=False) if distributed else False
+    pre = KFACPreconditioner(model, factor_dtype=torch.float64, distributed=opts)
+    x, y = branch_batch(rank)
+    ((model(x.double(), use_extra=rank == 0) - y.double()) ** 2).sum(1).mean().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "never" has no statistics
+        pre.step()
+    assert pre.distributed is not None or not distributed
+    return {
+        "factors": pre.factors(),
+        "updates": {layer.name: layer.updates for layer in pre._layers},
+        "grads": {k: p.grad for k, p in model.named_parameters() if p.grad is not None},
+    }
+
+
+def identical_training(rank: int, world: int, fraction: str) -> list[Tensor]:
+    """A short training run (float32, default options): parameters after every step."""
+    torch.manual_seed(0)
+    model = DistributedDataParallel(
+        nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    )
+    opts = DistributedOptions(grad_worker_fraction=fraction)
+    pre = KFACPreconditioner(model, damping=0.05, inv_update_steps=3, distributed=opts)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(rank)
+    out = []
+    for _ in range(10):
+        x = torch.randn(8, 8, generator=g)
+        y = torch.randint(0, 4, (8,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        pre.step()
+        opt.step()
+        out.append(flat_params(model))
+    return out
+
+
+# ---------------------------------------------------------------------- one process
+
+
+def reference_run(sc: Scenario, world: int) -> dict[str, Any]:
+    """The same training on one process, on the concatenated global batch.
+
+    Its loss is the one whose gradient DDP produces: the global mean for "mean" (with even
+    local batches), Σ ℓ_n / W for "sum". With uneven local batches and "mean", DDP's gradient
+    weights rank r's examples by 1/(W·n_r); the factors still come from the global mean
+    loss (the definition), and the gradient handed to step() is replaced by DDP's.
+    """
+    sizes = sc.local_sizes(world)
+    w = len(sizes)
+    model = make_model()
+    pre = KFACPreconditioner(model, distributed=False, **sc.kfac_options())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    uneven = len(set(sizes)) > 1
+    params = []
+    for step in range(sc.steps):
+        x, y = batch(step, sum(sizes))
+        opt.zero_grad()
+        values = losses(model, x, y)
+        (values.mean() if sc.reduction == "mean" else values.sum() / w).backward()
+        if uneven and sc.reduction == "mean":
+            twin = clean_copy(model)
+            ddp_loss = sum(
+                losses(twin, _local(x, sizes, r), _local(y, sizes, r)).mean() for r in range(w)
+            )
+            (ddp_loss / w).backward()  # type: ignore[operator]
+            for p, q in zip(model.parameters(), twin.parameters()):
+                p.grad.copy_(q.grad)  # type: ignore[union-attr]
+        pre.step()
+        opt.step()
+        params.append(flat_params(model))
+    return {"params": params, "factors": pre.factors(), "state": pre.state_dict()}
+
+
+__all__ = [
+    "Scenario",
+    "asdict",
+    "dead_peer",
+    "identical_training",
+    "make_model",
+    "mismatched_layers",
+    "partly_used_layers",
+    "reference_run",
+    "train_scenarios",
+]
