@@ -42,6 +42,8 @@ class Scenario:
     resume_at: int | None = None  # rebuild model + preconditioner from rank 0's checkpoint
     ranks: tuple[int, ...] | None = None  # train on this subgroup only
     kfac: dict[str, Any] = field(default_factory=dict)
+    model: str = "mlp"  # "mlp" (make_model) or "tokens" (TokenNet: structured factors)
+    scaler: bool = False  # loss scaled by a torch.amp.GradScaler (passed as grad_scaler)
 
     def local_sizes(self, world: int) -> list[int]:
         n = len(self.ranks) if self.ranks is not None else world
@@ -77,15 +79,66 @@ def make_model(width: int = 6) -> nn.Module:
     ).double()
 
 
-def batch(step: int, n: int) -> tuple[Tensor, Tensor]:
+class TokenNet(nn.Module):
+    """Every kind of factor storage and statistics unit, small enough for float64 processes:
+
+    - ``pos``: an embedding (A diagonal by structure, 4 positions);
+    - ``tok`` tied to ``head``: the head owns the tied weight, its G is vocabulary-wide (11);
+    - ``attn``: nn.MultiheadAttention, four Linear layers over row blocks of one packed
+      parameter (which may be preconditioned on different ranks);
+    - ``norm``: a LayerNorm, diagonal with other_params="diagonal";
+    - ``up`` (G 13 wide) and ``down`` (A 14 wide): past max_factor_dim=8 (see TOKEN_KFAC),
+      block-diagonal or diagonal.
+    """
+
+    def __init__(self, vocab: int = 11, dim: int = 6, context: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(context, dim)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, 13)
+        self.down = nn.Linear(13, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, idx: Tensor) -> Tensor:
+        n, t = idx.shape
+        positions = torch.arange(t, device=idx.device).expand(n, t)  # per example
+        h = self.tok(idx) + self.pos(positions)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = self.norm(h)
+        h = h + self.down(torch.tanh(self.up(h)))
+        return self.head(h)
+
+
+# Factor storage of TokenNet's scenarios: widths above 8 block-diagonal (blocks of ≤ 4) or,
+# with large_factor_block=1, diagonal; norms and lone biases diagonal.
+TOKEN_KFAC: dict[str, Any] = {"max_factor_dim": 8, "large_factor_block": 4}
+TOKEN_DIAG: dict[str, Any] = {"other_params": "diagonal"}
+
+
+def make(name: str) -> nn.Module:
+    return make_model() if name == "mlp" else TokenNet().double()
+
+
+def batch(step: int, n: int, model: str = "mlp") -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
+    if model == "tokens":
+        idx = torch.randint(0, 11, (n, 4), generator=g)
+        return idx, torch.randint(0, 11, (n, 4), generator=g)
     x = torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64)
     y = torch.randn(n, 3, generator=g, dtype=torch.float64)
     return x, y
 
 
 def losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return ((model(x) - y) ** 2).sum(dim=1)
+    """Per-example losses: squared error, or cross-entropy summed over positions (tokens)."""
+    out = model(x)
+    if out.dim() == 3:
+        return nn.functional.cross_entropy(out.transpose(1, 2), y, reduction="none").sum(1)
+    return ((out - y) ** 2).sum(dim=1)
 
 
 def flat_params(model: nn.Module) -> Tensor:
@@ -103,7 +156,7 @@ def _local(x: Tensor, sizes: list[int], r: int) -> Tensor:
 def _train_ranks(sc: Scenario, group: Any, r: int, world: int) -> dict[str, Any]:
     sizes = sc.local_sizes(world)
     w = len(sizes)
-    model = DistributedDataParallel(make_model(), process_group=group)
+    model = DistributedDataParallel(make(sc.model), process_group=group)
     opts = DistributedOptions(
         process_group=group,
         grad_worker_fraction=sc.fraction,
@@ -111,7 +164,8 @@ def _train_ranks(sc: Scenario, group: Any, r: int, world: int) -> dict[str, Any]
         overlap=sc.overlap,
         bucket_cap_mb=sc.bucket_cap_mb,
     )
-    pre = KFACPreconditioner(model, distributed=opts, **sc.kfac_options())
+    scaler = _scaler(sc)
+    pre = KFACPreconditioner(model, distributed=opts, grad_scaler=scaler, **sc.kfac_options())
     assert pre.distributed is not None
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     out: dict[str, Any] = {"params": [], "launched_in_backward": [], "before_first_layer": []}
@@ -122,21 +176,22 @@ def _train_ranks(sc: Scenario, group: Any, r: int, world: int) -> dict[str, Any]
         # layer's own: how many reductions of statistics have started by then?
         output.register_hook(lambda g: seen.append(pre.distributed.calls["statistics"]))  # type: ignore[union-attr]
 
-    model.module[1].register_forward_hook(before_first_layer)
+    if sc.model == "mlp":
+        model.module[1].register_forward_hook(before_first_layer)
     assert sc.resume_at is None or sc.bucket_cap_mb >= 1, "the probe does not survive resume"
     for step in range(sc.steps):
         if sc.resume_at is not None and step == sc.resume_at:
             state = [pre.state_dict() if r == 0 else None, model.module.state_dict()]
             dist.broadcast_object_list(state, src=dist.get_global_rank(group, 0), group=group)
             pre.remove()
-            inner = make_model()
+            inner = make(sc.model)
             inner.load_state_dict(state[1])
             model = DistributedDataParallel(inner, process_group=group)
             pre = KFACPreconditioner(model, distributed=opts, **sc.kfac_options())
             pre.load_state_dict(state[0])
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
         assert pre.distributed is not None
-        x, y = batch(step, sum(sizes))
+        x, y = batch(step, sum(sizes), sc.model)
         x, y = _local(x, sizes, r), _local(y, sizes, r)
         opt.zero_grad()
         sent = pre.distributed.communicated().get("statistics", 0)
@@ -144,18 +199,18 @@ def _train_ranks(sc: Scenario, group: Any, r: int, world: int) -> dict[str, Any]
         if sc.accumulate:
             h = x.shape[0] // 2
             with model.no_sync() if sc.no_sync else contextlib.nullcontext():
-                _reduce(losses(model, x[:h], y[:h]), sc.reduction, 2).backward()
-            _reduce(losses(model, x[h:], y[h:]), sc.reduction, 2).backward()
+                _backward(_reduce(losses(model, x[:h], y[:h]), sc.reduction, 2), scaler)
+            _backward(_reduce(losses(model, x[h:], y[h:]), sc.reduction, 2), scaler)
         else:
-            _reduce(losses(model, x, y), sc.reduction, 1).backward()
+            _backward(_reduce(losses(model, x, y), sc.reduction, 1), scaler)
         out["launched_in_backward"].append(
             pre.distributed.communicated().get("statistics", 0) > sent
         )
         out["before_first_layer"].append(seen[-1] - calls if seen else None)
-        pre.step()
-        opt.step()
+        _step(pre, opt, scaler)
         out["params"].append(flat_params(model))
     out["factors"] = pre.factors()
+    out["fishers"] = pre.diagonal_fishers()
     out["state"] = pre.state_dict()
     out["bytes"] = pre.distributed.communicated()
     out["decomposition_bytes"] = {s.name: s.decomposition_bytes for s in pre.summary().layers}
@@ -165,6 +220,27 @@ def _train_ranks(sc: Scenario, group: Any, r: int, world: int) -> dict[str, Any]
     out["holds"] = {layer.name: layer.decomposition is not None for layer in pre._layers}
     out["world"] = w
     return out
+
+
+def _scaler(sc: Scenario) -> torch.amp.GradScaler | None:
+    # A power of two: scaling and unscaling are exact, so the comparison stays at ~1e-10.
+    return torch.amp.GradScaler("cpu", init_scale=2.0**10) if sc.scaler else None
+
+
+def _backward(loss: Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    (loss if scaler is None else scaler.scale(loss)).backward()
+
+
+def _step(pre: KFACPreconditioner, opt: torch.optim.Optimizer, scaler: Any) -> None:
+    """The documented order with a GradScaler: unscale_, precondition, step, update."""
+    if scaler is None:
+        pre.step()
+        opt.step()
+        return
+    scaler.unscale_(opt)
+    pre.step()
+    scaler.step(opt)
+    scaler.update()
 
 
 def _reduce(values: Tensor, reduction: str, micro: int) -> Tensor:
@@ -297,16 +373,18 @@ def reference_run(sc: Scenario, world: int) -> dict[str, Any]:
     """
     sizes = sc.local_sizes(world)
     w = len(sizes)
-    model = make_model()
-    pre = KFACPreconditioner(model, distributed=False, **sc.kfac_options())
+    model = make(sc.model)
+    scaler = _scaler(sc)
+    pre = KFACPreconditioner(model, distributed=False, grad_scaler=scaler, **sc.kfac_options())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     uneven = len(set(sizes)) > 1
+    assert not (scaler is not None and uneven), "DDP's gradient replacement assumes no scaler"
     params = []
     for step in range(sc.steps):
-        x, y = batch(step, sum(sizes))
+        x, y = batch(step, sum(sizes), sc.model)
         opt.zero_grad()
         values = losses(model, x, y)
-        (values.mean() if sc.reduction == "mean" else values.sum() / w).backward()
+        _backward(values.mean() if sc.reduction == "mean" else values.sum() / w, scaler)
         if uneven and sc.reduction == "mean":
             twin = clean_copy(model)
             ddp_loss = sum(
@@ -315,14 +393,21 @@ def reference_run(sc: Scenario, world: int) -> dict[str, Any]:
             (ddp_loss / w).backward()  # type: ignore[operator]
             for p, q in zip(model.parameters(), twin.parameters()):
                 p.grad.copy_(q.grad)  # type: ignore[union-attr]
-        pre.step()
-        opt.step()
+        _step(pre, opt, scaler)
         params.append(flat_params(model))
-    return {"params": params, "factors": pre.factors(), "state": pre.state_dict()}
+    return {
+        "params": params,
+        "factors": pre.factors(),
+        "fishers": pre.diagonal_fishers(),
+        "state": pre.state_dict(),
+    }
 
 
 __all__ = [
+    "TOKEN_DIAG",
+    "TOKEN_KFAC",
     "Scenario",
+    "TokenNet",
     "asdict",
     "dead_peer",
     "identical_training",

@@ -16,6 +16,8 @@ from kfac_ef.distributed import Grid, Plan, grad_workers, lpt, resolve
 
 from . import distributed_harness as harness
 from .distributed_workers import (
+    TOKEN_DIAG,
+    TOKEN_KFAC,
     Scenario,
     dead_peer,
     identical_training,
@@ -66,6 +68,43 @@ SCENARIOS: dict[int, list[Scenario]] = {
             steps=5,
             kfac={"factor_update_steps": 2, "inv_update_steps": 3},
         ),
+        # TokenNet: diagonal A (embedding), block-diagonal / diagonal wide factors, a tied
+        # weight, attention, LayerNorm through the diagonal empirical Fisher.
+        Scenario(
+            "tokens/comm_opt/exact/mean/blocks",
+            "comm_opt",
+            "exact",
+            "mean",
+            model="tokens",
+            kfac=TOKEN_KFAC | TOKEN_DIAG,
+        ),
+        Scenario(
+            "tokens/mem_opt/pi/sum/uneven/diagonal",
+            "mem_opt",
+            "pi",
+            "sum",
+            sizes=(3, 5),
+            model="tokens",
+            kfac={"max_factor_dim": 8, "large_factor_block": 1} | TOKEN_DIAG,
+        ),
+        Scenario(
+            "tokens/comm_opt/exact/sum/grad_scaler",
+            "comm_opt",
+            "exact",
+            "sum",
+            model="tokens",
+            scaler=True,
+            kfac=TOKEN_KFAC | TOKEN_DIAG,
+        ),
+        Scenario(
+            "tokens/mem_opt/exact/mean/sync_at_decomposition",
+            "mem_opt",
+            "exact",
+            "mean",
+            factor_sync="decomposition",
+            model="tokens",
+            kfac=TOKEN_KFAC | TOKEN_DIAG,
+        ),
     ],
     3: [
         Scenario("comm_opt/exact/mean", "comm_opt", "exact", "mean"),
@@ -80,6 +119,15 @@ SCENARIOS: dict[int, list[Scenario]] = {
             factor_sync="decomposition",
         ),
         Scenario("subgroup{0,2}/comm_opt/exact/mean", "comm_opt", "exact", "mean", ranks=(0, 2)),
+        Scenario(
+            "tokens/mem_opt/exact/mean/no_sync/diagonal",
+            "mem_opt",
+            "exact",
+            "mean",
+            accumulate=True,
+            model="tokens",
+            kfac={"max_factor_dim": 8, "large_factor_block": 1} | TOKEN_DIAG,
+        ),
     ],
     4: [
         Scenario("comm_opt/exact/mean", "comm_opt", "exact", "mean"),
@@ -95,6 +143,24 @@ SCENARIOS: dict[int, list[Scenario]] = {
             factor_sync="decomposition",
         ),
         Scenario("hybrid/exact/mean/resume", "hybrid", "exact", "mean", resume_at=2),
+        Scenario(
+            "tokens/hybrid/pi/mean/resume",
+            "hybrid",
+            "pi",
+            "mean",
+            resume_at=2,
+            model="tokens",
+            kfac=TOKEN_KFAC | TOKEN_DIAG,
+        ),
+        Scenario(
+            "tokens/hybrid/exact/mean/tiny_buckets",
+            "hybrid",
+            "exact",
+            "mean",
+            bucket_cap_mb=1e-4,
+            model="tokens",
+            kfac=TOKEN_KFAC | TOKEN_DIAG,
+        ),
     ],
 }
 
@@ -134,6 +200,11 @@ def test_same_parameters_as_one_process(runs, world, sc):
             for name, (a, g) in ref["factors"].items():
                 torch.testing.assert_close(got[name][0], a, rtol=1e-9, atol=1e-12)
                 torch.testing.assert_close(got[name][1], g, rtol=1e-9, atol=1e-12)
+        for r in members:  # the diagonal empirical Fishers too
+            got = runs(world)[r][sc.name]["fishers"]
+            assert set(got) == set(ref["fishers"])
+            for name, f in ref["fishers"].items():
+                torch.testing.assert_close(got[name], f, rtol=1e-9, atol=1e-12)
     others = set(range(world)) - set(members)
     assert all(runs(world)[r][sc.name] is None for r in others)
 
@@ -150,7 +221,7 @@ def test_statistics_launched_during_backward(runs, world):
         fu = sc.kfac.get("factor_update_steps", 1)
         expected = [sc.overlap and s % fu == 0 for s in range(sc.steps)]
         assert launched == expected, sc.name
-        if sc.bucket_cap_mb < 1e-3 and sc.overlap:
+        if sc.bucket_cap_mb < 1e-3 and sc.overlap and sc.model == "mlp":
             # One layer per bucket: the four later layers' reductions start while backward
             # still has the first layer to go (in every pass, when DDP syncs every pass).
             passes = 2 if sc.accumulate and not sc.no_sync else 1
