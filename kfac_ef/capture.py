@@ -99,7 +99,12 @@ class Capture:
             # Overwritten by every call: a call that raised leaves nothing stale behind.
             self._before[name] = adapter.before_call(args, kwargs) if self._keeps(module) else None
 
-        return _eager_when_compiling(hook)
+        def compiled(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self._keeps(module):
+                adapter.check_compiled(name)
+            hook(module, args, kwargs)
+
+        return _eager_when_compiling(hook, compiled)
 
     def _forward_hook(self, name: str, adapter: ModuleAdapter) -> Callable[..., None]:
         def hook(
@@ -135,21 +140,39 @@ class Capture:
         return _eager_when_compiling(hook)
 
 
-def _eager_when_compiling(hook: Callable[..., None]) -> Callable[..., None]:
-    """``hook`` as called by torch: directly in eager mode, through a compiler-disabled
-    wrapper while torch.compile traces the module.
+def _eager_when_compiling(
+    hook: Callable[..., None], compiled: Callable[..., None] | None = None
+) -> Callable[..., None]:
+    """``hook`` as called by torch: directly in eager mode; while torch.compile traces the
+    module, through a compiler-disabled call (of ``compiled`` if given: the hook for calls
+    from compiled code).
 
     Under torch.compile a hook must run eagerly, on real tensors: traced, it would run once at
-    compile time and the tensor hook on the output would never fire. The wrapper (and with it
-    torch._dynamo, which imports triton) is made only when compilation is actually in use.
+    compile time and the tensor hook on the output would never fire. Each hooked module thus
+    costs a graph break before and after it; the module's own forward is compiled.
     """
-    eager: list[Callable[..., None]] = []
+    in_compiled = compiled if compiled is not None else hook
 
     def dispatch(*args: Any) -> None:
         if not torch.compiler.is_compiling():
             return hook(*args)
-        if not eager:
-            eager.append(torch.compiler.disable(hook, recursive=True))
-        return eager[0](*args)
+        return _call_eagerly(in_compiled, args)
 
     return dispatch
+
+
+def _call(hook: Callable[..., None], args: tuple[Any, ...]) -> None:
+    return hook(*args)
+
+
+# One compiler-disabled caller for every hook, made on first use: making it imports
+# torch._dynamo (and with it triton), which an eager-only program never needs. Shared, it is
+# made once, so the frames that torch.compile resumes after it hold no per-hook object (a
+# per-hook wrapper made while tracing invalidates the resumed frame's cache at every call).
+_EAGER: list[Callable[[Callable[..., None], tuple[Any, ...]], None]] = []
+
+
+def _call_eagerly(hook: Callable[..., None], args: tuple[Any, ...]) -> None:
+    if not _EAGER:
+        _EAGER.append(torch.compiler.disable(_call, recursive=True))
+    return _EAGER[0](hook, args)

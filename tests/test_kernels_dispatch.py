@@ -174,6 +174,67 @@ def test_preconditioner_triton_backend_matches_torch(mode, monkeypatch):
     assert launches[name] == 3 * (5 if mode == "exact" else 2)
 
 
+class _TokenNet(nn.Module):
+    """Structured factors beside dense ones: an embedding (diagonal A, dense G 9), fc1
+    (dense 10 × 10: a dense bucket), fc2 (G 70 block-diagonal: 5 blocks of 14) and fc3
+    (A 71 block-diagonal: 5 blocks of 15) under max_factor_dim=32, large_factor_block=16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(23, 9)
+        self.fc1 = nn.Linear(9, 9)
+        self.fc2 = nn.Linear(9, 70)
+        self.fc3 = nn.Linear(70, 5)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.fc1(self.emb(idx)))
+        return self.fc3(torch.tanh(self.fc2(x))).sum(1)
+
+
+@pytest.mark.parametrize("mode", ["exact", "pi"])
+def test_structured_factors_triton_backend_matches_torch(mode, monkeypatch):
+    """Dense statistics (block-diagonal ones included) and dense buckets go through the
+    kernels, diagonal and block-diagonal buckets through torch; the two backends agree."""
+    torch.manual_seed(3)
+    launches = _count_launches(monkeypatch)
+    models = {b: _TokenNet() for b in ("torch", "triton")}
+    models["triton"].load_state_dict(models["torch"].state_dict())
+    pres = {
+        b: KFACPreconditioner(
+            m,
+            damping=1e-2,
+            damping_mode=mode,
+            inv_update_steps=1,
+            backend=b,
+            max_factor_dim=32,
+            large_factor_block=16,
+        )
+        for b, m in models.items()
+    }
+    kinds = {s.name: (s.a_factor, s.g_factor) for s in pres["torch"].summary().layers}
+    assert kinds == {
+        "emb": ("diagonal", "dense"),
+        "fc1": ("dense", "dense"),
+        "fc2": ("dense", "5 blocks of 14"),
+        "fc3": ("5 blocks of 15", "dense"),
+    }
+    for _ in range(2):
+        idx, y = torch.randint(0, 23, (6, 4)), torch.randn(6, 5)
+        after = {b: step_once(models[b], pres[b], mse_per_example, idx, y)[1] for b in models}
+        for name, g in after["torch"].items():
+            scale = g.abs().max().item()
+            torch.testing.assert_close(after["triton"][name], g, rtol=1e-4, atol=1e-5 * scale)
+        factors_triton = pres["triton"].factors()
+        for name, (a, g) in pres["torch"].factors().items():
+            torch.testing.assert_close(factors_triton[name][0], a, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(factors_triton[name][1], g, rtol=1e-5, atol=1e-6)
+    # Statistics: every factor but the embedding's diagonal A (token counts), per step.
+    # Preconditioning: only fc1's bucket is dense, one launch per step.
+    assert launches["factor_stats_triton"] == 2 * 7
+    name = "precondition_eigen_triton" if mode == "exact" else "precondition_factored_triton"
+    assert launches[name] == 2
+
+
 def _param_name(model: nn.Module, p: torch.Tensor) -> str:
     return next(k for k, q in model.named_parameters() if q is p)
 

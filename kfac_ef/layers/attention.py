@@ -167,6 +167,27 @@ class MultiheadAttentionAdapter(ModuleAdapter):
         )
 
     # ------------------------------------------------------------------ forward side
+    def check_compiled(self, name: str) -> None:
+        """Attention dropout under torch.compile: the recomputation replays the eager
+        random-number stream, which inductor's compiled dropout does not draw from unless
+        ``torch._inductor.config.fallback_random`` is set."""
+        m = self.mha
+        if not (m.training and m.dropout > 0):
+            return
+        import torch._inductor.config as inductor_config  # loaded: compilation is in use
+
+        if inductor_config.fallback_random:
+            return
+        raise RuntimeError(
+            f"MultiheadAttention {name!r} with dropout={m.dropout} in a torch.compile'd "
+            "model: K-FAC recomputes the attention in the backward pass with the forward "
+            "call's random-number state, but compiled dropout draws its masks from "
+            "inductor's own generator, so the statistics would not match the forward pass. "
+            "Set torch._inductor.config.fallback_random = True (compiled dropout then draws "
+            "from torch's generator), use dropout=0, or leave the attention out "
+            "(skip_layers)"
+        )
+
     def before_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         m = self.mha
         if not (m.training and m.dropout > 0):

@@ -100,6 +100,12 @@ class ModuleAdapter(ABC):
         """Runs before a forward call whose statistics are kept (only if needs_pre_hook)."""
         return None
 
+    def check_compiled(self, name: str) -> None:
+        """Raise if a call of this module from torch.compile'd code cannot be observed
+        exactly (runs before each such call whose statistics are kept; only if
+        needs_pre_hook)."""
+        return None
+
     def save(self, args: tuple[Any, ...], kwargs: dict[str, Any], before: Any) -> Any:
         """What the backward side needs from a forward call (default: the input, detached)."""
         x = args[0] if args else kwargs.get("input")
