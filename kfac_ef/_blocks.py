@@ -44,6 +44,19 @@ def _per_stack(x: Tensor, nb: int) -> Tensor:
     return x if nb == 1 else x.repeat_interleave(nb)
 
 
+def _accepted(ok: Tensor, present: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per-block flags (keep, skip) of a statistics update: kept when finite (``ok``),
+    counted as skipped when not; neither where ``present`` says there were no statistics."""
+    if present is None:
+        return ok, ~ok
+    return ok & present, ~ok & present
+
+
+def _fold_weight(updates: Tensor, decay: float, keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """w = 1-β per kept block (1 for its first accepted update), 0 where not kept."""
+    return torch.where(updates > 0, 1.0 - decay, 1.0).to(dtype) * keep
+
+
 @dataclass(eq=False)
 class Layer:
     """One preconditioned Kronecker layer: statistics, running factors and decomposition.
@@ -103,12 +116,8 @@ class Layer:
             self.G = torch.zeros_like(acc_g)
             self.updates = torch.zeros(blocks, dtype=torch.int64, device=acc_a.device)
             self.skipped = torch.zeros_like(self.updates)
-        keep = ok.expand(blocks)
-        skip = ~keep
-        if present is not None:
-            keep = keep & present
-            skip = skip & present
-        weight = torch.where(self.updates > 0, 1.0 - decay, 1.0).to(acc_a.dtype) * keep
+        keep, skip = _accepted(ok.expand(blocks), present)
+        weight = _fold_weight(self.updates, decay, keep, acc_a.dtype)
         for factor, acc, scale, spec in (
             (self.A, acc_a, scale_a, self.a_spec),
             (self.G, acc_g, scale_g, self.g_spec),
@@ -157,12 +166,8 @@ class DiagonalParam:
             self.F = torch.zeros_like(acc)
             self.updates = torch.zeros(1, dtype=torch.int64, device=acc.device)
             self.skipped = torch.zeros_like(self.updates)
-        keep = ok.reshape(1)
-        skip = ~keep
-        if present is not None:
-            keep = keep & present
-            skip = skip & present
-        weight = torch.where(self.updates > 0, 1.0 - decay, 1.0).to(acc.dtype) * keep
+        keep, skip = _accepted(ok.reshape(1), present)
+        weight = _fold_weight(self.updates, decay, keep, acc.dtype)
         acc.masked_fill_(~keep, 0.0)
         self.F.mul_(1.0 - weight).add_(acc * (weight * scale))
         self.updates.add_(keep)

@@ -19,6 +19,7 @@ from .distributed_workers import (
     TOKEN_DIAG,
     TOKEN_KFAC,
     Scenario,
+    TokenNet,
     dead_peer,
     identical_training,
     make_model,
@@ -275,6 +276,30 @@ def test_checkpoint_names_have_no_ddp_prefix(runs):
     prefixed = dict(got, layers={f"module.{k}": v for k, v in got["layers"].items()})
     pre.load_state_dict(prefixed)
     assert set(pre.factors()) == set(ref["factors"])
+
+
+@pytest.mark.distributed
+def test_structured_checkpoint_loads_into_one_process(runs):
+    """Block-diagonal and diagonal factors and diagonal Fishers saved by a rank (names with
+    or without DDP's ``module.`` prefix) load into a one-process preconditioner."""
+    sc = next(sc for sc in SCENARIOS[2] if sc.name == "tokens/comm_opt/exact/mean/blocks")
+    got = runs(2)[1][sc.name]["state"]
+    ref = reference_run(sc, 2)
+    assert got["diagonal"] and set(got["diagonal"]) == set(ref["state"]["diagonal"])
+    prefixed = dict(
+        got,
+        layers={f"module.{k}": v for k, v in got["layers"].items()},
+        diagonal={f"module.{k}": v for k, v in got["diagonal"].items()},
+    )
+    for state in (got, prefixed):
+        pre = KFACPreconditioner(TokenNet().double(), distributed=False, **sc.kfac_options())
+        pre.load_state_dict(state)
+        assert set(pre.factors()) == set(ref["factors"])
+        for name, (a, g) in ref["factors"].items():
+            torch.testing.assert_close(pre.factors()[name][0], a, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(pre.factors()[name][1], g, rtol=1e-9, atol=1e-12)
+        for name, f in ref["fishers"].items():
+            torch.testing.assert_close(pre.diagonal_fishers()[name], f, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.distributed
