@@ -7,26 +7,34 @@ the given group, so that K-FAC's asynchronous collectives never interleave with 
 
 1. **Factor statistics** (all-reduce, sum), on statistics steps only. Each rank packs the
    upper triangles of its raw sums S_A = Σ ã ãᵀ and S_G = Σ γ γᵀ (γ the observed output
-   gradients) with its row and example counts, in the factor dtype, into buckets of about
-   ``bucket_cap_mb``. A bucket is launched asynchronously from the capture path as soon as
-   all its layers' statistics of the backward pass are complete, so that the reduction runs
-   while backward goes on; ``step()`` launches what is left and waits. The reduced sums
-   give the statistics of the global batch exactly (docs/distributed.md, "Scaling"):
+   gradients), one triangle per stored block (a diagonal factor is its vector of entries, a
+   block-diagonal one its blocks' triangles, see _factors.py), and the sums S = Σ_n ĝ_n² of
+   the diagonally preconditioned parameters (scaled like S_G), with its row and example
+   counts, in the factor dtype, into buckets of about ``bucket_cap_mb``. A bucket is launched
+   asynchronously from the capture path as soon as every module feeding it has recorded
+   its calls of the backward pass, so that the reduction runs while backward goes on;
+   ``step()`` launches what is left and waits. The reduced sums give the statistics of the
+   global batch exactly (docs/distributed.md, "Scaling"):
 
        A = Σ_r S_A,r / Σ_r rows_r
        G = Σ_r N_r² S_G,r / Σ_r N_r     loss_reduction="mean" (δ_n = N_r γ_n on rank r)
        G = Σ_r S_G,r / W²              loss_reduction="sum"  (DDP averages: L = Σ_r L_r / W)
 
+   (diagonal Fishers F like G), each divided by σ² with a loss scale σ (grad_scaler).
+
    With ``factor_sync="decomposition"`` nothing is sent on statistics steps: each rank keeps
    running factors of its own batches, and the running factors themselves are averaged
    (all-reduce) just before each decomposition.
-2. **Decompositions** (broadcast), on decomposition steps. Every factor has one owner, which
-   decomposes it; the owners are chosen by greedy longest-processing-time over the cost
-   blocks·d³. Eigenbases and eigenvalues ("exact"), or the packed damped inverses ("pi"),
-   go to the ranks that precondition the layer (its *gradient workers*).
+2. **Decompositions** (broadcast), on decomposition steps. Every factor with an eigenbasis
+   has one owner, which decomposes it; the owners are chosen by greedy
+   longest-processing-time over the cost blocks·nb·bs³ (blocks·d³ for a dense factor).
+   Diagonal factors are decomposed (O(d)) by every rank that needs them. Eigenbases and
+   eigenvalues ("exact"), or the packed damped inverses ("pi"), go to the ranks that
+   precondition the layer (its *gradient workers*).
 3. **Preconditioned gradients** (broadcast), every step, when a layer has fewer gradient
    workers than there are ranks: a gradient worker preconditions the layer and broadcasts
-   the result to the ranks of its row, which hold no decomposition of that layer.
+   the result (the layer's [∇W | ∇b] views into p.grad) to the ranks of its row, which
+   hold no decomposition of that layer. Diagonal parameters are preconditioned everywhere.
 
 ``grad_worker_fraction`` f sets the gradient workers per layer to n_g ≈ f·W (a divisor of
 W): ranks form a grid of n_g rows by m = W/n_g columns, every layer is assigned to one
