@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: env test test-fast lint format demo bench clean
+.PHONY: env test test-fast lint format demo bench docs clean
 
 env: $(STAMP)
 
@@ -34,6 +34,9 @@ format: env
 
 demo: env
 	$(PY) benchmarks/demo.py
+
+docs: env
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 bench: env
 	$(PY) benchmarks/step_overhead.py

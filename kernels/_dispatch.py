@@ -7,6 +7,7 @@ interpreter, which must be switched on (TRITON_INTERPRET=1) before triton is imp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -14,9 +15,9 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton")
 
-# Set once the Triton implementations exist (see each kernel file); the dispatch point is
-# independent of them so that "auto" and "torch" never depend on triton.
-TRITON_KERNELS_IMPLEMENTED = False
+# The Triton implementations exist (see each kernel file); the dispatch point is independent
+# of them so that "auto" and "torch" never depend on triton.
+TRITON_KERNELS_IMPLEMENTED = True
 
 
 @functools.cache
@@ -30,25 +31,42 @@ def _triton_import_error() -> str | None:
 
 
 def interpreter_enabled() -> bool:
+    """Whether Triton's CPU interpreter is switched on (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current for a launch (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: no query per launch)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _multiprocessors(index)
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why Triton kernels cannot run on ``device`` (None when they can)."""
     if not TRITON_KERNELS_IMPLEMENTED:
         return "this version of kfac_ef ships no Triton kernels yet; use backend='torch' or 'auto'"
+    # The device first: probing the import would import triton, and triton must not be
+    # imported before TRITON_INTERPRET is set (its own jitted helpers are built at import).
+    if not (device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())):
+        return (
+            f"Triton kernels run on CUDA tensors (got device {device}); on the CPU only "
+            "through Triton's interpreter, enabled by TRITON_INTERPRET=1 set before triton is "
+            "imported. Use backend='torch' or 'auto' here"
+        )
     err = _triton_import_error()
     if err is not None:
         return f"triton does not import ({err}); install triton or use backend='torch'"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and interpreter_enabled():
-        return None
-    return (
-        f"Triton kernels run on CUDA tensors (got device {device}); on the CPU only through "
-        "Triton's interpreter, enabled by TRITON_INTERPRET=1 set before triton is imported. "
-        "Use backend='torch' or 'auto' here"
-    )
+    return None
 
 
 def check_backend(backend: str, device: torch.device) -> None:

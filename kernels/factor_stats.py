@@ -1,19 +1,389 @@
 """Factor statistics: F ← β·F + α·X̃ᵀX̃, with X̃ = [X | 1] when ``append_ones``.
 
-X is ``(batch, rows, d)`` in float32, bfloat16 or float16; F is ``(batch, d', d')`` in float32
-or float64 with d' = d + 1 when the homogeneous ones column is appended, else d. The product
-accumulates in F's dtype. The loss-reduction scale and the running-average weights are
-folded into α and β by the caller.
+X is ``(batch, rows, d)`` in float32, bfloat16 or float16, any strides; F is
+``(batch, d', d')`` in float32 or float64 with d' = d + 1 when the homogeneous ones column is
+appended, else d. The loss-reduction scale and the running-average weights are folded into
+α and β by the caller.
+
+The Triton kernel (float32 F) computes X̃ᵀX̃ as one GEMM-like pass per tile of the upper
+triangle of tiles only, and mirrors each tile into the lower triangle: half the FLOPs of the
+full product. It reads X in its own dtype (no upcast copy) and accumulates in float32.
+The ones column is never materialized: its entries of X̃ᵀX̃ are the column sums Xᵀ1 and the
+row count, X̃ᵀX̃ = [[XᵀX, Xᵀ1], [1ᵀX, rows]]; the program of each diagonal tile sums its
+columns while it streams them, and the program of the last one writes the corner.
+When there are too few tiles to fill the GPU (d small, rows large), the rows are split
+among several programs per tile (split-K) whose partial tiles a second, small kernel adds in
+a fixed order (deterministic results, no atomics) before applying α, β and the mirror.
+
+float64 F is computed by the reference (cuBLAS/LAPACK-backed torch): float64 factors are
+asked for for accuracy, not speed.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from types import SimpleNamespace
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from ._dispatch import use_triton
+from ._dispatch import device_guard, interpreter_enabled, multiprocessors, use_triton
+
+# ---------------------------------------------------------------------------------- kernel
+# The jitted functions are built on first use so that importing kfac_ef never imports
+# triton. They are bound as module globals (``global`` below) because Triton resolves the
+# names a kernel uses (``tl``, helper functions) through the module's globals.
+tl: Any = None
 
 
+@functools.cache
+def _build() -> SimpleNamespace:
+    global tl, _tile_coords, _gram_tile, _store_gram_tile
+    global _factor_stats_kernel, _factor_stats_reduce_kernel
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _tile_coords(t):
+        # Program t covers tile (ti, tj), ti <= tj, enumerating the triangle column by column:
+        # t = tj (tj + 1) / 2 + ti. Consecutive programs share the column strip tj (L2 reuse).
+        tj = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+        # The float square root can be off by one for large t; correct it exactly.
+        tj = tl.where((tj + 1) * (tj + 2) // 2 <= t, tj + 1, tj)
+        tj = tl.where(tj * (tj + 1) // 2 > t, tj - 1, tj)
+        ti = t - tj * (tj + 1) // 2
+        return ti, tj
+
+    @triton.jit
+    def _gram_tile(
+        x_ptr,
+        k_start,
+        k_end,
+        d,
+        stride_xr,
+        stride_xd,
+        offs_i,
+        offs_j,
+        WITH_SUM: tl.constexpr,
+        BLOCK: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+    ):
+        # acc[i, j] = Σ_k X[k, i] X[k, j] over rows k_start <= k < k_end; with WITH_SUM also
+        # colsum[j] = Σ_k X[k, j]. Out-of-range rows and columns load as 0.
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        colsum = tl.zeros((BLOCK,), dtype=tl.float32)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + (k_start + offs_k)[:, None] * stride_xr + offs_i[None, :] * stride_xd
+        b_ptrs = x_ptr + (k_start + offs_k)[:, None] * stride_xr + offs_j[None, :] * stride_xd
+        mask_i = offs_i[None, :] < d
+        mask_j = offs_j[None, :] < d
+        for k in range(k_start, k_end, BLOCK_K):
+            mask_k = (k + offs_k)[:, None] < k_end
+            a = tl.load(a_ptrs, mask=mask_k & mask_i, other=0.0)
+            b = tl.load(b_ptrs, mask=mask_k & mask_j, other=0.0)
+            if WITH_SUM:
+                colsum += tl.sum(b.to(tl.float32), axis=0)
+            if DOT_FP32:
+                # Only under Triton's CPU interpreter, whose tl.dot misreads bfloat16 operands
+                # (it stores them as raw uint16): products of 16-bit floats are exact in
+                # float32, so this computes the same values as the 16-bit dot on a GPU.
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_xr
+            b_ptrs += BLOCK_K * stride_xr
+        return acc, colsum
+
+    @triton.jit
+    def _store_gram_tile(
+        out_ptr,
+        acc,
+        colsum,
+        ti,
+        tj,
+        last_tile,
+        d,
+        rows,
+        stride_or,
+        stride_oc,
+        alpha,
+        beta,
+        APPEND_ONES: tl.constexpr,
+        BETA_ZERO: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # F[i, j] and F[j, i] ← β F + α acc[i, j] for i <= j; on a diagonal tile the lower
+        # half comes from the upper one, so F is exactly symmetric.
+        offs_i = ti * BLOCK + tl.arange(0, BLOCK)
+        offs_j = tj * BLOCK + tl.arange(0, BLOCK)
+        ii = offs_i[:, None]
+        jj = offs_j[None, :]
+        inside = (ii < d) & (jj < d)
+        upper_mask = inside & (ii <= jj)
+        lower_mask = inside & (ii < jj)
+        upper_ptrs = out_ptr + ii * stride_or + jj * stride_oc
+        lower_ptrs = out_ptr + jj * stride_or + ii * stride_oc
+        val = alpha * acc
+        if BETA_ZERO:
+            # β = 0 overwrites: old values (possibly NaN) are never read.
+            tl.store(upper_ptrs, val, mask=upper_mask)
+            tl.store(lower_ptrs, val, mask=lower_mask)
+        else:
+            old_up = tl.load(upper_ptrs, mask=upper_mask, other=0.0)
+            tl.store(upper_ptrs, beta * old_up + val, mask=upper_mask)
+            old_lo = tl.load(lower_ptrs, mask=lower_mask, other=0.0)
+            tl.store(lower_ptrs, beta * old_lo + val, mask=lower_mask)
+        if APPEND_ONES:  # noqa: SIM102 (constexpr branch around a run-time one)
+            if ti == tj:
+                border = alpha * colsum
+                m = offs_j < d
+                col_ptrs = out_ptr + offs_j * stride_or + d * stride_oc
+                row_ptrs = out_ptr + d * stride_or + offs_j * stride_oc
+                if BETA_ZERO:
+                    tl.store(col_ptrs, border, mask=m)
+                    tl.store(row_ptrs, border, mask=m)
+                else:
+                    tl.store(col_ptrs, beta * tl.load(col_ptrs, mask=m, other=0.0) + border, mask=m)
+                    tl.store(row_ptrs, beta * tl.load(row_ptrs, mask=m, other=0.0) + border, mask=m)
+                if ti == last_tile:
+                    # The corner Σ 1·1 = rows, written as a one-element masked vector.
+                    first = tl.arange(0, BLOCK) == 0
+                    corner_ptrs = out_ptr + d * stride_or + d * stride_oc + tl.arange(0, BLOCK)
+                    corner = tl.zeros((BLOCK,), dtype=tl.float32) + alpha * rows
+                    if not BETA_ZERO:
+                        corner += beta * tl.load(corner_ptrs, mask=first, other=0.0)
+                    tl.store(corner_ptrs, corner, mask=first)
+
+    @triton.jit
+    def _factor_stats_kernel(
+        x_ptr,
+        out_ptr,
+        part_ptr,
+        psum_ptr,
+        rows,
+        d,
+        rows_per_split,
+        stride_xb,
+        stride_xr,
+        stride_xd,
+        stride_ob,
+        stride_or,
+        stride_oc,
+        alpha,
+        beta,
+        APPEND_ONES: tl.constexpr,
+        BETA_ZERO: tl.constexpr,
+        PARTIAL: tl.constexpr,
+        BLOCK: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+    ):
+        # grid = (tiles of the upper triangle, batch, row splits)
+        t = tl.program_id(0)
+        b = tl.program_id(1)
+        s = tl.program_id(2)
+        ti, tj = _tile_coords(t)
+        x_ptr += b.to(tl.int64) * stride_xb
+        k_start = s * rows_per_split
+        k_end = tl.minimum(k_start + rows_per_split, rows)
+        offs_i = ti * BLOCK + tl.arange(0, BLOCK)
+        offs_j = tj * BLOCK + tl.arange(0, BLOCK)
+        # Only diagonal tiles sum columns (one program per column strip); the others run
+        # the plain loop. The branch is uniform per program.
+        if APPEND_ONES:
+            if ti == tj:
+                acc, colsum = _gram_tile(
+                    x_ptr, k_start, k_end, d, stride_xr, stride_xd, offs_i, offs_j,
+                    True, BLOCK, BLOCK_K, DOT_FP32, INPUT_PRECISION,
+                )  # fmt: skip
+            else:
+                acc, colsum = _gram_tile(
+                    x_ptr, k_start, k_end, d, stride_xr, stride_xd, offs_i, offs_j,
+                    False, BLOCK, BLOCK_K, DOT_FP32, INPUT_PRECISION,
+                )  # fmt: skip
+        else:
+            acc, colsum = _gram_tile(
+                x_ptr, k_start, k_end, d, stride_xr, stride_xd, offs_i, offs_j,
+                False, BLOCK, BLOCK_K, DOT_FP32, INPUT_PRECISION,
+            )  # fmt: skip
+        n_tiles = tl.cdiv(d, BLOCK)
+        if not PARTIAL:
+            _store_gram_tile(
+                out_ptr + b.to(tl.int64) * stride_ob, acc, colsum, ti, tj, n_tiles - 1, d,
+                rows, stride_or, stride_oc, alpha, beta, APPEND_ONES, BETA_ZERO, BLOCK,
+            )  # fmt: skip
+        else:
+            # Partial tiles, laid out (split, batch, tile, BLOCK, BLOCK) and contiguous.
+            slot = (s * tl.num_programs(1) + b).to(tl.int64)
+            r = tl.arange(0, BLOCK)
+            tile_ptrs = part_ptr + (slot * tl.num_programs(0) + t) * BLOCK * BLOCK
+            tl.store(tile_ptrs + r[:, None] * BLOCK + r[None, :], acc)
+            if APPEND_ONES:  # noqa: SIM102 (constexpr branch around a run-time one)
+                if ti == tj:
+                    tl.store(psum_ptr + (slot * n_tiles + ti) * BLOCK + r, colsum)
+
+    @triton.jit
+    def _factor_stats_reduce_kernel(
+        out_ptr,
+        part_ptr,
+        psum_ptr,
+        rows,
+        d,
+        n_splits,
+        stride_ob,
+        stride_or,
+        stride_oc,
+        alpha,
+        beta,
+        APPEND_ONES: tl.constexpr,
+        BETA_ZERO: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # grid = (tiles, batch): adds the partial tiles in split order, then stores.
+        t = tl.program_id(0)
+        b = tl.program_id(1)
+        n_batch = tl.num_programs(1)
+        n_tri = tl.num_programs(0)
+        ti, tj = _tile_coords(t)
+        n_tiles = tl.cdiv(d, BLOCK)
+        r = tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        colsum = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, n_splits):
+            slot = (s * n_batch + b).to(tl.int64)
+            tile_ptrs = part_ptr + (slot * n_tri + t) * BLOCK * BLOCK
+            acc += tl.load(tile_ptrs + r[:, None] * BLOCK + r[None, :])
+            if APPEND_ONES:  # noqa: SIM102 (constexpr branch around a run-time one)
+                if ti == tj:
+                    colsum += tl.load(psum_ptr + (slot * n_tiles + ti) * BLOCK + r)
+        _store_gram_tile(
+            out_ptr + b.to(tl.int64) * stride_ob, acc, colsum, ti, tj, n_tiles - 1, d, rows,
+            stride_or, stride_oc, alpha, beta, APPEND_ONES, BETA_ZERO, BLOCK,
+        )  # fmt: skip
+
+    return SimpleNamespace(main=_factor_stats_kernel, reduce=_factor_stats_reduce_kernel)
+
+
+# -------------------------------------------------------------------------------- launcher
+_TRITON_X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INT32_MAX = 2**31 - 1
+
+
+def _max_offset(t: Tensor) -> int:
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if n > 0)
+
+
+def triton_supports(x: Tensor, out: Tensor) -> str | None:
+    """Why the Triton kernel does not take these tensors (None when it does)."""
+    if out.dtype != torch.float32:
+        return f"out is {out.dtype} (the kernel accumulates float32 factors)"
+    if x.dtype not in _TRITON_X_DTYPES:
+        return f"x is {x.dtype} (the kernel reads float32, bfloat16 or float16)"
+    if x.shape[2] == 0:
+        return "x has no columns"
+    if max(_max_offset(x), _max_offset(out)) > _INT32_MAX:
+        return "a tensor spans more than 2**31 elements (32-bit offsets)"
+    return None
+
+
+# float32 operands: three TF32 tensor-core products per multiply (about float32 accuracy,
+# several times the float32 FMA rate). 16-bit operands ignore the setting.
+DEFAULT_PRECISION = "tf32x3"
+
+
+def _config(d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK, BLOCK_K, num_warps, num_stages) for d columns of ``dtype``."""
+    block = min(128, max(16, 1 << (d - 1).bit_length()))
+    if interpreter_enabled():
+        # The interpreter runs each program serially in numpy: larger tiles run faster,
+        # and 64 still gives the test shapes several tiles per side.
+        return min(block, 64), 64, 4, 1
+    block_k = 64 if dtype.itemsize == 2 else 32
+    return block, block_k, (8 if block >= 128 else 4), 3
+
+
+def _splits(tiles: int, rows: int, block_k: int, device: torch.device) -> int:
+    """Row splits per tile so that a small triangle still fills the GPU (1 when it does)."""
+    if device.type != "cuda":
+        return 1
+    sms = multiprocessors(device)
+    # One wave of programs (a second, partial wave would leave most SMs idle), and at least
+    # 8 K-steps per split so that the partial tiles' round trip stays small against the work.
+    by_rows = max(1, rows // (8 * block_k))
+    return max(1, min(sms // tiles, by_rows, 64))
+
+
+def factor_stats_triton(
+    x: Tensor,
+    out: Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    append_ones: bool,
+    input_precision: str | None = None,
+    block: int | None = None,
+    splits: int | None = None,
+) -> Tensor:
+    """Launch the Triton kernel (checked inputs: see ``factor_stats``); in place on ``out``.
+
+    ``block`` (tile side, a power of 2 >= 16) and ``splits`` (row splits per tile) override
+    the heuristics; tests use them to reach every code path on small shapes.
+    """
+    reason = triton_supports(x, out)
+    if reason is not None:
+        raise ValueError(f"factor_stats: the Triton kernel cannot run: {reason}")
+    kernels = _build()
+    nb, rows, d = x.shape
+    blk, block_k, warps, stages = _config(d, x.dtype)
+    if block is not None:
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"factor_stats: block={block} must be a power of 2 >= 16")
+        blk = block
+    if nb == 0:
+        return out
+    n_tiles = math.ceil(d / blk)
+    tiles = n_tiles * (n_tiles + 1) // 2
+    n_splits = splits if splits is not None else _splits(tiles * nb, rows, block_k, x.device)
+    n_splits = max(1, min(n_splits, max(1, math.ceil(rows / block_k))))
+    rows_per_split = math.ceil(rows / n_splits / block_k) * block_k if rows else 0
+    if rows_per_split:
+        n_splits = math.ceil(rows / rows_per_split)  # no split without rows
+    precision = input_precision or DEFAULT_PRECISION
+    flags = dict(
+        APPEND_ONES=append_ones,
+        BETA_ZERO=beta == 0.0,
+        BLOCK=blk,
+    )
+    if n_splits > 1:
+        part = torch.empty(n_splits * nb * tiles * blk * blk, dtype=torch.float32, device=x.device)
+        psum = torch.empty(n_splits * nb * n_tiles * blk, dtype=torch.float32, device=x.device)
+    else:
+        part = psum = out  # unused
+    with device_guard(x.device):
+        kernels.main[(tiles, nb, n_splits)](
+            x, out, part, psum,
+            rows, d, rows_per_split,
+            *x.stride(), *out.stride(),
+            float(alpha), float(beta),
+            PARTIAL=n_splits > 1, BLOCK_K=block_k,
+            DOT_FP32=interpreter_enabled() and x.dtype == torch.bfloat16,
+            INPUT_PRECISION=precision if x.dtype == torch.float32 else "tf32",  # unused for 16-bit
+            num_warps=warps, num_stages=stages, **flags,
+        )  # fmt: skip
+        if n_splits > 1:
+            kernels.reduce[(tiles, nb)](
+                out, part, psum, rows, d, n_splits, *out.stride(), float(alpha), float(beta),
+                num_warps=warps, **flags,
+            )  # fmt: skip
+    return out
+
+
+# ------------------------------------------------------------------------------- reference
 def _check(x: Tensor, out: Tensor, append_ones: bool) -> None:
     if x.dim() != 3 or out.dim() != 3:
         raise ValueError(
@@ -28,6 +398,8 @@ def _check(x: Tensor, out: Tensor, append_ones: bool) -> None:
         )
     if not out.dtype.is_floating_point or out.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"factor_stats: out must be float32 or float64, got {out.dtype}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"factor_stats: x must be a floating-point tensor, got {x.dtype}")
     if x.device != out.device:
         raise ValueError(f"factor_stats: x on {x.device} but out on {out.device}")
 
@@ -58,6 +430,7 @@ def factor_stats_reference(
     return out
 
 
+# ---------------------------------------------------------------------------------- public
 def factor_stats(
     x: Tensor,
     out: Tensor,
@@ -66,9 +439,25 @@ def factor_stats(
     beta: float = 1.0,
     append_ones: bool = False,
     backend: str = "auto",
+    input_precision: str | None = None,
 ) -> Tensor:
-    """F ← β·F + α·X̃ᵀX̃ in place on ``out``; returns ``out``. See the module docstring."""
+    """F ← β·F + α·X̃ᵀX̃ in place on ``out``; returns ``out``. See the module docstring.
+
+    Args:
+        x: ``(B, rows, d)`` floating-point inputs, any strides.
+        out: ``(B, d', d')`` float32 or float64, d' = d + 1 with ``append_ones``.
+        alpha, beta: scalars of the update. β = 0 overwrites ``out`` without reading it.
+        append_ones: append the homogeneous ones column to X (never materialized).
+        backend: "auto" (Triton for CUDA tensors when triton imports), "torch" or "triton".
+        input_precision: Triton's ``tl.dot`` precision for float32 ``x``: "tf32x3" (default,
+            about float32 accuracy on tensor cores), "ieee" (float32 FMA) or "tf32".
+
+    The Triton path takes float32 ``out`` and float32/bfloat16/float16 ``x``; other cases
+    (float64 factors) run the reference whatever the backend.
+    """
     _check(x, out, append_ones)
-    if use_triton(backend, x.device):
-        raise NotImplementedError("Triton factor_stats kernel is not part of this version")
+    if use_triton(backend, x.device) and triton_supports(x, out) is None:
+        return factor_stats_triton(
+            x, out, alpha=alpha, beta=beta, append_ones=append_ones, input_precision=input_precision
+        )
     return factor_stats_reference(x, out, alpha=alpha, beta=beta, append_ones=append_ones)

@@ -12,13 +12,16 @@ described in docs/empirical_fisher.md.
 
 from ._constraint import LossChangeDiagnostics
 from ._options import KFACOptions
+from .distributed import DistributedOptions
 from .mc import mc_backward
 from .preconditioner import KFACPreconditioner
-from .summary import LayerSummary, Summary
+from .summary import DiagonalSummary, LayerSummary, Summary
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DiagonalSummary",
+    "DistributedOptions",
     "KFACOptions",
     "KFACPreconditioner",
     "LayerSummary",

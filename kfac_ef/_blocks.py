@@ -1,13 +1,22 @@
 """Layers' running factors, their decompositions, and batched preconditioning by shape.
 
-Every layer contributes ``blocks`` Kronecker blocks of shape (g_dim, a_dim). Layers whose
-blocks have the same shape (and device) form a *bucket*: their decompositions are stored
-stacked, so one batched chain of products preconditions all of them at once, and the launch
-count per step does not grow with the number of layers of a shape. Each layer holds views
-into its bucket's stacks.
+Every layer contributes ``blocks`` Kronecker blocks of shape (g_dim, a_dim); each factor is
+stored dense, diagonal or block-diagonal (``_factors.FactorSpec``). Layers whose blocks have
+the same shape and factor storage (and device) form a *bucket*: their decompositions are
+stored stacked, so one batched chain of products preconditions all of them at once, and the
+launch count per step does not grow with the number of layers of a shape. Each layer holds
+views into its bucket's stacks.
 
-Decompositions are computed per factor size: all factors of one size (A's and G's of every
-layer alike) go through one batched eigendecomposition.
+Decompositions are computed per block size: all factor blocks of one size (A's and G's of
+every layer alike) go through one batched eigendecomposition; diagonal factors need none.
+
+Parameters outside the Kronecker form, with other_params="diagonal", are
+:class:`DiagonalParam`: a running diagonal empirical Fisher F and p.grad ← p.grad / (F + ε).
+
+With damping_mode="ekfac" a layer's decomposition also holds the scale S of _ekfac.py
+(``"s"``, ``(blocks, g_pad, a_pad)``), carried over each basis change; with "pi" it holds the
+shifts of the damped inverses (``"cg"``, ``"ca"``), which the loss-change constraint's
+Kronecker form needs.
 """
 
 from __future__ import annotations
@@ -18,28 +27,50 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from . import linalg
-from ._stats import LayerStatistics
+from . import _ekfac, linalg
+from ._factors import FactorSpec, block_traces
+from ._stats import DiagonalStatistics, LayerStatistics, Scale
 from .layers import LayerAdapter
 
 logger = logging.getLogger(__name__)
 
 Decomposition = dict[str, Tensor]
+Taken = tuple[Tensor, Scale, Tensor, Scale]
+BucketKey = tuple[FactorSpec, FactorSpec, torch.device]
+
+
+def _per_stack(x: Tensor, nb: int) -> Tensor:
+    """Per-Kronecker-block values ``(blocks,)`` -> per stored block ``(blocks · nb,)``."""
+    return x if nb == 1 else x.repeat_interleave(nb)
+
+
+def _accepted(ok: Tensor, present: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per-block flags (keep, skip) of a statistics update: kept when finite (``ok``),
+    counted as skipped when not; neither where ``present`` says there were no statistics."""
+    if present is None:
+        return ok, ~ok
+    return ok & present, ~ok & present
+
+
+def _fold_weight(updates: Tensor, decay: float, keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """w = 1-β per kept block (1 for its first accepted update), 0 where not kept."""
+    return torch.where(updates > 0, 1.0 - decay, 1.0).to(dtype) * keep
 
 
 @dataclass(eq=False)
 class Layer:
-    """One preconditioned module: statistics, running factors and decomposition.
+    """One preconditioned Kronecker layer: statistics, running factors and decomposition.
 
-    ``updates[b]`` counts the accepted statistics updates of block b and ``skipped[b]`` the
-    rejected (non-finite) ones; both live on the device so that step() never synchronizes.
-    With ``damping_mode="ekfac"`` the decomposition also holds the scale ``"s"`` (B, g, a),
-    and ``scale_updates[b]`` counts the batches folded into it since it was last initialized
-    from λ_G λ_Aᵀ.
+    ``A`` and ``G`` are stored as ``spec.shape(blocks)`` stacks (see _factors). ``updates[b]``
+    counts the accepted statistics updates of block b and ``skipped[b]`` the rejected
+    (non-finite) ones; both live on the device so that step() never synchronizes.
+    With damping_mode="ekfac", ``scale_updates[b]`` counts the batches folded into the scale
+    S of block b since it was last initialized from λ_G λ_Aᵀ.
     """
 
     name: str
@@ -54,89 +85,192 @@ class Layer:
     scale_updates: Tensor | None = None
 
     @property
-    def shape_key(self) -> tuple[int, int, torch.device]:
-        ad = self.adapter
-        return (ad.g_dim, ad.a_dim, ad.weight.device)
+    def a_spec(self) -> FactorSpec:
+        return self.stats.a_spec
 
-    def update_factors(self, loss_reduction: str, decay: float) -> None:
-        """Fold this step's statistics into the running A and G, without host synchronization.
+    @property
+    def g_spec(self) -> FactorSpec:
+        return self.stats.g_spec
+
+    @property
+    def shape_key(self) -> BucketKey:
+        return (self.g_spec, self.a_spec, self.adapter.weight.device)
+
+    def take(self, loss_reduction: str, loss_scale: Tensor | None = None) -> Taken:
+        """This step's statistics and their scales (see LayerStatistics.take)."""
+        return self.stats.take(loss_reduction, loss_scale)
+
+    @staticmethod
+    def finite(taken: Taken) -> Tensor:
+        """0-d flag: whether every entry of this step's scaled statistics is finite."""
+        acc_a, scale_a, acc_g, scale_g = taken
+        return linalg.finite_gram(acc_a, scale_a).all() & linalg.finite_gram(acc_g, scale_g).all()
+
+    def fold(self, taken: Taken, decay: float, ok: Tensor, present: Tensor | None = None) -> None:
+        """Fold statistics into the running A and G, without host synchronization.
 
         F ← (1-w) F + w · s · S per block, with w = 1-β (w = 1 for a block's first accepted
-        update) and w = 0 for a block whose new statistics are not finite.
+        update) and w = 0 when ``ok`` (a 0-d device flag) is False. ``taken``'s accumulators
+        are clobbered.
+
+        ``present`` (a 0-d bool device tensor, optional) says whether the layer has statistics
+        at all: without, it is left alone and not counted as skipped (the distributed path,
+        where a layer may see no data on any rank, decides it on the device).
         """
-        acc_a, scale_a, acc_g, scale_g = self.stats.take(loss_reduction)
+        acc_a, scale_a, acc_g, scale_g = taken
+        blocks = self.adapter.blocks
         if self.A is None or self.G is None or self.updates is None or self.skipped is None:
             self.A = torch.zeros_like(acc_a)
             self.G = torch.zeros_like(acc_g)
-            self.updates = torch.zeros(acc_a.shape[0], dtype=torch.int64, device=acc_a.device)
+            self.updates = torch.zeros(blocks, dtype=torch.int64, device=acc_a.device)
             self.skipped = torch.zeros_like(self.updates)
-        keep = linalg.finite_gram(acc_a, scale_a) & linalg.finite_gram(acc_g, scale_g)
-        weight = torch.where(self.updates > 0, 1.0 - decay, 1.0).to(acc_a.dtype) * keep
-        for factor, acc, scale in ((self.A, acc_a, scale_a), (self.G, acc_g, scale_g)):
-            linalg.running_average_(factor, acc, scale, weight, keep)
+        keep, skip = _accepted(ok.expand(blocks), present)
+        weight = _fold_weight(self.updates, decay, keep, acc_a.dtype)
+        for factor, acc, scale, spec in (
+            (self.A, acc_a, scale_a, self.a_spec),
+            (self.G, acc_g, scale_g, self.g_spec),
+        ):
+            linalg.running_average_(
+                factor, acc, scale, _per_stack(weight, spec.nb), _per_stack(keep, spec.nb)
+            )
         self.updates.add_(keep)
-        self.skipped.add_(~keep)
+        self.skipped.add_(skip)
 
-    def update_scale(self, calls: list[Call], loss_reduction: str, decay: float) -> None:
-        """Fold this step's EKFAC second moment into the running scale S, on the device.
+    def fold_scale(
+        self, raw: Tensor, scale: Scale, decay: float, ok: Tensor, present: Tensor | None = None
+    ) -> None:
+        """Fold a batch's EKFAC second moment into the running S, without host synchronization.
 
-        S_batch = s · Σ_n (Q_Gᵀ ∇̂_n Q_A)² in the current eigenbasis, with ∇̂_n the observed
-        gradient of example n (summed over its positions and calls) and s the scale of G
-        (N for mean reduction, since δ_n = N · ∂L/∂s; 1 for sum). Then
-        S ← (1-w) S + w S_batch with w = 1-β, or w = 1 for the first batch since S was
-        initialized from λ_G λ_Aᵀ; a block whose S_batch is not finite is left unchanged.
-        Updates the view into the bucket's stack in place.
+        S ← (1-w) S + w · s · raw per block, s the scale of G (the raw sums are of observed
+        gradients, like S_G), w = 1-β, or 1 for the first batch since S was initialized from
+        λ_G λ_Aᵀ; w = 0 where the batch is not finite or ``ok`` (0-d flag) is False, or where
+        ``present`` (0-d flag, distributed) says no rank had statistics. Updates the view into
+        the bucket's stack in place; ``raw`` is clobbered.
         """
-        st = self.decomposition
-        if st is None or "s" not in st or not calls:
-            return
-        ad = self.adapter
-        total: Tensor | None = None
-        examples = 0
-        for a, d in per_pass_rows(ad, calls):
-            part = linalg.eigenbasis_second_moment(a, d, st["qa"], st["qg"])
-            total = part if total is None else total.add_(part)
-            examples += a.shape[0]
-        assert total is not None and self.scale_updates is not None
-        scale = float(examples) if loss_reduction == "mean" else 1.0
-        keep = torch.isfinite(total.sum(dim=(1, 2)) * scale)
-        weight = torch.where(self.scale_updates > 0, 1.0 - decay, 1.0).to(total.dtype) * keep
-        linalg.running_average_(st["s"], total, scale, weight, keep)
+        dec = self.decomposition
+        assert dec is not None and "s" in dec and self.scale_updates is not None
+        finite = torch.isfinite(raw.sum(dim=(1, 2)) * scale) & ok
+        keep, _ = _accepted(finite, present)
+        weight = _fold_weight(self.scale_updates, decay, keep, raw.dtype)
+        linalg.running_average_(dec["s"], raw, scale, weight, keep)
         self.scale_updates.add_(keep)
 
 
-Call = tuple[Tensor, Tensor, int]
-"""One call of a layer as captured: (input x, gradient w.r.t. its output, pass id)."""
+def carried_scale(layer: Layer, new: Decomposition) -> Tensor:
+    """The EKFAC scale of a layer's new eigenbasis: the previous S carried over, or λ_G λ_Aᵀ.
 
-
-def per_pass_rows(adapter: LayerAdapter, calls: list[Call]) -> list[tuple[Tensor, Tensor]]:
-    """The calls of one step as ``(N, T, blocks, a_dim)`` inputs and ``(N, T, blocks, g_dim)``
-    output gradients, one pair per pass (the same N examples); the calls of one pass (a
-    module applied several times) are concatenated along positions. Inputs carry the
-    homogeneous coordinate when the layer has a trainable bias.
+    A layer that had a scale keeps its running average, transported to the new basis
+    (``_ekfac.transport``); one without (its first basis, or a checkpoint without a scale)
+    starts from K-FAC's diagonal λ_G λ_Aᵀ and its next batch replaces it.
     """
-    by_pass: dict[int, list[tuple[Tensor, Tensor]]] = defaultdict(list)
-    for x, grad, pass_id in calls:
-        a = adapter.inputs(x)
-        if adapter.has_bias:
-            a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
-        by_pass[pass_id].append((a, adapter.output_grads(grad)))
-    out: list[tuple[Tensor, Tensor]] = []
-    for items in by_pass.values():
-        if len({a.shape[0] for a, _ in items}) == 1:
-            out.append((torch.cat([a for a, _ in items], 1), torch.cat([d for _, d in items], 1)))
-        else:  # batch sizes differ within a pass (warned by the statistics): calls apart
-            out.extend(items)
-    return out
+    old = layer.decomposition
+    if old is not None and "s" in old and layer.scale_updates is not None:
+        return _ekfac.transport(old["s"], old, new, layer.g_spec, layer.a_spec)
+    layer.scale_updates = torch.zeros(
+        layer.adapter.blocks, dtype=torch.int64, device=new["lg"].device
+    )
+    return _ekfac.initial_scale(new["lg"], new["la"], layer.g_spec, layer.a_spec)
 
 
-def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[Layer]:
+def decomposition_keys(layer: Layer, damping_mode: str) -> set[str]:
+    """The entries of a complete decomposition of ``layer`` (a checkpoint missing one is
+    decomposed afresh): a diagonal factor has eigenvalues but no eigenbasis."""
+    if damping_mode == "pi":
+        return {"ig", "ia", "cg", "ca"}
+    keys = {"lg", "la"}
+    keys |= {"qg"} if layer.g_spec.has_basis else set()
+    keys |= {"qa"} if layer.a_spec.has_basis else set()
+    return keys | ({"s"} if damping_mode == "ekfac" else set())
+
+
+@dataclass(eq=False)
+class DiagonalParam:
+    """A parameter preconditioned by its diagonal empirical Fisher: p.grad ← p.grad / (F + ε).
+
+    ``F`` is the running average (same cadence, decay and reduction scaling as the Kronecker
+    factors), ``inverse`` = 1 / (F + ε) as of the last decomposition step, shaped like p.
+    """
+
+    name: str
+    param: nn.Parameter
+    stats: DiagonalStatistics
+    F: Tensor | None = None
+    updates: Tensor | None = None
+    skipped: Tensor | None = None
+    inverse: Tensor | None = None
+
+    def take(self, loss_reduction: str, loss_scale: Tensor | None = None) -> tuple[Tensor, Scale]:
+        return self.stats.take(loss_reduction, loss_scale)
+
+    @staticmethod
+    def finite(taken: tuple[Tensor, Scale]) -> Tensor:
+        acc, scale = taken
+        return torch.isfinite(acc.sum() * scale)
+
+    def fold(
+        self,
+        taken: tuple[Tensor, Scale],
+        decay: float,
+        ok: Tensor,
+        present: Tensor | None = None,
+    ) -> None:
+        """F ← (1-w) F + w · s · S, as :meth:`Layer.fold` (``ok``, ``present``: 0-d flags)."""
+        acc, scale = taken
+        if self.F is None or self.updates is None or self.skipped is None:
+            self.F = torch.zeros_like(acc)
+            self.updates = torch.zeros(1, dtype=torch.int64, device=acc.device)
+            self.skipped = torch.zeros_like(self.updates)
+        keep, skip = _accepted(ok.reshape(1), present)
+        weight = _fold_weight(self.updates, decay, keep, acc.dtype)
+        acc.masked_fill_(~keep, 0.0)
+        self.F.mul_(1.0 - weight).add_(acc * (weight * scale))
+        self.updates.add_(keep)
+        self.skipped.add_(skip)
+
+    def decompose(self, damping: float) -> bool:
+        """inverse ← 1/(F + ε); False (and no inverse) while F has no accepted update.
+
+        Reads the update count on the host: decomposition steps only.
+        """
+        if self.F is None or self.updates is None or int(self.updates.sum()) == 0:
+            return False
+        self.inverse = (self.F.clamp_min(0.0) + damping).reciprocal_().view(self.param.shape)
+        return True
+
+
+# (id(layer), "A" | "G") -> (parts of the decomposition, whether it succeeded)
+Results = dict[tuple[int, str], tuple[dict[str, Tensor], bool]]
+
+
+class DecompositionShare(Protocol):
+    """How decompositions are split between processes (see kfac_ef/distributed.py).
+
+    ``owns(layer, side)`` says whether this process computes the decomposition of factor
+    ``side`` ("A" or "G") of ``layer`` (asked for factors with an eigenbasis only: diagonal
+    factors are decomposed by every process, it costs O(d)); ``exchange(results, ready)``
+    returns the results of every factor this process needs (its own, the diagonal ones, and
+    those received from their owners), keyed like ``results``. Layers absent from the
+    returned results keep their decomposition.
+    """
+
+    def owns(self, layer: Layer, side: str) -> bool: ...
+
+    def exchange(self, results: Results, ready: list[Layer]) -> Results: ...
+
+
+def decompose(
+    layers: list[Layer],
+    damping_mode: str,
+    damping: float,
+    share: DecompositionShare | None = None,
+) -> list[Layer]:
     """Recompute the decomposition of every layer whose factors have been updated.
 
     A layer whose eigendecomposition fails even in float64 keeps its previous decomposition
     (warning); without one it stays unpreconditioned until a later decomposition succeeds.
     Reads update counts on the host: called only on decomposition steps. Warnings point at
-    the caller of ``KFACPreconditioner.step()``.
+    the caller of ``KFACPreconditioner.step()``. With ``share``, only the factors this process
+    owns are decomposed here, and the others arrive through ``share.exchange``.
 
     Returns:
         The layers that have no accepted statistics yet (nothing to decompose).
@@ -144,40 +278,37 @@ def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[La
     ready: list[Layer] = []
     waiting: list[Layer] = []
     for layer in layers:
-        if layer.A is None or layer.updates is None or layer.skipped is None:
+        if layer.A is None or layer.updates is None:
             waiting.append(layer)
             continue
-        counts = layer.updates.tolist()
-        skipped = int(layer.skipped.sum())
-        if skipped > layer.skipped_reported:
-            warnings.warn(
-                f"layer {layer.name!r}: {skipped - layer.skipped_reported} statistics update(s) "
-                "had non-finite values and were skipped (factors kept their previous values)",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            layer.skipped_reported = skipped
-        (ready if min(counts) > 0 else waiting).append(layer)
+        (ready if min(layer.updates.tolist()) > 0 else waiting).append(layer)
 
-    # One batched call per factor size and device: eigendecompositions ("exact") or damped
-    # inverses ("pi", whose shifts √ε·π and √ε/π depend on each layer's traces).
+    # One batched call per block size and device: eigendecompositions ("exact", "ekfac") or
+    # damped inverses ("pi", whose shifts √ε·π and √ε/π depend on each layer's traces).
+    # Diagonal factors need no call: their eigenvalues are their entries.
     jobs: dict[tuple[int, torch.device], list[tuple[Layer, str]]] = defaultdict(list)
+    diagonal: list[tuple[Layer, str]] = []
     shifts: dict[tuple[int, str], Tensor] = {}
     sqrt_eps = math.sqrt(damping)
     for layer in ready:
         assert layer.A is not None and layer.G is not None
-        jobs[(layer.A.shape[-1], layer.A.device)].append((layer, "A"))
-        jobs[(layer.G.shape[-1], layer.G.device)].append((layer, "G"))
+        for side, spec in (("A", layer.a_spec), ("G", layer.g_spec)):
+            mat = getattr(layer, side)
+            if not spec.has_basis:
+                diagonal.append((layer, side))  # local everywhere: cheap
+            elif share is None or share.owns(layer, side):
+                jobs[(spec.bs, mat.device)].append((layer, side))
         if damping_mode == "pi":
+            blocks = layer.adapter.blocks
             pi = linalg.pi_scale(
-                layer.A.diagonal(dim1=1, dim2=2).sum(-1),
-                layer.adapter.a_dim,
-                layer.G.diagonal(dim1=1, dim2=2).sum(-1),
-                layer.adapter.g_dim,
+                block_traces(layer.A, layer.a_spec, blocks),
+                layer.a_spec.dim,
+                block_traces(layer.G, layer.g_spec, blocks),
+                layer.g_spec.dim,
             )
-            shifts[(id(layer), "A")] = sqrt_eps * pi
-            shifts[(id(layer), "G")] = sqrt_eps / pi
-    results: dict[tuple[int, str], tuple[dict[str, Tensor], bool]] = {}
+            shifts[(id(layer), "A")] = _per_stack(sqrt_eps * pi, layer.a_spec.nb)
+            shifts[(id(layer), "G")] = _per_stack(sqrt_eps / pi, layer.g_spec.nb)
+    results: Results = {}
     for items in jobs.values():
         mats = torch.cat([getattr(layer, side) for layer, side in items])
         if damping_mode != "pi":
@@ -189,11 +320,23 @@ def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[La
             parts = {"i": inv}
         offset = 0
         for layer, side in items:
-            sl = slice(offset, offset + layer.adapter.blocks)
+            n = getattr(layer, side).shape[0]
+            sl = slice(offset, offset + n)
             results[(id(layer), side)] = ({k: v[sl] for k, v in parts.items()}, all(ok[sl]))
-            offset += layer.adapter.blocks
+            offset += n
+    for layer, side in diagonal:
+        entries = getattr(layer, side).reshape(-1, 1).clamp_min(0.0)
+        if damping_mode != "pi":
+            results[(id(layer), side)] = ({"l": entries}, True)
+        else:
+            shift = shifts[(id(layer), side)].to(entries.dtype).unsqueeze(1)
+            results[(id(layer), side)] = ({"i": (entries + shift).reciprocal_()}, True)
+    if share is not None:
+        results = share.exchange(results, ready)
 
     for layer in ready:
+        if (id(layer), "A") not in results:
+            continue  # preconditioned by other processes (distributed)
         part_a, ok_a = results[(id(layer), "A")]
         part_g, ok_g = results[(id(layer), "G")]
         if not (ok_a and ok_g):
@@ -208,8 +351,9 @@ def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[La
                 stacklevel=4,
             )
             continue
-        # Keys: eigenbases/eigenvalues ("qg", "lg", "qa", "la") or inverses ("ig", "ia")
-        # with their shifts ("cg", "ca"); "ekfac" adds the scale "s".
+        # Keys: eigenbases/eigenvalues ("qg", "lg", "qa", "la"; no "q" for a diagonal factor)
+        # or damped inverses ("ig", "ia") with their shifts ("cg", "ca", per stored block);
+        # "ekfac" adds the scale "s".
         new = {
             f"{k}{side}": v
             for side, part in (("g", part_g), ("a", part_a))
@@ -220,41 +364,35 @@ def decompose(layers: list[Layer], damping_mode: str, damping: float) -> list[La
             new["cg"] = shifts[(id(layer), "G")].to(dtype)
             new["ca"] = shifts[(id(layer), "A")].to(dtype)
         elif damping_mode == "ekfac":
-            new["s"] = _carried_scale(layer, new)
+            new["s"] = carried_scale(layer, new)
         layer.decomposition = new
     return waiting
 
 
-def _carried_scale(layer: Layer, new: Decomposition) -> Tensor:
-    """The EKFAC scale of a layer's new eigenbasis: the previous S carried over, or λ_G λ_Aᵀ.
-
-    A layer that had a scale keeps its running average, transported to the new basis
-    (``linalg.ekfac_transport``); one without (its first basis, or a checkpoint without a
-    scale) starts from K-FAC's diagonal λ_G λ_Aᵀ and its next batch replaces it.
-    """
-    old = layer.decomposition
-    if old is not None and "s" in old and layer.scale_updates is not None:
-        return linalg.ekfac_transport(old["s"], old["qg"], old["qa"], new["qg"], new["qa"])
-    layer.scale_updates = torch.zeros(
-        layer.adapter.blocks, dtype=torch.int64, device=new["lg"].device
-    )
-    return linalg.ekfac_initial_scale(new["lg"], new["la"])
-
-
-PreconditionFn = Callable[[Tensor, Decomposition], "Tensor | tuple[Tensor, Tensor]"]
-"""Maps the stacked gradients ``(B, g, a)`` to the preconditioned ones, optionally with a
-``(B,)`` tensor of per-block values computed on the way (the quadratic forms of the
+PreconditionFn = Callable[
+    [Tensor, Decomposition, FactorSpec, FactorSpec], "Tensor | tuple[Tensor, Tensor]"
+]
+"""Maps the stacked gradients ``(B, g_pad, a_pad)`` to the preconditioned ones, optionally with
+a ``(B,)`` tensor of per-block values computed on the way (the Kronecker form of the
 loss-change constraint), which ``Bucket.precondition`` hands back."""
 
 
 @dataclass(eq=False)
 class Bucket:
-    """Layers whose blocks share one (g_dim, a_dim) and device; decompositions stacked."""
+    """Layers whose blocks share one shape, factor storage and device; decompositions stacked."""
 
-    key: tuple[int, int, torch.device]
+    key: BucketKey
     layers: list[Layer]
     active: list[Layer] = field(default_factory=list)
     stacked: Decomposition = field(default_factory=dict)
+
+    @property
+    def g_spec(self) -> FactorSpec:
+        return self.key[0]
+
+    @property
+    def a_spec(self) -> FactorSpec:
+        return self.key[1]
 
     def restack(self) -> None:
         """Stack the members' decompositions and point each member at its slice of the stack."""
@@ -267,72 +405,105 @@ class Bucket:
             k: torch.cat([layer.decomposition[k] for layer in self.active])  # type: ignore[index]
             for k in names
         }
-        offset = 0
+        offset = {k: 0 for k in names}
         for layer in self.active:
-            blocks = layer.adapter.blocks
-            layer.decomposition = {k: v[offset : offset + blocks] for k, v in self.stacked.items()}
-            offset += blocks
+            views = {}
+            for k, v in self.stacked.items():
+                n = layer.decomposition[k].shape[0]  # type: ignore[index]
+                views[k] = v[offset[k] : offset[k] + n]
+                offset[k] += n
+            layer.decomposition = views
 
     def precondition(
         self, fn: PreconditionFn, dtype: torch.dtype
     ) -> tuple[list[Layer], Tensor | None]:
-        """Rewrite the gradients of every member that has one, in one batched call.
+        """Rewrite the gradients of every member that has them, in one batched call.
+
+        Gradients are gathered into one ``(B, g_pad, a_pad)`` buffer (zero padding beyond
+        the layers' widths), preconditioned, and written back through views into p.grad.
 
         Returns:
             The layers whose gradients were rewritten, and the ``(B,)`` per-block values
             ``fn`` returned beside the gradients (None if it returned none).
         """
-        layers = [
-            layer
-            for layer in self.active
-            if all(p.grad is not None for p in layer.adapter.parameters())
-        ]
-        if not layers:
+        members: list[tuple[Layer, list[tuple[Tensor, int]]]] = []
+        for layer in self.active:
+            parts = layer.adapter.gradient_parts()
+            if parts is not None:
+                members.append((layer, parts))
+        if not members:
             return [], None
-        if len(layers) == len(self.active):
+        if len(members) == len(self.active):
             stacked = self.stacked
         else:
             stacked = {
-                k: torch.cat([layer.decomposition[k] for layer in layers])  # type: ignore[index]
+                k: torch.cat([layer.decomposition[k] for layer, _ in members])  # type: ignore[index]
                 for k in self.stacked
             }
-        g_dim, a_dim, device = self.key
-        total = sum(layer.adapter.blocks for layer in layers)
-        grads = torch.empty(total, g_dim, a_dim, dtype=dtype, device=device)
+        g_spec, a_spec, device = self.key
+        total = sum(layer.adapter.blocks for layer, _ in members)
+        shape = (total, g_spec.padded, a_spec.padded)
+        padded = g_spec.padded != g_spec.dim or a_spec.padded != a_spec.dim
+        grads = (torch.zeros if padded else torch.empty)(shape, dtype=dtype, device=device)
+        g_dim = g_spec.dim
         dst: list[Tensor] = []
         src: list[Tensor] = []
         offset = 0
-        for layer in layers:
-            ad = layer.adapter
-            sl = slice(offset, offset + ad.blocks)
-            dst.append(grads[sl, :, : ad.a_dim0])
-            src.append(ad.weight_matrix(ad.weight.grad))  # type: ignore[arg-type]
-            if ad.bias is not None:
-                dst.append(grads[sl, :, ad.a_dim0 :])
-                src.append(ad.bias_matrix(ad.bias.grad))  # type: ignore[arg-type]
-            offset += ad.blocks
+        for layer, parts in members:
+            sl = slice(offset, offset + layer.adapter.blocks)
+            for view, col in parts:
+                dst.append(grads[sl, :g_dim, col : col + view.shape[-1]])
+                src.append(view)
+            offset += layer.adapter.blocks
         torch._foreach_copy_(dst, src)
 
-        result = fn(grads, stacked)
+        result = fn(grads, stacked, g_spec, a_spec)
         out, extra = result if isinstance(result, tuple) else (result, None)
 
         dst, src = [], []
         offset = 0
-        for layer in layers:
-            ad = layer.adapter
-            sl = slice(offset, offset + ad.blocks)
-            dst.append(ad.weight.grad)  # type: ignore[arg-type]
-            src.append(out[sl, :, : ad.a_dim0].reshape(ad.weight.shape))
-            if ad.bias is not None:
-                dst.append(ad.bias.grad)  # type: ignore[arg-type]
-                src.append(out[sl, :, ad.a_dim0 :].reshape(ad.bias.shape))
-            offset += ad.blocks
+        for layer, parts in members:
+            sl = slice(offset, offset + layer.adapter.blocks)
+            for view, col in parts:
+                dst.append(view)
+                src.append(out[sl, :g_dim, col : col + view.shape[-1]])
+            offset += layer.adapter.blocks
         torch._foreach_copy_(dst, src)
-        return layers, extra
+        return [layer for layer, _ in members], extra
 
 
 def make_buckets(layers: list[Layer]) -> list[Bucket]:
-    groups: dict[tuple[int, int, torch.device], list[Layer]] = defaultdict(list)
+    groups: dict[BucketKey, list[Layer]] = defaultdict(list)
     for layer in layers:
         groups[layer.shape_key].append(layer)
     return [Bucket(key, members) for key, members in groups.items()]
+
+
+def precondition_diagonal(
+    params: list[DiagonalParam], with_form: bool = False
+) -> tuple[list[DiagonalParam], Tensor | None]:
+    """p.grad ← p.grad · 1/(F + ε) for every diagonal parameter with a gradient, in one call.
+
+    Returns:
+        The parameters rewritten and, with ``with_form``, Σ F ∇̃² over them (0-d, in the
+        factor dtype; None without a rewritten parameter): ∇̃ᵀ diag(F) ∇̃, the diagonal
+        empirical Fisher's share of the constraint's Kronecker form (damping excluded).
+    """
+    done, grads, inverses = [], [], []
+    for d in params:
+        if d.inverse is not None and d.param.grad is not None:
+            done.append(d)
+            grads.append(d.param.grad)
+            inverses.append(d.inverse)
+    if not grads:
+        return [], None
+    torch._foreach_mul_(grads, inverses)
+    if not with_form:
+        return done, None
+    parts = []
+    device = grads[0].device
+    for d, g in zip(done, grads):
+        assert d.F is not None
+        gf = g.reshape(-1).to(d.F.dtype)
+        parts.append((d.F.clamp_min(0.0) * gf * gf).sum().to(device))
+    return done, torch.stack(parts).sum()

@@ -9,166 +9,207 @@ loss of example n changes by Δℓ_n = g_nᵀ Δθ, and the empirical Fisher C =
 step() picks ν so that this equals c ("equality" form, ``target_loss_change``) or stays at or
 below c ("trust-region" form, ``max_loss_change``: ν = min(1, ...)). Two forms of ∇̃ᵀ C ∇̃:
 
-- "kronecker": C ≈ G⊗A per layer (damping excluded), Σ_layers ⟨∇̃, G ∇̃ A⟩, read off the
-  preconditioning chain (``precondition_eigen_with_form``, ``precondition_pi_with_form``);
-- "exact": the empirical Fisher itself, E_n[u_n²] with u_n = Σ_layers Σ_t δ_{n,t}ᵀ ∇̃ ã_{n,t}
-  the directional derivative of ℓ_n along ∇̃, computed from the step's captured inputs and
-  output gradients as the layer's output for weights ∇̃ (``per_example_directions``): no
-  per-example parameter gradient is formed.
+- "kronecker": C ≈ G⊗A per layer (as stored: dense, diagonal or block-diagonal factors;
+  damping excluded), Σ_layers ⟨∇̃, G ∇̃ A⟩, read off the preconditioning chain
+  (``kernels.precondition_eigen_with_form``, ``_factors.precondition_structured_eigen``,
+  ``_factors.precondition_inverse_with_form``), plus Σ F ∇̃² for the parameters
+  preconditioned by their diagonal empirical Fisher F;
+- "exact": the empirical Fisher itself, E_n[u_n²] with u_n = g_nᵀ ∇̃ the directional
+  derivative of ℓ_n along ∇̃, computed from the step's captured calls
+  (``per_example_directions``): per Kronecker layer Σ_t δ_{n,t}ᵀ ∇̃ ã_{n,t} (every call of
+  every module that uses the weight, tied uses included), per diagonal parameter
+  ⟨g_n, ∇̃⟩ from its per-example gradient rule; no per-example parameter gradient of a
+  Kronecker layer is formed.
+
+Both cover exactly the parameters step() preconditions (and scales by ν); parameters left to
+the optimizer, and layers without a decomposition yet, are in neither.
 
 Everything here runs on the device without reading values on the host: ν is a 0-dim tensor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ._blocks import Call, Layer
+from .layers import Inputs, LayerAdapter, OneHotInputs
 
-# ---------------------------------------------------------------------------- quadratic forms
+if TYPE_CHECKING:
+    from ._discovery import Route
 
-
-def precondition_eigen_with_form(
-    grads: Tensor,
-    qg: Tensor,
-    lg: Tensor,
-    qa: Tensor,
-    la: Tensor,
-    damping: float,
-    scale: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """∇̃ = Q_G [V ⊘ (K + ε)] Q_Aᵀ with V = Q_Gᵀ ∇ Q_A, and ∇̃ᵀ C ∇̃ per block on the way.
-
-    K = λ_G λ_Aᵀ (K-FAC) or the EKFAC scale S; the curvature without damping is
-    C = (Q_G⊗Q_A) diag(vec K) (Q_G⊗Q_A)ᵀ, so with Ṽ = V ⊘ (K + ε) = Q_Gᵀ ∇̃ Q_A
-
-        ∇̃ᵀ C ∇̃ = Σ_ij K_ij Ṽ_ij²,
-
-    a sum of non-negative terms (no cancellation) over a tensor the chain computes anyway:
-    the same four products as ``kernels.precondition_eigen`` plus one elementwise pass.
-
-    Returns:
-        ``(B, g, a)`` preconditioned gradients and the ``(B,)`` quadratic forms.
-    """
-    v = qg.transpose(1, 2) @ grads @ qa
-    k = lg.unsqueeze(2) * la.unsqueeze(1) if scale is None else scale
-    v.div_(k + damping)
-    form = (k * v.square()).sum(dim=(1, 2))
-    return qg @ v @ qa.transpose(1, 2), form
-
-
-def precondition_pi_with_form(
-    grads: Tensor, ig: Tensor, ia: Tensor, cg: Tensor, ca: Tensor
-) -> tuple[Tensor, Tensor]:
-    """∇̃ = (G + c_G I)⁻¹ ∇ (A + c_A I)⁻¹ and ⟨∇̃, G ∇̃ A⟩ per block, with one extra product.
-
-    With R = ∇ (A + c_A)⁻¹ and L = (G + c_G)⁻¹ ∇, ∇̃ = (G + c_G)⁻¹ R = L (A + c_A)⁻¹, hence
-    G ∇̃ = R - c_G ∇̃ and ∇̃ A = L - c_A ∇̃, and by symmetry of G
-
-        ⟨∇̃, G ∇̃ A⟩ = tr(∇̃ᵀ G ∇̃ A) = ⟨R - c_G ∇̃, L - c_A ∇̃⟩.
-
-    The chain needs one of R, L; the form needs both, so the cheaper of the two products is
-    done twice: g²·a extra FLOPs per block when g ≤ a, else g·a². The factors themselves are
-    not needed (only the inverses the chain already holds and the shifts c_G, c_A).
-    """
-    g_dim, a_dim = grads.shape[1], grads.shape[2]
-    right = grads @ ia  # R
-    left = ig @ grads  # L
-    out = ig @ right if g_dim <= a_dim else left @ ia
-    cg3, ca3 = cg.view(-1, 1, 1), ca.view(-1, 1, 1)
-    form = ((right - cg3 * out) * (left - ca3 * out)).sum(dim=(1, 2))
-    return out, form
-
+Held = tuple[Any, Tensor, int]
+"""One call of a hooked module as captured: (what its adapter saved, the gradient w.r.t. its
+output, pass id)."""
 
 # ---------------------------------------------------------------------------- exact form
 
 
-def per_example_directions(
-    layers: Sequence[Layer], calls: dict[str, list[Call]], grad_scale: float | None
-) -> tuple[Tensor | None, list[str]]:
-    """u_n = Σ_layers Σ_calls Σ_t δ_{n,t}ᵀ ∇̃ ã_{n,t} for the examples of the step.
+def _layer_directions(
+    ad: LayerAdapter, inputs: Inputs, grads: Tensor, tangents: Mapping[int, Tensor], dtype: Any
+) -> Tensor | None:
+    """Σ_{t,b} γ_{n,t,b}ᵀ (W̃_b ã_{n,t,b}) per example for one call of a Kronecker layer,
+    with W̃ = [∇̃W | ∇̃b] read through the layer's matrix views of the tangents (absent
+    parameters count as 0); None when the layer has no tangent."""
+    w = tangents.get(id(ad.weight))
+    b = tangents.get(id(ad.bias)) if ad.bias is not None else None
+    if w is None and b is None:
+        return None
+    d = grads.to(dtype)  # (N, T, blocks, g)
+    u = d.new_zeros(d.shape[0])
+    if w is not None:
+        wm = ad.weight_matrix(w).to(dtype)  # (blocks, g, a0)
+        if isinstance(inputs, OneHotInputs):
+            idx = inputs.indices  # (N, T), -1: a zero input
+            rows = wm[0].t()[idx.clamp_min(0)] * (idx >= 0).unsqueeze(-1).to(dtype)
+            u.add_((rows * d[:, :, 0]).sum(dim=(1, 2)))
+        else:
+            u.add_(torch.einsum("ntbg,bgi,ntbi->n", d, wm, inputs.to(dtype)))
+    if b is not None:
+        bm = ad.bias_matrix(b).to(dtype)[..., 0]  # (blocks, g)
+        u.add_(torch.einsum("ntbg,bg->n", d, bm))
+    return u
 
-    ∇̃ is read from the layers' ``.grad`` (already preconditioned). For one call with input x
-    and observed output gradient ∂L/∂s, Σ_t ∂L/∂s_tᵀ ∇̃ ã_t is ⟨∂L/∂s, s(x; ∇̃)⟩ per example,
-    s(x; ∇̃) being the layer's output with its parameters replaced by ∇̃ (the layer is linear in
-    them): one forward of the layer, no per-example gradient. δ = s · ∂L/∂s with s = N for
-    mean reduction, 1 for sum (``grad_scale``; None: N counted from the calls).
+
+def per_example_directions(
+    routes: Mapping[str, Route],
+    calls: Mapping[str, list[Held]],
+    tangents: Mapping[int, Tensor],
+    dtype: torch.dtype,
+) -> tuple[Tensor | None, set[int]]:
+    """û_n = Σ_modules Σ_calls (contribution of the call) for the examples of the step.
+
+    ``tangents`` maps ``id(parameter)`` to its preconditioned gradient ∇̃ (the parameters
+    step() preconditions). Each held call goes through its module's adapter
+    (``observe``: the same layer inputs and output gradients as the statistics, attention
+    recomputed) and contributes Σ_t γ_tᵀ ∇̃ ã_t per example for each Kronecker layer it feeds
+    or shares a tied weight with, and ⟨ĝ_n, ∇̃⟩ for each diagonal parameter (ĝ_n its
+    per-example gradient). γ and ĝ are the observed gradients of the reduced loss: the
+    caller scales û to u_n = g_nᵀ ∇̃ (N for mean reduction, 1 for sum, divided by the loss
+    scale).
 
     Examples are those of the step: per pass (see capture.py) its batch, passes concatenated
-    in order (gradient accumulation). Calls of one pass (a module applied several times) add
-    up per example.
+    in order (gradient accumulation). Calls of one pass (a module applied several times)
+    add up per example.
 
     Returns:
-        ``(N,)`` tensor (None when no call was captured) and the names of the layers that
-        have a preconditioned gradient but no captured call (left out of u).
+        ``(N,)`` tensor (None when no call was captured) and the ids of the parameters that
+        got a contribution.
+
+    Raises:
+        ValueError: if calls of one pass have different batch sizes (not the same examples).
     """
     by_pass: dict[int, Tensor] = {}
-    missing: list[str] = []
-    for layer in layers:
-        layer_calls = calls.get(layer.name)
-        if not layer_calls:
-            missing.append(layer.name)
-            continue
-        ad = layer.adapter
-        dw = ad.weight.grad
-        db = ad.bias.grad if ad.bias is not None else None
-        assert dw is not None
-        dtype = layer.stats.dtype
-        for x, grad, pass_id in layer_calls:
-            dt = torch.promote_types(x.dtype, dw.dtype)
-            s = ad.linear_map(x.to(dt), dw.to(dt), None if db is None else db.to(dt))
-            prod = ad.output_grads(s.to(dtype) * grad.to(dtype))  # (N, T, blocks, g)
-            contribution = prod.sum(dim=(1, 2, 3))
-            seen = by_pass.get(pass_id)
-            by_pass[pass_id] = contribution if seen is None else seen.add_(contribution)
+    seen: set[int] = set()
+    for name, held in calls.items():
+        route = routes[name]
+        adapter = route.adapter
+        entries = [*route.layers, *route.tied]
+        indices = sorted({i for i, _ in entries})
+        params = [p for p, _ in route.params if id(p) in tangents]
+        for saved, grad, pass_id in held:
+            obs = adapter.observe(saved, grad, indices, params)
+            parts: list[Tensor] = []
+            for index, inputs, grads in obs.kron:
+                ad = adapter.layers[index]
+                part = _layer_directions(ad, inputs, grads, tangents, dtype)
+                if part is not None:
+                    parts.append(part)
+                    seen.update(id(p) for p in ad.parameters() if id(p) in tangents)
+            for pid, per_example in obs.per_example.items():
+                t = tangents[pid].reshape(-1).to(dtype)
+                parts.append(per_example.reshape(per_example.shape[0], -1).to(dtype) @ t)
+                seen.add(pid)
+            for part in parts:
+                prior = by_pass.get(pass_id)
+                if prior is None:
+                    by_pass[pass_id] = part.to(dtype)
+                elif prior.shape != part.shape:
+                    raise ValueError(
+                        f"constraint='exact': module {name!r} was called on {part.shape[0]} "
+                        f"examples in a forward pass whose other calls saw {prior.shape[0]}; "
+                        "the per-example loss changes need every call of a pass to see the "
+                        "same examples (use constraint='kronecker')"
+                    )
+                else:
+                    prior.add_(part.to(prior.device))
     if not by_pass:
-        return None, missing
-    u = torch.cat([by_pass[k] for k in sorted(by_pass)])
-    scale = float(u.shape[0]) if grad_scale is None else grad_scale
-    return u.mul_(scale), missing
+        return None, seen
+    return torch.cat([by_pass[k] for k in sorted(by_pass)]), seen
 
 
 # ---------------------------------------------------------------------------- the step size
 
 
-def loss_reference(unit: str, loss: Tensor, loss_reduction: str) -> Tensor:
-    """The squared reference r² of a relative target: c_abs = c · r² (0-dim, on the device).
+def loss_moments(
+    unit: str,
+    loss: Any,
+    loss_reduction: str,
+    *,
+    per_example_scale: float = 1.0,
+    distributed: bool = False,
+) -> Tensor:
+    """(Σ ℓ, Σ ℓ², n) of this step's per-example losses, float64 on the loss's device.
 
-    unit "loss": r = mean per-example loss (a 0-dim ``loss`` is the reduced loss: with mean
-    reduction the mean itself; with sum reduction per-example losses are needed). unit
-    "spread": r = standard deviation of the per-example losses (population form).
+    ``loss`` is what the user passed to ``step(loss=...)``: the per-example losses (1-d), or
+    for unit "loss" with mean reduction in one process the reduced loss (0-d, the mean
+    itself: moments (L, L², 1)). ``per_example_scale`` converts the user's per-example losses
+    to the preconditioner's (1/W for sum reduction over W processes, whose averaged gradient
+    is that of Σ ℓ_n / W). The moments of several processes add up.
 
     Raises:
-        ValueError: if ``loss`` cannot give the reference (the message says what to pass).
+        TypeError, ValueError: if ``loss`` cannot give the reference (the message says what
+            to pass).
     """
     if not isinstance(loss, Tensor):
         raise TypeError(f"step(loss=...) must be a tensor, got {type(loss).__name__}")
-    loss = loss.detach()
-    if unit == "loss":
-        if loss.dim() == 0:
-            if loss_reduction != "mean":
-                raise ValueError(
-                    "loss_change_unit='loss' with loss_reduction='sum' needs the per-example "
-                    "losses: pass step(loss=per_example_losses) as a 1-d tensor"
-                )
-            return loss.square()
-        if loss.dim() != 1:
+    values = loss.detach().to(torch.float64)
+    if values.dim() == 0:
+        if unit == "spread":
             raise ValueError(
-                f"step(loss=...) must be the reduced loss (0-d) or the per-example losses "
-                f"(1-d), got shape {tuple(loss.shape)}"
+                "loss_change_unit='spread' needs the per-example losses: pass "
+                "step(loss=per_example_losses), a 1-d tensor (got a 0-d loss)"
             )
-        return loss.mean().square()
-    if loss.dim() != 1 or loss.shape[0] < 2:
+        if loss_reduction != "mean":
+            raise ValueError(
+                "loss_change_unit='loss' with loss_reduction='sum' needs the per-example "
+                "losses: pass step(loss=per_example_losses) as a 1-d tensor"
+            )
+        if distributed:
+            raise ValueError(
+                "loss_change_unit='loss' over several processes needs the per-example "
+                "losses (the mean of the global batch weighs each process by its batch "
+                "size): pass step(loss=per_example_losses) as a 1-d tensor"
+            )
+        return torch.stack([values, values.square(), torch.ones_like(values)])
+    if values.dim() != 1:
+        raise ValueError(
+            f"step(loss=...) must be the reduced loss (0-d) or the per-example losses "
+            f"(1-d), got shape {tuple(loss.shape)}"
+        )
+    if unit == "spread" and not distributed and values.shape[0] < 2:
         raise ValueError(
             "loss_change_unit='spread' needs the per-example losses: pass "
             f"step(loss=per_example_losses), a 1-d tensor of >= 2 values (got shape "
             f"{tuple(loss.shape)})"
         )
-    return loss.var(correction=0)
+    values = values * per_example_scale
+    count = torch.full((), float(values.shape[0]), dtype=torch.float64, device=values.device)
+    return torch.stack([values.sum(), values.square().sum(), count])
+
+
+def loss_reference(unit: str, moments: Tensor) -> Tensor:
+    """The squared reference r² of a relative target, c_abs = c · r² (0-dim, float64): the
+    squared mean per-example loss (unit "loss") or the variance of the per-example losses
+    (unit "spread", population form), from ``loss_moments`` (summed over processes)."""
+    n = moments[2].clamp_min(1.0)
+    mean = moments[0] / n
+    if unit == "loss":
+        return mean.square()
+    return (moments[1] / n - mean.square()).clamp_min(0.0)
 
 
 def step_scale(form: Tensor, target: Tensor, lr: float, equality: bool) -> Tensor:
@@ -198,7 +239,8 @@ class StepRecord:
     nu: Tensor
     target: Tensor | None
     kronecker: Tensor | None  # ∇̃ᵀ(G⊗A)∇̃ summed over layers, per example (before lr, ν)
-    directions: Tensor | None  # u_n (before lr, ν)
+    exact: Tensor | None  # E_n[u_n²] over the (global) batch (before lr, ν)
+    directions: Tensor | None  # u_n of this process's examples (before lr, ν)
 
 
 @dataclass(frozen=True)
@@ -214,10 +256,12 @@ class LossChangeDiagnostics:
         lr: the learning rate used to measure the step.
         nu: the scale ν applied to the preconditioned gradients (1 without a constraint).
         target: c in absolute units (E[(Δℓ)²] = c or ≤ c), None without a constraint.
-        kronecker: E[(Δℓ)²] of the step by the Kronecker form Σ_layers ⟨ΔW, G ΔW A⟩.
-        exact: E[(Δℓ)²] of the step by the empirical Fisher, E_n[(Δℓ_n)²].
+        kronecker: E[(Δℓ)²] of the step by the Kronecker form Σ_layers ⟨ΔW, G ΔW A⟩ (and
+            Σ F Δθ² of the diagonally preconditioned parameters).
+        exact: E[(Δℓ)²] of the step by the empirical Fisher, E_n[(Δℓ_n)²] (distributed:
+            over the global batch).
         mean, std, min, max: of Δℓ_n over the examples (std: population form, so that
-            exact = mean² + std²).
+            exact = mean² + std² in one process; distributed: this process's examples).
         fraction_rising: fraction of examples whose loss is predicted to rise (Δℓ_n > 0).
         loss_changes: the ``(N,)`` predicted Δℓ_n (a CPU copy).
     """
@@ -250,11 +294,12 @@ def summarize(record: StepRecord) -> LossChangeDiagnostics:
     stats: dict[str, float | None] = dict.fromkeys(
         ("exact", "mean", "std", "min", "max", "fraction_rising")
     )
+    if record.exact is not None:
+        stats["exact"] = float(factor.square() * record.exact.double())
     changes = None
     if record.directions is not None and record.directions.numel() > 0:
         changes = (-factor * record.directions.double()).cpu()
-        stats = {
-            "exact": float(changes.square().mean()),
+        stats |= {
             "mean": float(changes.mean()),
             "std": float(changes.std(correction=0)),
             "min": float(changes.min()),

@@ -23,6 +23,7 @@ FisherType = Literal["empirical", "mc"]
 Constraint = Literal["none", "kronecker", "exact"]
 LossChangeUnit = Literal["absolute", "loss", "spread"]
 LearningRate = float | Callable[[int], float]
+OtherParams = Literal["ignore", "diagonal"]
 
 LOSS_REDUCTIONS = ("mean", "sum")
 DAMPING_MODES = ("exact", "pi", "ekfac")
@@ -31,6 +32,7 @@ BACKENDS = ("auto", "torch", "triton")
 FISHER_TYPES = ("empirical", "mc")
 CONSTRAINTS = ("none", "kronecker", "exact")
 LOSS_CHANGE_UNITS = ("absolute", "loss", "spread")
+OTHER_PARAMS = ("ignore", "diagonal")
 FACTOR_DTYPES = (torch.float32, torch.float64)
 
 SkipSpec = str | type[nn.Module]
@@ -103,7 +105,7 @@ class KFACOptions:
         factor_update_steps: statistics are captured on steps 0, k, 2k, ...
         inv_update_steps: eigendecompositions at step 0 and every k steps after.
         loss_reduction: how the loss reduces over the batch, "mean" or "sum" (fixes the
-            scale of G, see docs/index.md).
+            scale of G, see docs/math.md).
         damping_mode: "exact" (eigenbasis of the Kronecker product), "pi" (factored
             Tikhonov damping with π-scaling) or "ekfac" (eigenvalue-corrected: the
             eigenbasis of "exact" with the exact second moment S in it).
@@ -125,6 +127,16 @@ class KFACOptions:
             count returning one); needed by the constraint and the loss-change tracking.
         track_loss_changes: keep each step's captured inputs and output gradients until
             step() to compute the per-example loss changes for ``diagnostics()``.
+        other_params: what happens to trainable parameters outside the Kronecker form
+            (norm layers, lone biases, ...): "ignore" leaves them to the optimizer,
+            "diagonal" preconditions those with a per-example gradient rule by their diagonal
+            empirical Fisher, p.grad / (F + ε).
+        max_factor_dim: widest factor kept dense (None: no limit). Wider factors are
+            block-diagonal with blocks of at most ``large_factor_block``.
+        large_factor_block: block size of factors wider than ``max_factor_dim``; 1 (default)
+            keeps them diagonal. At most ``max_factor_dim``.
+        memory_budget: bytes the preconditioner's state may take (None: no limit);
+            construction raises with the plan when it exceeds them.
     """
 
     damping: float = 1e-3
@@ -144,6 +156,10 @@ class KFACOptions:
     loss_change_unit: LossChangeUnit = "spread"
     lr: LearningRate | None = None
     track_loss_changes: bool = False
+    other_params: OtherParams = "ignore"
+    max_factor_dim: int | None = 4096
+    large_factor_block: int = 1
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         d = self.damping
@@ -166,6 +182,18 @@ class KFACOptions:
                 "torch.float64 (factors are kept in full precision whatever the activations' dtype)"
             )
         object.__setattr__(self, "skip_layers", _normalize_skip(self.skip_layers))
+        _choice("other_params", self.other_params, OTHER_PARAMS)
+        if self.max_factor_dim is not None:
+            _positive_int("max_factor_dim", self.max_factor_dim)
+        _positive_int("large_factor_block", self.large_factor_block)
+        if self.max_factor_dim is not None and self.large_factor_block > self.max_factor_dim:
+            raise ValueError(
+                f"Invalid large_factor_block={self.large_factor_block!r}: must be <= "
+                f"max_factor_dim={self.max_factor_dim} (blocks of wide factors are at most as "
+                "wide as a dense factor may be)"
+            )
+        if self.memory_budget is not None:
+            _positive_int("memory_budget", self.memory_budget)
         _choice("fisher_type", self.fisher_type, FISHER_TYPES)
         self._check_constraint()
 

@@ -1,18 +1,31 @@
-"""Factor statistics of one layer between two step() calls, and their scaling.
+"""Factor statistics between two step() calls, and their scaling.
 
-Per call the hooks hand over the input ã and the observed output gradient ∂L/∂s. Raw sums
-S_A = Σ ã ãᵀ and S_G = Σ (∂L/∂s)(∂L/∂s)ᵀ accumulate over calls and micro-batches, over rows
-that are (example, position) pairs for "expand" and examples for "reduce" (ā_n the mean of
-ã over positions, the gradient summed over positions). ``batch_factors`` then scales them
-per docs/index.md:
+Kronecker layers (:class:`LayerStatistics`). Per call the hooks hand over the input ã and the
+observed output gradient ∂L/∂s. Raw sums S_A = Σ ã ãᵀ and S_G = Σ (∂L/∂s)(∂L/∂s)ᵀ accumulate
+over calls and micro-batches, over rows that are (example, position) pairs for "expand" and
+examples for "reduce" (ā_n the mean of ã over positions, the gradient summed over positions),
+restricted to each factor's stored blocks (dense, diagonal or block-diagonal, see _factors).
+``take`` then returns them with their scales, per docs/math.md:
 
     A = S_A / rows
-    G = N · S_G   (loss_reduction="mean": ∂ℓ_n/∂s = N · ∂L/∂s, and G = (1/N) Σ δ δᵀ)
-    G = S_G       (loss_reduction="sum": the empirical Fisher at the scale of the summed loss)
+    G = N · S_G / σ²   (loss_reduction="mean": ∂ℓ_n/∂s = N · ∂L/∂s, and G = (1/N) Σ δ δᵀ)
+    G = S_G / σ²       (loss_reduction="sum": the empirical Fisher at the scale of the summed loss)
+
+σ is the loss scale of a torch.amp.GradScaler (1 without one): the observed gradients are
+those of σ·L. It is a device tensor, so unscaling needs no host synchronization.
 
 N counts the examples of the step: per pass (the calls between two backward passes, see
 capture.py) the batch size of its calls, summed over passes. A module called k times in one
 pass contributes k times its positions to the rows, with N counted once.
+
+Parameters outside the Kronecker form (:class:`DiagonalStatistics`): per-example gradients
+ĝ_n (of the reduced loss, as observed) summed over the calls of a pass, then S = Σ_n ĝ_n²,
+scaled like G: F = N · S / σ² ("mean") or S / σ² ("sum"), the diagonal of the empirical Fisher.
+
+With ``fisher_type="mc"`` (``per_example=True``) the observed gradients are those of the
+sampled loss Σ_n ℓ̂_n (kfac_ef.mc, times σ), i.e. per-example gradients whatever the
+reduction, so G = S_G / (N σ²) ("mean") or S_G / σ² ("sum"): the same conventions, and
+gradient accumulation needs no knowledge of how the user's loss is divided.
 """
 
 from __future__ import annotations
@@ -22,24 +35,81 @@ import warnings
 import torch
 from torch import Tensor
 
-from .kernels import factor_stats
-from .layers import LayerAdapter
+from ._factors import FactorSpec, gram_, one_hot_counts_
+from .layers import Inputs, LayerAdapter, OneHotInputs
+
+Scale = float | Tensor
+
+
+def _g_scale(
+    examples: int, loss_reduction: str, loss_scale: Tensor | None, per_example: bool = False
+) -> Scale:
+    """The scale of G (and of S, F) from the raw sums of observed gradients (module doc)."""
+    scale: Scale = 1.0
+    if loss_reduction == "mean":
+        scale = 1.0 / max(examples, 1) if per_example else float(examples)
+    if loss_scale is not None:
+        return scale / loss_scale.square()
+    return scale
+
+
+class _PassCounter:
+    """Examples per pass: a module called several times in one pass counts its batch once."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.examples: dict[int, int] = {}
+
+    def add(self, pass_id: int, n: int) -> None:
+        seen = self.examples.get(pass_id)
+        if seen is not None and seen != n:
+            warnings.warn(
+                f"{self.what} called with batch sizes {seen} and {n} in one forward pass; "
+                f"counting {max(seen, n)} examples for it",
+                stacklevel=4,
+            )
+        self.examples[pass_id] = max(n, seen or 0)
+
+    def total(self) -> int:
+        return sum(self.examples.values())
+
+    def clear(self) -> None:
+        self.examples.clear()
 
 
 class LayerStatistics:
-    """Accumulators S_A, S_G (``(blocks, d, d)``) of one layer and the counts that scale them."""
+    """Accumulators S_A, S_G of one Kronecker layer and the counts that scale them.
+
+    Args:
+        adapter: the layer.
+        a_spec, g_spec: storage of A and G (dense, diagonal or block-diagonal).
+        approx: "expand" or "reduce".
+        dtype: factor dtype.
+        backend: kernel backend.
+        per_example: the observed gradients are per-example ones (fisher_type="mc").
+    """
 
     def __init__(
-        self, adapter: LayerAdapter, approx: str, dtype: torch.dtype, backend: str
+        self,
+        adapter: LayerAdapter,
+        approx: str,
+        dtype: torch.dtype,
+        backend: str,
+        a_spec: FactorSpec | None = None,
+        g_spec: FactorSpec | None = None,
+        per_example: bool = False,
     ) -> None:
         self.adapter = adapter
+        self.per_example = per_example
         self.approx = approx
         self.dtype = dtype
         self.backend = backend
+        self.a_spec = a_spec or FactorSpec(adapter.a_dim, adapter.a_dim)
+        self.g_spec = g_spec or FactorSpec(adapter.g_dim, adapter.g_dim)
         self._acc_a: Tensor | None = None
         self._acc_g: Tensor | None = None
         self.rows = 0
-        self._examples: dict[int, int] = {}
+        self._passes = _PassCounter(f"{adapter.kind} layer")
 
     @property
     def empty(self) -> bool:
@@ -48,7 +118,7 @@ class LayerStatistics:
     @property
     def examples(self) -> int:
         """Examples accumulated since the last ``take()``/``discard()`` (summed over passes)."""
-        return sum(self._examples.values())
+        return self._passes.total()
 
     def _rows(self, t: Tensor, reduce_op: str) -> Tensor:
         """``(N, T, blocks, d)`` -> ``(blocks, rows, d)`` for the chosen approximation."""
@@ -60,51 +130,163 @@ class LayerStatistics:
             summed = summed / t_len
         return summed.transpose(0, 1)
 
-    def add(self, x: Tensor, grad: Tensor, pass_id: int) -> None:
-        """Accumulate one call: its input ``x`` and the gradient ``grad`` w.r.t. its output."""
-        ad = self.adapter
-        inputs = ad.inputs(x)
-        n = inputs.shape[0]
-        xa = self._rows(inputs, "mean")
-        dg = self._rows(ad.output_grads(grad), "sum")
-        first = self.rows == 0
+    def buffers(self) -> tuple[Tensor, Tensor]:
+        """The accumulators S_A, S_G (allocated on first use; their content is undefined
+        while the row count is 0)."""
         if self._acc_a is None or self._acc_g is None:
+            ad = self.adapter
             dev = ad.weight.device
-            self._acc_a = torch.empty(ad.blocks, ad.a_dim, ad.a_dim, dtype=self.dtype, device=dev)
-            self._acc_g = torch.empty(ad.blocks, ad.g_dim, ad.g_dim, dtype=self.dtype, device=dev)
-        beta = 0.0 if first else 1.0
-        factor_stats(xa, self._acc_a, beta=beta, append_ones=ad.has_bias, backend=self.backend)
-        factor_stats(dg, self._acc_g, beta=beta, backend=self.backend)
-        self.rows += xa.shape[1]
-        seen = self._examples.get(pass_id)
-        if seen is not None and seen != n:
-            warnings.warn(
-                f"{ad.kind} layer called with batch sizes {seen} and {n} in one forward pass; "
-                f"counting {max(seen, n)} examples for it",
-                stacklevel=2,
-            )
-        self._examples[pass_id] = max(n, seen or 0)
+            self._acc_a = torch.empty(self.a_spec.shape(ad.blocks), dtype=self.dtype, device=dev)
+            self._acc_g = torch.empty(self.g_spec.shape(ad.blocks), dtype=self.dtype, device=dev)
+        return self._acc_a, self._acc_g
 
-    def take(self, loss_reduction: str) -> tuple[Tensor, float, Tensor, float]:
+    def add(self, inputs: Inputs, grads: Tensor, pass_id: int) -> None:
+        """Accumulate one call: inputs ``(N, T, blocks, a_dim0)`` (or one-hot indices) and
+        output gradients ``(N, T, blocks, g_dim)``."""
+        ad = self.adapter
+        n = inputs.shape[0]
+        first = self.rows == 0
+        acc_a, acc_g = self.buffers()
+        beta = 0.0 if first else 1.0
+        if isinstance(inputs, OneHotInputs):
+            rows = one_hot_counts_(inputs.indices, acc_a, beta, self.approx, inputs.num_classes)
+        else:
+            xa = self._rows(inputs, "mean")
+            gram_(xa, acc_a, self.a_spec, beta, ad.has_bias, self.backend)
+            rows = xa.shape[1]
+        dg = self._rows(grads, "sum")
+        gram_(dg, acc_g, self.g_spec, beta, False, self.backend)
+        self.rows += rows
+        self._passes.add(pass_id, n)
+
+    def take(
+        self, loss_reduction: str, loss_scale: Tensor | None = None
+    ) -> tuple[Tensor, Scale, Tensor, Scale]:
         """This step's raw sums and their scales: A = s_A · S_A and G = s_G · S_G.
 
         Resets the counts. The returned tensors are the accumulators themselves: use them
         before the next ``add``, which overwrites them.
         """
         assert self._acc_a is not None and self._acc_g is not None and self.rows > 0
-        examples = sum(self._examples.values())
-        scale_g = float(examples) if loss_reduction == "mean" else 1.0
+        scale_g = _g_scale(self._passes.total(), loss_reduction, loss_scale, self.per_example)
         scale_a = 1.0 / self.rows
         self.rows = 0
-        self._examples.clear()
+        self._passes.clear()
         return self._acc_a, scale_a, self._acc_g, scale_g
+
+    def peek(self) -> tuple[Tensor | None, int, Tensor | None, int]:
+        """The raw sums S_A, S_G so far with their row and example counts, without resetting.
+
+        The tensors are the accumulators themselves (None before the first ``add``; stale
+        when the row count is 0).
+        """
+        return self._acc_a, self.rows, self._acc_g, self._passes.total()
 
     def discard(self) -> None:
         """Forget what was accumulated since the last step (buffers are kept)."""
         self.rows = 0
-        self._examples.clear()
+        self._passes.clear()
 
     def nbytes(self) -> int:
-        ad = self.adapter
+        """Bytes of the two accumulators (the running factors have the same size)."""
         item = torch.empty((), dtype=self.dtype).element_size()
-        return item * ad.blocks * (ad.a_dim**2 + ad.g_dim**2)
+        blocks = self.adapter.blocks
+        return item * (self.a_spec.numel(blocks) + self.g_spec.numel(blocks))
+
+
+class DiagonalStatistics:
+    """Σ_n ĝ_n² of one parameter, from per-example gradients summed over a pass's calls."""
+
+    def __init__(
+        self,
+        name: str,
+        numel: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        per_example: bool = False,
+    ) -> None:
+        self.name = name
+        self.per_example = per_example
+        self.numel = numel
+        self.dtype = dtype
+        self.device = device
+        self._acc: Tensor | None = None
+        self._stale = True  # the accumulator holds a previous step's sum
+        self._pending: dict[int, Tensor] = {}
+        self._passes = _PassCounter(f"parameter {name!r}")
+
+    @property
+    def empty(self) -> bool:
+        return not self._pending and self._passes.total() == 0
+
+    @property
+    def examples(self) -> int:
+        """Examples accumulated since the last ``take()``/``discard()`` (summed over passes)."""
+        return self._passes.total()
+
+    def add(self, per_example: Tensor, pass_id: int) -> None:
+        """Add one call's per-example gradients ``(N, *shape)`` to its pass."""
+        n = per_example.shape[0]
+        g = per_example.reshape(n, -1).to(self.dtype)
+        pending = self._pending.get(pass_id)
+        if pending is not None and pending.shape[0] == n:
+            pending.add_(g)  # the same examples again: their gradients add up
+        elif pending is not None:
+            self._fold(pending)  # another batch size in the same pass (warned below)
+            self._pending[pass_id] = g.clone()
+        else:
+            self._pending[pass_id] = g.clone()
+        self._passes.add(pass_id, n)
+
+    def _fold(self, g: Tensor) -> None:
+        sq = g.square().sum(dim=0)
+        if self._acc is None:
+            self._acc = sq
+        elif self._stale:
+            self._acc.copy_(sq)
+        else:
+            self._acc.add_(sq)
+        self._stale = False
+
+    def _fold_pending(self) -> None:
+        for g in self._pending.values():
+            self._fold(g)
+        self._pending.clear()
+
+    def take(self, loss_reduction: str, loss_scale: Tensor | None = None) -> tuple[Tensor, Scale]:
+        """S = Σ_n ĝ_n² of this step (``(numel,)``) and its scale; resets the counts.
+
+        The returned tensor is the accumulator itself: use it before the next ``add``.
+        """
+        self._fold_pending()
+        if self._acc is None:
+            self._acc = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        elif self._stale:
+            self._acc.zero_()
+        self._stale = True
+        scale = _g_scale(self._passes.total(), loss_reduction, loss_scale, self.per_example)
+        self._passes.clear()
+        return self._acc, scale
+
+    def buffer(self) -> Tensor:
+        """The accumulator S (allocated on first use; stale until the next ``add``)."""
+        if self._acc is None:
+            self._acc = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        return self._acc
+
+    def peek(self) -> tuple[Tensor | None, int]:
+        """S = Σ_n ĝ_n² so far (None if nothing was added) and the example count, without
+        resetting. Completes the pending passes: call it only once their calls are all in
+        (a later call of the same pass would then count as other examples).
+        """
+        self._fold_pending()
+        return (None if self._stale else self._acc), self._passes.total()
+
+    def discard(self) -> None:
+        self._pending.clear()
+        self._passes.clear()
+        self._stale = True
+
+    def nbytes(self) -> int:
+        """Bytes of the accumulator (the per-pass buffers, N × numel, are transient)."""
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()

@@ -22,8 +22,14 @@ Likelihoods (each matches a loss):
   per example: σ² = 1 for ½·sum of squares; for ``F.mse_loss`` (the mean over the D
   outputs of an example) σ² = D/2.
 
-The sampled loss is reduced like yours (``loss_reduction``), so G is on the same scale as the
-empirical one.
+The sampled loss is the sum Σ_n ℓ̂_n over the examples (times the loss scale of the
+preconditioner's ``grad_scaler``), so its gradients are per-example ones; the statistics are
+then scaled to ``loss_reduction``'s convention, (1/N) Σ_n for "mean" (N counting every
+micro-batch of a step) and Σ_n for "sum", so G is on the same scale as the empirical one
+however your loss is divided (gradient accumulation included). Distributed, each rank
+samples the targets of its own examples and the statistics are reduced like the empirical
+ones (docs/distributed.md); pass ``targets`` drawn from a generator of your own to make the
+draws reproducible across process counts.
 """
 
 from __future__ import annotations
@@ -94,11 +100,13 @@ def mc_backward(
     likelihood: str,
     variance: float = 1.0,
     generator: torch.Generator | None = None,
+    targets: Tensor | None = None,
 ) -> None:
     """``loss.backward()`` for a preconditioner with ``fisher_type="mc"``, in one call.
 
     On statistics steps, first one backward of the sampled loss (``sample_targets``,
-    ``sampled_loss``) through the retained graph: its gradients reach the hooked layers, whose
+    ``sampled_loss`` summed over examples, times the loss scale of the preconditioner's
+    ``grad_scaler``) through the retained graph: its gradients reach the hooked layers, whose
     factors they feed, and are then discarded (``torch.autograd.grad``: ``p.grad`` is not
     touched). Then ``loss.backward()`` as usual. On other steps, and for a preconditioner with
     ``fisher_type="empirical"``, it is just ``loss.backward()``.
@@ -110,6 +118,8 @@ def mc_backward(
         likelihood: "categorical" or "gaussian" (see the module docstring).
         variance: σ² of the Gaussian likelihood.
         generator: random generator for the targets (on the output's device).
+        targets: targets already drawn from the model's predictive distribution (e.g. by
+            ``sample_targets``); then no draw is made here.
 
     Note:
         With a mean-reduced loss over positions (sequence outputs), examples are the first
@@ -121,10 +131,12 @@ def mc_backward(
             raise ValueError("mc_backward: output does not require grad (was it detached?)")
         params = [p for p in precond.parameters() if p.requires_grad]
         with precond._sampled_backward(), torch.enable_grad():
-            targets = sample_targets(output, likelihood, variance=variance, generator=generator)
-            mc_loss = sampled_loss(
-                output, targets, likelihood, precond.options.loss_reduction, variance
-            )
+            if targets is None:
+                targets = sample_targets(output, likelihood, variance=variance, generator=generator)
+            mc_loss = sampled_loss(output, targets, likelihood, "sum", variance)
+            loss_scale = precond._loss_scale()
+            if loss_scale is not None:  # the statistics are unscaled like the empirical ones
+                mc_loss = mc_loss * loss_scale.to(mc_loss.device)
             torch.autograd.grad(mc_loss, params, retain_graph=True, allow_unused=True)
     loss.backward()
 

@@ -19,31 +19,65 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
-from . import _constraint, kernels
-from ._blocks import Bucket, Call, Decomposition, Layer, decompose, make_buckets
-from ._constraint import LossChangeDiagnostics, StepRecord
+from . import _constraint, _ekfac, kernels
+from ._blocks import (
+    Bucket,
+    Decomposition,
+    DiagonalParam,
+    Layer,
+    decompose,
+    decomposition_keys,
+    make_buckets,
+    precondition_diagonal,
+)
+from ._constraint import Held, LossChangeDiagnostics, StepRecord
+from ._discovery import Plan, Route, check_devices, discover
+from ._factors import (
+    FactorSpec,
+    precondition_inverse_with_form,
+    precondition_structured_eigen,
+    precondition_structured_inverse,
+    to_user,
+)
 from ._options import KFACOptions, LearningRate, SkipSpec
-from ._stats import LayerStatistics
+from ._stats import Scale, _g_scale
 from .capture import Capture
-from .layers import make_adapter
-from .summary import LayerSummary, Summary
+from .distributed import DistributedOptions, Distributor, resolve, unwrap
+from .summary import DiagonalSummary, LayerSummary, Summary
 
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "kfac_ef.state/1"
-
-# Decomposition entries per damping mode (a checkpoint missing one is decomposed afresh).
-_DECOMPOSITION_KEYS = {
-    "exact": {"qg", "lg", "qa", "la"},
-    "ekfac": {"qg", "lg", "qa", "la", "s"},
-    "pi": {"ig", "ia", "cg", "ca"},
-}
 
 # Modules hooked by a live preconditioner: a second one on the same module would double the
 # statistics work and disagree about p.grad, so it is refused.
 _OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[KFACPreconditioner]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+def _structure(model: nn.Module) -> list[tuple[str, str, int, tuple[int, ...], tuple[bool, ...]]]:
+    """Modules with parameters: name, type, identity, parameter identities, trainability.
+
+    Covers every module discovery looks at: a tied weight appears under each module that
+    registers it (so untying or re-tying shows), and the projections of a MultiheadAttention
+    (its packed ``in_proj_weight`` and its ``out_proj`` submodule) are listed although the
+    attention's adapter, not their own, reads them.
+    """
+    out = []
+    for name, module in model.named_modules():
+        direct = list(module.parameters(recurse=False))
+        if direct:
+            out.append(
+                (
+                    name or "<model>",
+                    type(module).__name__,
+                    id(module),
+                    tuple(id(p) for p in direct),
+                    tuple(p.requires_grad for p in direct),
+                )
+            )
+    return out
 
 
 class KFACPreconditioner:
@@ -55,12 +89,23 @@ class KFACPreconditioner:
     over steps. Call it after ``loss.backward()`` and before ``optimizer.step()``.
 
     Supported layers: nn.Linear (inputs of any rank; extra dims are shared positions),
-    nn.Conv1d/2d/3d (any stride, padding, padding_mode, dilation, groups). Parameters of other
-    modules are left untouched; ``summary()`` lists them with the reason.
+    nn.Conv1d/2d/3d (any stride, padding, padding_mode, dilation, groups), nn.Embedding (a
+    Linear on one-hot inputs: diagonal A), nn.Bilinear, nn.MultiheadAttention (its q, k, v and
+    output projections). Factors wider than ``max_factor_dim`` are kept diagonal (or
+    block-diagonal). Norm layers, PReLU and lone biases are preconditioned by their diagonal
+    empirical Fisher with ``other_params="diagonal"``. Other parameters are left untouched;
+    ``summary()`` lists them with the reason, and the bytes of the planned state.
 
     With ``constraint`` other than "none", step() also scales the preconditioned gradients by
     a 0-dim ν so that the optimizer's step Δθ = -lr·ν·∇̃ predicts E_n[(Δℓ_n)²] = c (or ≤ c),
     the seed's loss-change constraint (docs/empirical_fisher.md).
+
+    Mixed precision: factors stay in ``factor_dtype`` whatever autocast does. With a
+    torch.amp.GradScaler, pass it as ``grad_scaler`` and call, in this order,
+    ``scaler.scale(loss).backward(); scaler.unscale_(optimizer); precond.step();
+    scaler.step(optimizer); scaler.update()``: the statistics are unscaled by the scaler's
+    scale (a device tensor, no synchronization), and a step whose gradients are not finite
+    (an overflow) leaves every factor unchanged.
 
     Args:
         model: the model; its supported submodules are hooked at construction.
@@ -69,11 +114,18 @@ class KFACPreconditioner:
         factor_update_steps: collect statistics every k-th step (steps 0, k, 2k, ...).
         inv_update_steps: recompute decompositions at step 0 and every k-th step.
         loss_reduction: "mean" or "sum", the reduction of the loss over the batch.
-        damping_mode: "exact" (ε added to the eigenvalues of G⊗A) or "pi" (factored damping).
+        damping_mode: "exact" (ε added to the eigenvalues of G⊗A), "pi" (factored damping)
+            or "ekfac" (the eigenbases of "exact" with the exact second moment S of the
+            per-example gradients in them, George et al. 2018).
         kfac_approx: "expand" or "reduce", for layers with shared positions.
         skip_layers: module names, full-match regexes or module types to leave alone.
         factor_dtype: torch.float32 or torch.float64 for factors and decompositions.
         backend: "auto", "torch" or "triton" kernels.
+        other_params: "ignore" or "diagonal", for parameters outside the Kronecker form.
+        max_factor_dim: widest dense factor (None: no limit); default 4096.
+        large_factor_block: block size of wider factors; 1 (default) keeps them diagonal.
+        memory_budget: bytes the planned state may take; construction raises beyond.
+        grad_scaler: the torch.amp.GradScaler scaling the loss, if any.
         fisher_type: "empirical" (G from the gradients of your loss) or "mc" (G from targets
             sampled from the model's predictive distribution; use ``kfac_ef.mc_backward``).
         constraint: "none", "kronecker" (E[(Δℓ)²] by Σ_layers ⟨ΔW, G ΔW A⟩) or "exact"
@@ -88,10 +140,22 @@ class KFACPreconditioner:
             count (needed by the constraint and by ``track_loss_changes``).
         track_loss_changes: keep the step's inputs and output gradients until step() so that
             ``diagnostics()`` reports the per-example loss changes whatever the constraint.
+        distributed: data-parallel training over torch.distributed (docs/distributed.md).
+            None (default): on when torch.distributed is initialized with several ranks;
+            True, or a :class:`~kfac_ef.DistributedOptions`: on (torch.distributed must be
+            initialized); False: off. On, the factors are those of the global batch, the
+            decompositions are split across ranks, and every rank must construct the
+            preconditioner and call step() in step with the others. A
+            DistributedDataParallel model is unwrapped: layer names carry no ``module.``.
+            With "ekfac", every rank must hold every eigenbasis (``grad_worker_fraction``
+            "comm_opt") and statistics are reduced every step (``factor_sync="update"``).
 
     Raises:
-        TypeError, ValueError: on an invalid option (the message names it).
-        ValueError: if the model has no layer to precondition.
+        TypeError, ValueError: on an invalid option (the message names it), or a combination
+            that cannot be computed exactly (damping_mode="ekfac" with distributed options
+            other than the above).
+        ValueError: if the model has nothing to precondition, or if the planned state exceeds
+            ``memory_budget`` (the message holds the plan).
         RuntimeError: if another live preconditioner already hooks one of the layers.
     """
 
@@ -109,6 +173,12 @@ class KFACPreconditioner:
         skip_layers: SkipSpec | Iterable[SkipSpec] | None = (),
         factor_dtype: torch.dtype = torch.float32,
         backend: str = "auto",
+        other_params: str = "ignore",
+        max_factor_dim: int | None = 4096,
+        large_factor_block: int = 1,
+        memory_budget: int | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        distributed: bool | DistributedOptions | None = None,
         fisher_type: str = "empirical",
         constraint: str | None = None,
         target_loss_change: float | None = None,
@@ -119,6 +189,10 @@ class KFACPreconditioner:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(
+                f"Invalid grad_scaler={grad_scaler!r}: must be a torch.amp.GradScaler or None"
+            )
         self.options = KFACOptions(
             damping=damping,
             factor_decay=factor_decay,
@@ -130,6 +204,10 @@ class KFACPreconditioner:
             skip_layers=skip_layers,  # type: ignore[arg-type]
             factor_dtype=factor_dtype,
             backend=backend,  # type: ignore[arg-type]
+            other_params=other_params,  # type: ignore[arg-type]
+            max_factor_dim=max_factor_dim,
+            large_factor_block=large_factor_block,
+            memory_budget=memory_budget,
             fisher_type=fisher_type,  # type: ignore[arg-type]
             constraint=constraint,  # type: ignore[arg-type]
             target_loss_change=target_loss_change,
@@ -138,122 +216,128 @@ class KFACPreconditioner:
             lr=lr,
             track_loss_changes=track_loss_changes,
         )
-        self._layers, self._unpreconditioned = self._discover(model)
-        if not self._layers:
+        self._grad_scaler = grad_scaler
+        dist_options = resolve(distributed)
+        model, ddp = unwrap(model)
+        self._model = weakref.ref(model)
+        self._structure = _structure(model)
+        plan: Plan = discover(model, self.options)
+        self._layers = plan.layers
+        self._diagonal = plan.diagonal
+        self._routes: dict[str, Route] = plan.routes
+        self._unpreconditioned = plan.unpreconditioned
+        self._ties = plan.ties
+        self._trainable = plan.trainable
+        if not self._layers and not self._diagonal:
             raise ValueError(
-                "the model has no layer to precondition (supported: nn.Linear, nn.Conv1d/2d/3d "
-                "with a trainable weight, not excluded by skip_layers); left untouched:\n"
-                + "\n".join(f"  {n}: {why}" for n, why in self._unpreconditioned)
+                "the model has no layer to precondition (supported: nn.Linear, nn.Conv1d/2d/3d, "
+                "nn.Embedding, nn.Bilinear, nn.MultiheadAttention with a trainable weight, not "
+                "excluded by skip_layers; norm layers with other_params='diagonal'); left "
+                "untouched:\n" + "\n".join(f"  {n}: {why}" for n, why in self._unpreconditioned)
             )
-        for device in {layer.adapter.weight.device for layer in self._layers}:
+        for device in check_devices(plan):
             kernels.check_backend(self.options.backend, device)
-        self._claim()
         self._by_name = {layer.name: layer for layer in self._layers}
+        self._diag_by_name = {d.name: d for d in self._diagonal}
         self._buckets: list[Bucket] = make_buckets(self._layers)
+        # Every exchange with other processes goes through this object (distributed.py).
+        self._dist = (
+            Distributor(plan, self.options, dist_options, ddp) if dist_options is not None else None
+        )
+        budget = self.options.memory_budget
+        if budget is not None:
+            plan_summary = self.summary()
+            if plan_summary.total_bytes > budget:
+                raise ValueError(
+                    f"the preconditioner's planned state ({plan_summary.total_bytes} bytes) "
+                    f"exceeds memory_budget={budget}; lower max_factor_dim or "
+                    "large_factor_block, or leave layers out (skip_layers). The plan:\n"
+                    f"{plan_summary}"
+                )
+        self._claim()
         self._steps = 0
         self._backward_seen = False
         self._force_decompose = False
         self._removed = False
         self._warned_no_stats: set[str] = set()
-        # Calls held until step(): for the EKFAC scale ("fisher": the gradients that feed
-        # the factors) and for the exact loss-change form ("loss": the user's gradients).
-        self._fisher_calls: dict[str, list[Call]] = defaultdict(list)
-        self._loss_calls: dict[str, list[Call]] = defaultdict(list)
+        self._skipped_steps: Tensor | None = None
+        self._skipped_reported = 0
+        self._skipped_seen: dict[str, int] = {}
+        self._grads_ok: Tensor | None = None  # this step's gradients finite (0-d), if known
+        # Calls held until step(), by hooked module: for the EKFAC scale ("fisher": those of
+        # the backward that feeds the factors) and for the exact loss-change form ("loss":
+        # those of the user's loss). With the empirical Fisher they are the same calls.
+        self._fisher_calls: dict[str, list[Held]] = defaultdict(list)
+        self._loss_calls: dict[str, list[Held]] = defaultdict(list)
         self._sampling = False
         self._sampled = False
-        self._stats_examples = 1  # examples of the last statistics step
+        self._stats_examples: float | Tensor = 1.0  # examples of the last statistics step
         self._warned_missing: set[str] = set()
         self._record_last: StepRecord | None = None
         self._capture = Capture(
-            {layer.name: layer.adapter.module for layer in self._layers},
+            {name: route.adapter for name, route in self._routes.items()},
             wants_statistics=self._wants_inputs,
             on_backward=self._on_backward,
             record=self._record,
+            on_call=self._on_call if self._dist is not None else None,
             hold_inputs=self.options.fisher_type == "mc",
         )
 
-    # ------------------------------------------------------------------ construction
-    def _discover(self, model: nn.Module) -> tuple[list[Layer], list[tuple[str, str]]]:
-        opts = self.options
-        names: dict[int, str] = {}
-        owners: dict[int, list[str]] = defaultdict(list)
-        for mname, module in model.named_modules():
-            for pname, p in module.named_parameters(recurse=False):
-                names.setdefault(id(p), f"{mname}.{pname}" if mname else pname)
-                owners[id(p)].append(mname or "<model>")
-
-        layers: list[Layer] = []
-        left: dict[int, str] = {}
-        for mname, module in model.named_modules():
-            direct = list(module.parameters(recurse=False))
-            if not direct:
-                continue
-            if opts.skips(mname, module):
-                reason: str | None = "skipped by skip_layers"
-                adapter = None
-            else:
-                made = make_adapter(module)
-                reason, adapter = (made, None) if isinstance(made, str) else (None, made)
-            if adapter is not None:
-                shared = sorted(
-                    {o for p in adapter.parameters() for o in owners[id(p)]} - {mname or "<model>"}
-                )
-                if shared:
-                    reason = (
-                        f"parameter shared with {', '.join(shared)} (tied weights are not "
-                        "supported for this layer kind)"
-                    )
-                    adapter = None
-            if adapter is None:
-                for p in direct:
-                    left.setdefault(id(p), reason or "not preconditioned")
-                continue
-            covered = {id(p) for p in adapter.parameters()}
-            for p in direct:
-                if id(p) not in covered:
-                    left.setdefault(id(p), "frozen (requires_grad is False)")
-            stats = LayerStatistics(adapter, opts.kfac_approx, opts.factor_dtype, opts.backend)
-            layers.append(Layer(mname or "<model>", adapter, stats))
-        covered_all = {id(p) for layer in layers for p in layer.adapter.parameters()}
-        unpre = [(names[i], why) for i, why in left.items() if i not in covered_all]
-        return layers, unpre
+    def _hooked_modules(self) -> list[tuple[str, nn.Module]]:
+        return [(name, route.adapter.module) for name, route in self._routes.items()]
 
     def _claim(self) -> None:
-        for layer in self._layers:
-            module = layer.adapter.module
+        for name, module in self._hooked_modules():
             ref = _OWNERS.get(module)
             other = ref() if ref is not None else None
             if other is not None and other is not self and not other._removed:
                 raise RuntimeError(
-                    f"layer {layer.name!r} is already hooked by another KFACPreconditioner; "
+                    f"module {name!r} is already hooked by another KFACPreconditioner; "
                     "call remove() on that one first (two preconditioners on one model would "
                     "both rewrite its gradients)"
                 )
-        for layer in self._layers:
-            _OWNERS[layer.adapter.module] = weakref.ref(self)
+        for _, module in self._hooked_modules():
+            _OWNERS[module] = weakref.ref(self)
 
     # ------------------------------------------------------------------ capture callbacks
     def _wants_statistics(self) -> bool:
         return self._steps % self.options.factor_update_steps == 0
 
     def _wants_inputs(self) -> bool:
-        """Whether this step keeps layer inputs: for statistics, or for the exact form."""
+        """Whether this step keeps what calls save: for statistics, or for the exact form."""
         return self._wants_statistics() or self.options.needs_loss_records
 
     def _on_backward(self) -> None:
         if not self._sampling:
             self._backward_seen = True
 
-    def _record(self, name: str, x: Tensor, grad: Tensor, pass_id: int) -> None:
+    def _on_call(self, name: str, pass_id: int) -> None:
+        # Only calls whose statistics will be recorded count for the all-reduce buckets.
+        if self._dist is not None and self._wants_statistics():
+            self._dist.on_call(name, pass_id)
+
+    def _record(self, name: str, saved: Any, grad: Tensor, pass_id: int) -> None:
+        route = self._routes[name]
         opts = self.options
         # Which backward feeds the factors: the user's loss (empirical) or the sampled one.
         feeds_factors = self._sampling == (opts.fisher_type == "mc")
-        call = (x, grad.detach(), pass_id)
+        call = (saved, grad.detach(), pass_id)
         with torch.no_grad():
-            if feeds_factors and self._wants_statistics():
-                self._by_name[name].stats.add(x, grad, pass_id)
-                if opts.damping_mode == "ekfac":
+            if feeds_factors and self._wants_statistics() and (route.layers or route.params):
+                obs = route.adapter.observe(
+                    saved, grad, [i for i, _ in route.layers], [p for p, _ in route.params]
+                )
+                layers = dict(route.layers)
+                for index, inputs, grads in obs.kron:
+                    layers[index].stats.add(inputs, grads, pass_id)
+                for p, entry in route.params:
+                    per_example = obs.per_example.get(id(p))
+                    if per_example is not None:
+                        entry.stats.add(per_example, pass_id)
+                if opts.damping_mode == "ekfac" and route.layers:
                     self._fisher_calls[name].append(call)
+                if self._dist is not None:
+                    self._dist.on_record(name, pass_id)
         if not self._sampling and opts.needs_loss_records:
             self._loss_calls[name].append(call)
 
@@ -269,8 +353,15 @@ class KFACPreconditioner:
         self._sampled = True
 
     def parameters(self) -> list[nn.Parameter]:
-        """The preconditioned parameters (weights and trainable biases of hooked layers)."""
-        return [p for layer in self._layers for p in layer.adapter.parameters()]
+        """The preconditioned parameters: those of the Kronecker layers (tied weights once)
+        and the diagonally preconditioned ones."""
+        out: dict[int, nn.Parameter] = {}
+        for layer in self._layers:
+            for p in layer.adapter.parameters():
+                out.setdefault(id(p), p)
+        for d in self._diagonal:
+            out.setdefault(id(d.param), d.param)
+        return list(out.values())
 
     @property
     def collects_statistics(self) -> bool:
@@ -292,14 +383,18 @@ class KFACPreconditioner:
 
         Folds the statistics of the last backward pass(es) into the running factors (on
         statistics steps), recomputes decompositions (on decomposition steps), then rewrites
-        the gradients of every layer that has a decomposition. Layers without one yet, and
-        parameters whose ``.grad`` is None, are left as they are. With a constraint, the
-        rewritten gradients are then scaled by ν (a 0-dim device tensor; see the class doc).
+        the gradients of every layer that has a decomposition (and of the diagonal
+        parameters). Layers without one yet, and parameters whose ``.grad`` is None, are left
+        as they are. A statistics step with any non-finite statistic or gradient leaves every
+        factor unchanged (decided on the device: no host synchronization). With a
+        constraint, the rewritten gradients are then scaled by ν (a 0-dim device tensor; see
+        the class doc).
 
         Args:
-            loss: this step's loss, needed when ``loss_change_unit`` is relative: the reduced
-                loss (0-d, mean reduction, unit "loss") or the per-example losses (1-d; with
-                gradient accumulation, those of every micro-batch). Only read on the device.
+            loss: this step's loss, needed when ``loss_change_unit`` is relative: the
+                per-example losses (1-d; with gradient accumulation, those of every
+                micro-batch), or for unit "loss" with mean reduction in one process the
+                reduced loss (0-d). Only read on the device.
 
         Raises:
             RuntimeError: if no backward pass reached a hooked layer since the last step()
@@ -324,7 +419,7 @@ class KFACPreconditioner:
             )
         # Everything that can fail on the user's input is checked before any state changes:
         # after such an error, step() can be called again for the same backward.
-        reference = None
+        moments = None
         if opts.constraint != "none" and opts.loss_change_unit != "absolute":
             if loss is None:
                 raise ValueError(
@@ -332,38 +427,45 @@ class KFACPreconditioner:
                     "step's loss: call precond.step(loss=...) with the loss (per-example "
                     "losses for 'spread'), or use loss_change_unit='absolute'"
                 )
-            reference = _constraint.loss_reference(opts.loss_change_unit, loss, opts.loss_reduction)
+            moments = _constraint.loss_moments(
+                opts.loss_change_unit,
+                loss,
+                opts.loss_reduction,
+                per_example_scale=self._per_example_scale(),
+                distributed=self._dist is not None,
+            )
         lr = None
         if opts.constraint != "none" or opts.track_loss_changes:
             lr = opts.learning_rate(self._steps)
         with torch.no_grad(), record_function("kfac_ef.step"):
+            self._grads_ok = None
             if self._wants_statistics():
-                examples = [layer.stats.examples for layer in self._layers]
-                if any(examples):
-                    self._stats_examples = max(examples)
-                for layer in self._layers:
-                    if not layer.stats.empty:
-                        layer.update_factors(opts.loss_reduction, opts.factor_decay)
+                self._update_factors()
             else:
                 for layer in self._layers:
                     layer.stats.discard()
+                for entry in self._diagonal:
+                    entry.stats.discard()
             if self._steps % opts.inv_update_steps == 0 or self._force_decompose:
+                self._check_structure()
                 self._decompose()
-            if opts.damping_mode == "ekfac" and self._fisher_calls:
-                for layer in self._layers:
-                    calls = self._fisher_calls.get(layer.name)
-                    if calls:
-                        layer.update_scale(calls, opts.loss_reduction, opts.factor_decay)
-            fn = self._precondition_fn(with_form=opts.needs_kronecker_form)
+            if opts.damping_mode == "ekfac" and self._wants_statistics():
+                self._update_scales()
+            with_form = lr is not None and opts.needs_kronecker_form
             done: list[Layer] = []
             forms: list[Tensor] = []
             for bucket in self._buckets:
-                layers, form = bucket.precondition(fn, opts.factor_dtype)
-                done.extend(layers)
+                members, form = bucket.precondition(
+                    self._precondition_fn(bucket, with_form), opts.factor_dtype
+                )
+                done.extend(members)
                 if form is not None:
-                    forms.append(form)
+                    forms.append(form.sum())
+            done_diag, diag_form = precondition_diagonal(self._diagonal, with_form)
+            if self._dist is not None:
+                self._dist.share_gradients()
             if lr is not None:
-                self._scale_step(lr, done, forms, reference)
+                self._scale_step(lr, done, forms, done_diag, diag_form, moments)
         self._clear_step()
         self._steps += 1
         self._backward_seen = False
@@ -374,49 +476,99 @@ class KFACPreconditioner:
         self._capture.release()
         self._sampled = False
 
+    def _per_example_scale(self) -> float:
+        """From the observed gradients (and losses) of this process to the per-example ones
+        of the preconditioner's loss: 1, or 1/W for sum reduction over W processes (their
+        averaged gradient is that of Σ ℓ_n / W, see docs/distributed.md)."""
+        if self._dist is not None and self.options.loss_reduction == "sum":
+            return 1.0 / self._dist.world
+        return 1.0
+
     def _scale_step(
-        self, lr: float, done: list[Layer], forms: list[Tensor], reference: Tensor | None
+        self,
+        lr: float,
+        done: list[Layer],
+        forms: list[Tensor],
+        done_diag: list[DiagonalParam],
+        diag_form: Tensor | None,
+        moments: Tensor | None,
     ) -> None:
         """Measure the step -lr·∇̃ in loss space, scale the gradients by ν, keep the record.
 
-        All on the device of the preconditioned gradients (no host-device copy)."""
+        All on the device of the preconditioned gradients (no host-device copy). Distributed,
+        the Kronecker form is summed over the ranks that precondition different layers, and
+        E[(Δℓ)²] and the loss reference are taken over the global batch.
+        """
         opts = self.options
-        grads = [p.grad for layer in done for p in layer.adapter.parameters() if p.grad is not None]
-        device = grads[0].device if grads else self._layers[0].adapter.weight.device
+        dist = self._dist
+        layers = done if dist is None else dist.preconditioned_layers(done)
+        params: dict[int, Tensor] = {}
+        for layer in layers:
+            for p in layer.adapter.parameters():
+                if p.grad is not None:
+                    params.setdefault(id(p), p.grad)
+        for d in done_diag:
+            assert d.param.grad is not None
+            params.setdefault(id(d.param), d.param.grad)
+        grads = list(params.values())
+        device = grads[0].device if grads else self._device()
+        f64 = torch.float64
         kron = None
         if opts.needs_kronecker_form:
-            kron = (
-                torch.cat([f.to(device) for f in forms]).sum()
-                if forms
-                else torch.zeros((), dtype=opts.factor_dtype, device=device)
-            )
+            kron = torch.zeros((), dtype=f64, device=device)
+            for f in forms:
+                kron = kron + f.to(device=device, dtype=f64)
+            if dist is not None:
+                kron = dist.sum_over_columns(kron)
+            if diag_form is not None:
+                kron = kron + diag_form.to(device=device, dtype=f64)
             if opts.loss_reduction == "sum":
-                # G = Σ_n δδᵀ is N times the mean form: per example, divide by the N of
-                # the last statistics step.
+                # G = Σ_n δδᵀ is N times the mean form: per example, divide by the N of the
+                # last statistics step (of the global batch when distributed).
                 kron = kron / self._stats_examples
         directions = None
+        exact = None
         if opts.needs_loss_records:
-            directions, missing = _constraint.per_example_directions(
-                done,
-                self._loss_calls,
-                None if opts.loss_reduction == "mean" else 1.0,
+            directions, seen = _constraint.per_example_directions(
+                self._routes, self._loss_calls, params, opts.factor_dtype
             )
-            self._warn_missing(missing)
-        nu = torch.ones((), dtype=torch.float64, device=device)
+            self._warn_missing(layers, done_diag, seen)
+            if directions is not None:
+                directions = directions.to(device)
+                scale: float | Tensor = (
+                    float(directions.shape[0]) if opts.loss_reduction == "mean" else 1.0
+                )
+                scale = scale * self._per_example_scale()
+                loss_scale = self._loss_scale()
+                if loss_scale is not None:
+                    scale = scale / loss_scale.to(device=device, dtype=directions.dtype)
+                directions = directions * scale
+            # (Σ u², n), with the loss moments when there are some: one reduction.
+            local = torch.zeros(2, dtype=f64, device=device)
+            if directions is not None:
+                local[0] = directions.to(f64).square().sum()
+                local[1] = directions.shape[0]
+            if moments is not None:
+                local = torch.cat([local, moments.to(device)])
+            if dist is not None:
+                local = dist.sum_over_ranks(local)
+            exact = local[0] / local[1].clamp_min(1.0)
+            if moments is not None:
+                moments = local[2:]
+        elif moments is not None and dist is not None:
+            moments = dist.sum_over_ranks(moments.to(device))
+        nu = torch.ones((), dtype=f64, device=device)
         target = None
         if opts.constraint != "none":
-            if opts.constraint == "kronecker":
-                assert kron is not None
-                form = kron
-            elif directions is not None:
-                form = directions.to(device).square().mean()
-            else:
-                form = torch.zeros((), dtype=opts.factor_dtype, device=device)
+            form = kron if opts.constraint == "kronecker" else exact
+            assert form is not None
             c = opts.target_loss_change or opts.max_loss_change
             assert c is not None
-            target = torch.full((), c, dtype=torch.float64, device=device)
-            if reference is not None:
-                target = target * reference.to(device=device, dtype=torch.float64)
+            target = torch.full((), c, dtype=f64, device=device)
+            if moments is not None:
+                target = target * _constraint.loss_reference(
+                    opts.loss_change_unit, moments.to(device)
+                )
             nu = _constraint.step_scale(
                 form, target, lr, equality=opts.target_loss_change is not None
             )
@@ -426,17 +578,36 @@ class KFACPreconditioner:
             for (dev, dtype), group in groups.items():
                 torch._foreach_mul_(group, nu.to(device=dev, dtype=dtype))
         self._record_last = StepRecord(
-            step=self._steps, lr=lr, nu=nu, target=target, kronecker=kron, directions=directions
+            step=self._steps,
+            lr=lr,
+            nu=nu,
+            target=target,
+            kronecker=kron,
+            exact=exact,
+            directions=directions,
         )
 
-    def _warn_missing(self, names: list[str]) -> None:
+    def _device(self) -> torch.device:
+        if self._layers:
+            return self._layers[0].adapter.weight.device
+        return self._diagonal[0].param.device
+
+    def _warn_missing(
+        self, layers: list[Layer], diagonal: list[DiagonalParam], seen: set[int]
+    ) -> None:
+        names = [
+            layer.name
+            for layer in layers
+            if not any(id(p) in seen for p in layer.adapter.parameters())
+        ]
+        names += [d.name for d in diagonal if id(d.param) not in seen]
         new = [n for n in names if n not in self._warned_missing]
         if new:
             self._warned_missing.update(new)
             warnings.warn(
-                f"layer(s) {', '.join(map(repr, new))}: gradient preconditioned but no call "
-                "captured on this step (no gradient reached the output, or the call ran in "
-                "eval mode); left out of the exact loss-change form",
+                f"{', '.join(map(repr, new))}: gradient preconditioned but no call captured "
+                "on this step (no gradient reached the output, or the call ran in eval "
+                "mode); left out of the exact loss-change form",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -448,7 +619,9 @@ class KFACPreconditioner:
         not inside a timed loop. The Kronecker form is available with
         ``constraint="kronecker"`` or ``track_loss_changes=True``; the exact form and the
         distribution of Δℓ_n with ``constraint="exact"`` or ``track_loss_changes=True``;
-        the others are None.
+        the others are None. Distributed, ``kronecker`` and ``exact`` are those of the
+        global batch, the distribution (``loss_changes``, mean, std, min, max,
+        fraction_rising) that of this process's examples.
 
         Raises:
             RuntimeError: before the first step(), or when neither a constraint nor
@@ -463,107 +636,323 @@ class KFACPreconditioner:
             raise RuntimeError("diagnostics() describes the last step(): call step() first")
         return _constraint.summarize(self._record_last)
 
+    def _loss_scale(self) -> Tensor | None:
+        """The GradScaler's current scale as a device tensor (None without scaling).
+
+        ``GradScaler.get_scale()`` would read it on the host; its ``_scale`` tensor is what
+        ``scale()`` multiplied the loss by, and stays on the device.
+        """
+        scaler = self._grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale = getattr(scaler, "_scale", None)
+        return scale if isinstance(scale, Tensor) else None
+
+    def _update_factors(self) -> None:
+        """Take every layer's statistics, decide on the device whether the step is finite
+        (statistics and gradients alike), and fold them in (or leave everything unchanged)."""
+        opts = self.options
+        loss_scale = self._loss_scale()
+        scales: dict[torch.device, Tensor | None] = {}
+
+        def scale_on(device: torch.device) -> Tensor | None:
+            if loss_scale is None:
+                return None
+            if device not in scales:
+                scales[device] = loss_scale.to(device=device, dtype=opts.factor_dtype)
+            return scales[device]
+
+        counts = [layer.stats.examples for layer in self._layers]
+        counts += [entry.stats.examples for entry in self._diagonal]
+        local = float(max(counts, default=0))
+        if local > 0:
+            self._stats_examples = local
+        if self._dist is not None:
+            # The global batch's statistics (every rank gets every entry, with a device flag
+            # saying whether any rank had statistics for it).
+            kron, diag = self._dist.reduce_statistics(scale_on)
+            self._stats_examples = self._dist.global_examples(local)
+        else:
+            reduction = opts.loss_reduction
+            kron = [
+                (layer, layer.take(reduction, scale_on(layer.adapter.weight.device)), None)
+                for layer in self._layers
+                if not layer.stats.empty
+            ]
+            diag = [
+                (entry, entry.take(reduction, scale_on(entry.param.device)), None)
+                for entry in self._diagonal
+                if not entry.stats.empty
+            ]
+        if not kron and not diag:
+            return
+        # A step with a non-finite gradient (a loss-scale overflow, a NaN loss) updates no
+        # factor; a layer whose own statistics are not finite keeps its factors.
+        grads = [p.grad for p in self._trainable if p.grad is not None]
+        grads_ok: Tensor | None = None
+        if grads:
+            device = grads[0].device
+            norms = torch.stack([n.to(device) for n in torch._foreach_norm(grads)])
+            grads_ok = torch.isfinite(norms).all()
+            if self._skipped_steps is None:
+                self._skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+            self._skipped_steps.add_(~grads_ok)
+        self._grads_ok = grads_ok
+
+        def ok_on(flag: Tensor, device: torch.device) -> Tensor:
+            return flag if grads_ok is None else flag & grads_ok.to(device)
+
+        for layer, taken, present in kron:
+            ok = ok_on(Layer.finite(taken), layer.adapter.weight.device)
+            layer.fold(taken, opts.factor_decay, ok, present)
+        for entry, dtaken, present in diag:
+            ok = ok_on(DiagonalParam.finite(dtaken), entry.param.device)
+            entry.fold(dtaken, opts.factor_decay, ok, present)
+
+    def _update_scales(self) -> None:
+        """Statistics step with EKFAC: fold this step's second moment S_batch, in each layer's
+        current eigenbasis, into its running scale S (on the device; distributed, S_batch
+        of the global batch, reduced like G).
+
+        The calls of the backward that fed the factors were held until now, because the
+        eigenbasis may have changed at this step's decomposition (George et al. project the
+        statistics onto the basis in force); they go through the adapters again (``observe``:
+        a conv's patches unfolded, an attention recomputed), one module at a time.
+        """
+        opts = self.options
+        layers = [
+            layer
+            for layer in self._layers
+            if layer.decomposition is not None and "s" in layer.decomposition
+        ]
+        wanted = {id(layer) for layer in layers}
+        feeders: dict[int, int] = defaultdict(int)
+        for name in self._fisher_calls:
+            for _, layer in self._routes[name].layers:
+                feeders[id(layer)] += 1
+        records: dict[int, list[_ekfac.Record]] = defaultdict(list)
+        raws: dict[int, tuple[Tensor, int]] = {}
+        for name, held in self._fisher_calls.items():
+            route = self._routes[name]
+            indices = [i for i, layer in route.layers if id(layer) in wanted]
+            if not indices:
+                continue
+            by_index = dict(route.layers)
+            for saved, grad, pass_id in held:
+                obs = route.adapter.observe(saved, grad, indices, [])
+                for index, inputs, grads in obs.kron:
+                    records[id(by_index[index])].append((inputs, grads, pass_id))
+            for index in indices:
+                layer = by_index[index]
+                feeders[id(layer)] -= 1
+                if feeders[id(layer)] == 0 and records.get(id(layer)):
+                    # Every call of the layer is in: reduce them and drop the records.
+                    dec = layer.decomposition
+                    assert dec is not None
+                    raws[id(layer)] = _ekfac.batch_second_moment(
+                        records.pop(id(layer)),
+                        layer.adapter.has_bias,
+                        dec.get("qg"),
+                        dec.get("qa"),
+                        layer.g_spec,
+                        layer.a_spec,
+                        opts.factor_dtype,
+                    )
+        loss_scale = self._loss_scale()
+        items: list[tuple[Layer, Tensor, Scale, Tensor | None]] = []
+        if self._dist is not None:
+            items += self._dist.reduce_scales(
+                [(layer, *raws.get(id(layer), (None, 0))) for layer in layers], loss_scale
+            )
+        else:
+            for layer in layers:
+                if id(layer) not in raws:
+                    continue
+                raw, n = raws[id(layer)]
+                sigma = None if loss_scale is None else loss_scale.to(raw.device, raw.dtype)
+                scale = _g_scale(n, opts.loss_reduction, sigma, opts.fisher_type == "mc")
+                items.append((layer, raw, scale, None))
+        for layer, raw, scale, present in items:
+            ok = torch.ones((), dtype=torch.bool, device=raw.device)
+            if self._grads_ok is not None:
+                ok = self._grads_ok.to(raw.device)
+            layer.fold_scale(raw, scale, opts.factor_decay, ok, present)
+
     def _decompose(self) -> None:
         opts = self.options
         with record_function("kfac_ef.decompose"):
-            waiting = decompose(self._layers, opts.damping_mode, opts.damping)
+            if self._dist is not None:
+                self._dist.sync_factors()
+            waiting = decompose(self._layers, opts.damping_mode, opts.damping, share=self._dist)
+            if self._dist is not None:
+                self._dist.after_decompose()
             for bucket in self._buckets:
                 bucket.restack()
+            names = [layer.name for layer in waiting]
+            for entry in self._diagonal:
+                if not entry.decompose(opts.damping):
+                    names.append(entry.name)
         self._force_decompose = False
-        for layer in waiting:
-            if layer.name not in self._warned_no_stats:
-                self._warned_no_stats.add(layer.name)
+        self._report_skipped()
+        for name in names:
+            if name not in self._warned_no_stats:
+                self._warned_no_stats.add(name)
                 warnings.warn(
-                    f"layer {layer.name!r} has no statistics yet (no gradient reached its "
-                    "output on a statistics step, or all its statistics were non-finite); its "
+                    f"layer {name!r} has no statistics yet (no gradient reached its output "
+                    "on a statistics step, or all its statistics were non-finite); its "
                     "gradients pass through unpreconditioned until it has some",
                     RuntimeWarning,
                     stacklevel=3,
                 )
 
-    def _precondition_fn(self, with_form: bool = False) -> Any:
-        """The bucket function; ``with_form`` also returns ⟨∇̃, G ∇̃ A⟩ per block."""
+    def _check_structure(self) -> None:
+        """Raise if the model's modules or parameters changed since construction.
+
+        Runs on decomposition steps only (pure Python, no device work): a replaced layer
+        would silently lose its preconditioning, a replaced parameter would have its old
+        tensor's gradient rewritten instead of the new one's.
+        """
+        model = self._model()
+        if model is None:
+            return
+        now = _structure(model)
+        if now == self._structure:
+            return
+        before = {entry[0]: entry for entry in self._structure}
+        after = {entry[0]: entry for entry in now}
+        changes = [f"{n}: added" for n in after.keys() - before.keys()]
+        changes += [f"{n}: removed" for n in before.keys() - after.keys()]
+        for n in before.keys() & after.keys():
+            old, new = before[n], after[n]
+            if old[1:3] != new[1:3]:
+                changes.append(f"{n}: module replaced ({old[1]} -> {new[1]})")
+            elif old[3] != new[3]:
+                changes.append(f"{n}: parameters replaced")
+            elif old[4] != new[4]:
+                changes.append(f"{n}: requires_grad changed {old[4]} -> {new[4]}")
+        raise RuntimeError(
+            "the model changed after the KFACPreconditioner was built:\n  "
+            + "\n  ".join(sorted(changes))
+            + "\ncall remove() on this preconditioner and build a new one for the new model "
+            "(load_state_dict() carries the factors of unchanged layers over)"
+        )
+
+    def _report_skipped(self) -> None:
+        """Warn about statistics updates skipped since the last report (reads device counters:
+        decomposition steps only)."""
+        steps = int(self._skipped_steps) if self._skipped_steps is not None else 0
+        per_entry: list[str] = []
+        entries: list[Layer | DiagonalParam] = [*self._layers, *self._diagonal]
+        for entry in entries:
+            if entry.skipped is None:
+                continue
+            total = int(entry.skipped.sum())
+            done = self._skipped_seen.get(entry.name, 0)
+            if total > done:
+                per_entry.append(f"{entry.name!r} ({total - done})")
+                self._skipped_seen[entry.name] = total
+        if per_entry:
+            cause = ""
+            if steps > self._skipped_reported:
+                cause = (
+                    f"; {steps - self._skipped_reported} step(s) had non-finite gradients "
+                    "(e.g. a loss-scale overflow) and updated no factor"
+                )
+            warnings.warn(
+                "statistics updates had non-finite values and were skipped, the factors kept "
+                "their previous values: " + ", ".join(per_entry) + cause,
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        self._skipped_reported = steps
+
+    def _precondition_fn(self, bucket: Bucket, with_form: bool = False) -> Any:
+        """The bucket's function: dense buckets through the kernels, structured ones through
+        torch (_factors). ``with_form``: also the ``(B,)`` Kronecker forms ⟨∇̃, G ∇̃ A⟩ of the
+        loss-change constraint, computed in the same chain (for "pi" one product more, in
+        torch: the kernel's chain does not produce the one-sided products the form needs)."""
         damping, backend = self.options.damping, self.options.backend
+        dense = bucket.g_spec.dense and bucket.a_spec.dense
         mode = self.options.damping_mode
         if mode == "pi":
-            if with_form:
 
-                def factored_form(grads: Tensor, st: Decomposition) -> tuple[Tensor, Tensor]:
-                    return _constraint.precondition_pi_with_form(
-                        grads, st["ig"], st["ia"], st["cg"], st["ca"]
-                    )
-
-                return factored_form
-
-            def factored(grads: Tensor, st: Decomposition) -> Tensor:
-                return st["ig"] @ grads @ st["ia"]
+            def factored(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Any:
+                if with_form:
+                    return precondition_inverse_with_form(grads, st, gs, as_)
+                if dense:
+                    return kernels.precondition_factored(grads, st["ig"], st["ia"], backend=backend)
+                return precondition_structured_inverse(grads, st, gs, as_)
 
             return factored
-        scaled = mode == "ekfac"
-        if with_form:
 
-            def eigen_form(grads: Tensor, st: Decomposition) -> tuple[Tensor, Tensor]:
-                return _constraint.precondition_eigen_with_form(
-                    grads,
-                    st["qg"],
-                    st["lg"],
-                    st["qa"],
-                    st["la"],
-                    damping,
-                    st["s"] if scaled else None,
-                )
-
-            return eigen_form
-
-        def eigen(grads: Tensor, st: Decomposition) -> Tensor:
-            return kernels.precondition_eigen(
-                grads,
-                st["qg"],
-                st["lg"],
-                st["qa"],
-                st["la"],
-                damping,
-                st["s"] if scaled else None,
-                backend=backend,
-            )
+        def eigen(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Any:
+            scale = st.get("s")  # EKFAC
+            if dense:
+                args = (grads, st["qg"], st["lg"], st["qa"], st["la"], damping, scale)
+                if with_form:
+                    return kernels.precondition_eigen_with_form(*args, backend=backend)
+                return kernels.precondition_eigen(*args, backend=backend)
+            return precondition_structured_eigen(grads, st, gs, as_, damping, scale, with_form)
 
         return eigen
 
     # ------------------------------------------------------------------ inspection
+    @property
+    def distributed(self) -> Distributor | None:
+        """The distributed machinery (assignment, bytes communicated), or None."""
+        return self._dist
+
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """The running estimates ``{module name: (A, G)}`` (copies), in DESIGN.md's convention.
+        """The running estimates ``{layer name: (A, G)}`` (copies), in DESIGN.md's convention.
 
         A is ``(a_dim, a_dim)`` with the homogeneous coordinate as its last row and column when
-        the layer has a trainable bias; G is ``(g_dim, g_dim)``. For a conv with ``groups > 1``
-        both carry a leading dimension, one entry per group: A ``(groups, a, a)``, G
-        ``(groups, g, g)``, group g's block being G[g] ⊗ A[g]. Layers without statistics yet
+        the layer has a trainable bias; G is ``(g_dim, g_dim)``. A factor kept diagonal (an
+        embedding's A; any factor wider than ``max_factor_dim`` by default) is its diagonal,
+        a vector ``(d,)``; a block-diagonal one is ``(nb, bs, bs)``, its diagonal blocks, the
+        last one zero-padded. For a conv with ``groups > 1`` each carries a leading dimension,
+        one entry per group, group g's block being G[g] ⊗ A[g]. Layers without statistics yet
         are absent.
         """
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for layer in self._layers:
             if layer.A is None or layer.G is None:
                 continue
-            a, g = layer.A.clone(), layer.G.clone()
-            if layer.adapter.blocks == 1:
+            blocks = layer.adapter.blocks
+            a = to_user(layer.A, layer.a_spec, blocks)
+            g = to_user(layer.G, layer.g_spec, blocks)
+            if blocks == 1:
                 a, g = a[0], g[0]
             out[layer.name] = (a, g)
         return out
 
+    def diagonal_fishers(self) -> dict[str, Tensor]:
+        """The running diagonal empirical Fishers ``{parameter name: F}`` (copies, shaped like
+        the parameter) of the parameters preconditioned with other_params="diagonal"."""
+        return {
+            d.name: d.F.reshape(d.param.shape).clone() for d in self._diagonal if d.F is not None
+        }
+
     def summary(self) -> Summary:
-        """Layers, factor shapes and bytes of state; parameters left to the optimizer, with why."""
-        item = torch.empty((), dtype=self.options.factor_dtype).element_size()
+        """The plan: layers, factor storage and bytes of state (available before the first
+        step), diagonal parameters, tied weights, and parameters left to the optimizer, with
+        why."""
+        opts = self.options
+        item = torch.empty((), dtype=opts.factor_dtype).element_size()
         rows = []
         for layer in self._layers:
             ad = layer.adapter
             a, g, b = ad.a_dim, ad.g_dim, ad.blocks
-            decomp = b * (a * a + g * g)
-            if self.options.damping_mode != "pi":
-                decomp += b * (a + g)  # eigenvalues beside the eigenbases
-            else:
-                decomp += 2 * b  # the shifts c_G, c_A
-            if self.options.damping_mode == "ekfac":
-                decomp += b * g * a  # the scale S
-            prefix = "" if layer.name == "<model>" else layer.name + "."
+            dec_a = layer.a_spec.decomposition_numel(b, opts.damping_mode)
+            dec_g = layer.g_spec.decomposition_numel(b, opts.damping_mode)
+            scale = 0
+            if opts.damping_mode == "ekfac":
+                scale = _ekfac.scale_numel(b, layer.g_spec, layer.a_spec)
+            if self._dist is not None and not self._dist.preconditions(layer):
+                dec_a = dec_g = scale = 0  # another rank holds it (grad_worker_fraction < 1)
+            decomp = dec_a + dec_g + scale
+            params = []
+            for p in ad.parameters():
+                params.append(self._param_name(p))
             rows.append(
                 LayerSummary(
                     name=layer.name,
@@ -571,27 +960,72 @@ class KFACPreconditioner:
                     blocks=b,
                     a_shape=(a, a),
                     g_shape=(g, g),
-                    parameters=(prefix + "weight",) + ((prefix + "bias",) if ad.has_bias else ()),
+                    parameters=tuple(params),
                     factor_bytes=2 * layer.stats.nbytes(),  # running factors + accumulators
                     decomposition_bytes=decomp * item,
+                    a_factor=layer.a_spec.describe(),
+                    g_factor=layer.g_spec.describe(),
+                    # running factor + accumulator + decomposition, per side
+                    a_bytes=(2 * layer.a_spec.numel(b) + dec_a) * item,
+                    g_bytes=(2 * layer.g_spec.numel(b) + dec_g) * item,
                 )
             )
-        return Summary(tuple(rows), tuple(self._unpreconditioned))
+        diag = [
+            DiagonalSummary(
+                name=d.name,
+                kind=self._kind_of(d),
+                numel=d.param.numel(),
+                state_bytes=3 * d.stats.nbytes(),  # running F, accumulator, 1/(F + ε)
+            )
+            for d in self._diagonal
+        ]
+        workspace = 0
+        # Held calls (EKFAC, the exact constraint) are activations the size of the model's:
+        # not counted here, as autograd's own are not.
+        for bucket in self._buckets:
+            blocks = sum(layer.adapter.blocks for layer in bucket.layers)
+            # Gathered gradients, the products' intermediates and the result.
+            size = 4 * blocks * bucket.g_spec.padded * bucket.a_spec.padded * item
+            workspace = max(workspace, size)
+        return Summary(
+            tuple(rows),
+            tuple(self._unpreconditioned),
+            diagonal=tuple(diag),
+            ties=tuple(self._ties),
+            workspace_bytes=workspace,
+        )
+
+    def _param_name(self, p: nn.Parameter) -> str:
+        for name, route in self._routes.items():
+            module = route.adapter.module
+            for pname, q in module.named_parameters():
+                if q is p:
+                    return f"{name}.{pname}" if name else pname
+        return "?"
+
+    def _kind_of(self, entry: DiagonalParam) -> str:
+        for route in self._routes.values():
+            if any(p is entry.param for p, _ in route.params):
+                return route.adapter.kind
+        return "?"
 
     # ------------------------------------------------------------------ lifecycle
     def remove(self) -> None:
         """Detach every hook. The preconditioner can no longer step; the model is as before."""
         self._capture.remove()
-        for layer in self._layers:
-            ref = _OWNERS.get(layer.adapter.module)
+        self._fisher_calls.clear()
+        self._loss_calls.clear()
+        for _, module in self._hooked_modules():
+            ref = _OWNERS.get(module)
             if ref is not None and ref() is self:
-                del _OWNERS[layer.adapter.module]
+                del _OWNERS[module]
         self._removed = True
 
     def __repr__(self) -> str:
         o = self.options
         return (
-            f"KFACPreconditioner({len(self._layers)} layers, damping={o.damping}, "
+            f"KFACPreconditioner({len(self._layers)} layers, {len(self._diagonal)} diagonal, "
+            f"damping={o.damping}, "
             f"damping_mode={o.damping_mode!r}, steps={self._steps})"
         )
 
@@ -616,15 +1050,41 @@ class KFACPreconditioner:
             }
             if layer.scale_updates is not None:
                 layers[layer.name]["scale_updates"] = layer.scale_updates.clone()
+        diagonal: dict[str, Any] = {}
+        for d in self._diagonal:
+            if d.F is None:
+                continue
+            assert d.updates is not None and d.skipped is not None
+            diagonal[d.name] = {
+                "F": d.F.clone(),
+                "updates": d.updates.clone(),
+                "skipped": d.skipped.clone(),
+                "inverse": d.inverse.clone() if d.inverse is not None else None,
+            }
         return {
             "format": STATE_FORMAT,
             "steps": self._steps,
             "options": self.options.to_dict(),
             "layers": layers,
+            "diagonal": diagonal,
         }
+
+    @staticmethod
+    def _own_name(name: str, known: Mapping[str, Any]) -> str:
+        """A checkpointed layer or parameter name as this preconditioner names it: a name
+        saved with the ``module.`` prefix of a DistributedDataParallel wrapper maps to the
+        unwrapped name."""
+        if name not in known and name.startswith("module."):
+            bare = name.removeprefix("module.")
+            if bare in known:
+                return bare
+        return name
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a ``state_dict()``; tensors move to each layer's device and factor dtype.
+
+        Distributed, every rank must call it (the ranks agree on whether decompositions are
+        recomputed at the next step).
 
         Raises:
             ValueError: if the state is not from a KFACPreconditioner, names layers this one
@@ -636,25 +1096,40 @@ class KFACPreconditioner:
                 f"not a KFACPreconditioner state (expected format {STATE_FORMAT!r}, got "
                 f"{state.get('format') if isinstance(state, Mapping) else type(state).__name__!r})"
             )
-        saved = state["layers"]
+        saved = {self._own_name(n, self._by_name): e for n, e in state["layers"].items()}
+        saved_diag = {
+            self._own_name(n, self._diag_by_name): e for n, e in state.get("diagonal", {}).items()
+        }
         unknown = sorted(set(saved) - set(self._by_name))
         problems = [f"{n}: not a preconditioned layer of this model" for n in unknown]
+        problems += [
+            f"{n}: not a diagonally preconditioned parameter of this model"
+            for n in sorted(set(saved_diag) - set(self._diag_by_name))
+        ]
         for name, entry in saved.items():
             layer = self._by_name.get(name)
             if layer is None:
                 continue
-            ad = layer.adapter
-            want = {"A": (ad.blocks, ad.a_dim, ad.a_dim), "G": (ad.blocks, ad.g_dim, ad.g_dim)}
+            blocks = layer.adapter.blocks
+            want = {"A": layer.a_spec.shape(blocks), "G": layer.g_spec.shape(blocks)}
             for key, shape in want.items():
                 got = tuple(entry[key].shape)
                 if got != shape:
                     problems.append(f"{name}: {key} has shape {got}, this model needs {shape}")
+        for name, entry in saved_diag.items():
+            d = self._diag_by_name.get(name)
+            if d is not None and entry["F"].numel() != d.param.numel():
+                problems.append(
+                    f"{name}: F has {entry['F'].numel()} entries, this model needs "
+                    f"{d.param.numel()}"
+                )
         if problems:
             raise ValueError("the checkpoint does not fit this model:\n  " + "\n  ".join(problems))
         saved_opts = state.get("options", {})
         opts = self.options
+        # Eigenbases (and the EKFAC scale) do not depend on ε; damped inverses do.
         keep_decomposition = saved_opts.get("damping_mode") == opts.damping_mode and (
-            opts.damping_mode == "exact" or saved_opts.get("damping") == opts.damping
+            opts.damping_mode != "pi" or saved_opts.get("damping") == opts.damping
         )
         dtype = opts.factor_dtype
         for layer in self._layers:
@@ -669,22 +1144,44 @@ class KFACPreconditioner:
             layer.G = entry["G"].to(device=device, dtype=dtype).clone()
             layer.updates = entry["updates"].to(device).clone()
             layer.skipped = entry["skipped"].to(device).clone()
-            layer.skipped_reported = int(layer.skipped.sum())
+            self._skipped_seen[layer.name] = int(layer.skipped.sum())
             dec = entry.get("decomposition")
             layer.scale_updates = None
             if (
                 dec is not None
                 and keep_decomposition
-                and set(dec) == _DECOMPOSITION_KEYS[opts.damping_mode]
+                and set(dec) == decomposition_keys(layer, opts.damping_mode)
             ):
                 layer.decomposition = {k: v.to(device=device, dtype=dtype) for k, v in dec.items()}
-                if "scale_updates" in entry:
-                    layer.scale_updates = entry["scale_updates"].to(device).clone()
-                elif opts.damping_mode == "ekfac":
-                    layer.scale_updates = torch.zeros_like(layer.updates)
+                if opts.damping_mode == "ekfac":
+                    counts = entry.get("scale_updates")
+                    layer.scale_updates = (
+                        counts.to(device).clone()
+                        if counts is not None
+                        else torch.zeros_like(layer.updates)
+                    )
             else:
                 layer.decomposition = None
                 self._force_decompose = True
+        for d in self._diagonal:
+            d.stats.discard()
+            dentry = saved_diag.get(d.name)
+            if dentry is None:
+                d.F = d.updates = d.skipped = d.inverse = None
+                continue
+            device = d.param.device
+            d.F = dentry["F"].to(device=device, dtype=dtype).clone()
+            d.updates = dentry["updates"].to(device).clone()
+            d.skipped = dentry["skipped"].to(device).clone()
+            self._skipped_seen[d.name] = int(d.skipped.sum())
+            inverse = dentry.get("inverse")
+            # 1/(F + ε) depends on ε in either damping mode.
+            if inverse is not None and saved_opts.get("damping") == opts.damping:
+                d.inverse = inverse.to(device=device, dtype=dtype).clone()
+            else:
+                d.decompose(opts.damping)
+        if self._dist is not None:
+            self._force_decompose = self._dist.after_load(self._force_decompose)
         for bucket in self._buckets:
             bucket.restack()
         self._steps = int(state["steps"])

@@ -16,17 +16,21 @@ def _fmt_bytes(n: int) -> str:
 
 @dataclass(frozen=True)
 class LayerSummary:
-    """One preconditioned layer.
+    """One preconditioned Kronecker layer.
 
     Attributes:
-        name: module name in the model.
-        kind: "Linear", "Conv2d", ...
+        name: layer name (the module name; ".q_proj" etc. appended for attention).
+        kind: "Linear", "Conv2d", "Embedding", "MultiheadAttention", ...
         blocks: Kronecker blocks (groups of a grouped conv, else 1).
-        a_shape, g_shape: shape of one block's A and G (A includes the bias coordinate).
+        a_shape, g_shape: logical shape of one block's A and G (A includes the bias
+            coordinate), whatever their storage.
         parameters: names of the parameters the layer preconditions.
         factor_bytes: running factors plus the statistics accumulators.
         decomposition_bytes: eigenbases and eigenvalues ("exact"; "ekfac" adds the scale S,
             one g × a matrix per block) or damped inverses and their shifts ("pi").
+        a_factor, g_factor: storage of A and G: "dense", "diagonal" or "N blocks of B".
+        a_bytes, g_bytes: the share of A and of G in the total (running factor, accumulator
+            and decomposition of each).
     """
 
     name: str
@@ -37,6 +41,10 @@ class LayerSummary:
     parameters: tuple[str, ...]
     factor_bytes: int
     decomposition_bytes: int
+    a_factor: str = "dense"
+    g_factor: str = "dense"
+    a_bytes: int = 0
+    g_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -44,22 +52,62 @@ class LayerSummary:
 
 
 @dataclass(frozen=True)
+class DiagonalSummary:
+    """One parameter preconditioned by its diagonal empirical Fisher (other_params="diagonal").
+
+    Attributes:
+        name: parameter name.
+        kind: kind of the module it belongs to.
+        numel: its number of entries.
+        state_bytes: running F, accumulator and 1/(F + ε).
+    """
+
+    name: str
+    kind: str
+    numel: int
+    state_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.state_bytes
+
+
+def _factor_cell(shape: tuple[int, int], storage: str) -> str:
+    if storage == "dense":
+        return "x".join(map(str, shape))
+    return f"{shape[0]} ({storage})"
+
+
+@dataclass(frozen=True)
 class Summary:
     """Returned by ``KFACPreconditioner.summary()``; ``str()`` renders it as a table.
 
+    Available before the first step: it is the memory plan, in bytes, of the state the
+    preconditioner keeps (factors, accumulators, decompositions, diagonal Fishers).
+
     Attributes:
-        layers: one row per preconditioned layer.
+        layers: one row per preconditioned Kronecker layer.
         unpreconditioned: ``(parameter name, reason)`` for every trainable or frozen parameter
             the preconditioner leaves to the optimizer untouched.
+        diagonal: one row per parameter preconditioned by its diagonal empirical Fisher.
+        ties: ``(parameter names, decision)`` for parameters shared by several modules.
+        workspace_bytes: estimate of the largest transient buffers of one step() (the
+            gradients of the largest bucket of same-shaped layers, in and out of the
+            preconditioning products); not part of ``total_bytes``.
     """
 
     layers: tuple[LayerSummary, ...]
     unpreconditioned: tuple[tuple[str, str], ...]
+    diagonal: tuple[DiagonalSummary, ...] = ()
+    ties: tuple[tuple[str, str], ...] = ()
+    workspace_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
         """Planned bytes of all preconditioner state (factors, accumulators, decompositions)."""
-        return sum(row.total_bytes for row in self.layers)
+        return sum(row.total_bytes for row in self.layers) + sum(
+            row.total_bytes for row in self.diagonal
+        )
 
     def __str__(self) -> str:
         header = ("layer", "kind", "blocks", "A", "G", "factors", "decomp.", "total")
@@ -68,20 +116,31 @@ class Summary:
                 r.name,
                 r.kind,
                 str(r.blocks),
-                "x".join(map(str, r.a_shape)),
-                "x".join(map(str, r.g_shape)),
+                _factor_cell(r.a_shape, r.a_factor),
+                _factor_cell(r.g_shape, r.g_factor),
                 _fmt_bytes(r.factor_bytes),
                 _fmt_bytes(r.decomposition_bytes),
                 _fmt_bytes(r.total_bytes),
             )
             for r in self.layers
         ]
+        rows.extend(
+            (d.name, f"{d.kind} (diagonal EF)", "", str(d.numel), "", _fmt_bytes(d.state_bytes),
+             "", _fmt_bytes(d.total_bytes))
+            for d in self.diagonal
+        )  # fmt: skip
         rows.append(("total", "", "", "", "", "", "", _fmt_bytes(self.total_bytes)))
         widths = [max(len(x) for x in col) for col in zip(header, *rows)]
         lines = [
             "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in (header, *rows)
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        work = _fmt_bytes(self.workspace_bytes)
+        lines.append(f"step workspace (largest bucket, transient): {work}")
+        if self.ties:
+            lines.append("")
+            lines.append("tied parameters:")
+            lines.extend(f"  {names}: {what}" for names, what in self.ties)
         if self.unpreconditioned:
             lines.append("")
             lines.append("left to the optimizer (not preconditioned):")

@@ -5,7 +5,7 @@
   through plain autograd;
 - conv patches by explicit loops over output positions (checked against the per-example
   gradients by ``test_reference_is_consistent``);
-- factor definitions and dense solves straight from docs/index.md.
+- factor definitions and dense solves straight from docs/math.md.
 """
 
 from __future__ import annotations
@@ -206,3 +206,188 @@ def mse_per_example(out: Tensor, y: Tensor) -> Tensor:
 
 def ce_per_example(out: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(out, y, reduction="none")
+
+
+# --------------------------------------------------------------------------- embeddings
+def one_hot_rows(indices: Tensor, num_classes: int, padding_idx: int | None) -> Tensor:
+    """One-hot float rows of ``indices`` (any shape) as (positions, V); padding rows are 0."""
+    flat = indices.reshape(-1)
+    rows = F.one_hot(flat, num_classes).to(torch.get_default_dtype())
+    if padding_idx is not None:
+        rows[flat == padding_idx] = 0.0
+    return rows
+
+
+def embedding_factors(
+    module: nn.Embedding,
+    io: list[list[tuple[Tensor, Tensor]]],
+    *,
+    approx: str = "expand",
+    reduction: str = "mean",
+) -> tuple[Tensor, Tensor]:
+    """Dense A (V×V) and G (D×D) of an embedding as a Linear (no bias) on one-hot inputs.
+
+    ``io`` from :func:`layer_io` with the embedding as module: per example, per call, the
+    index tensor of that example and ∂ℓ_n/∂(output). Definitions of docs/math.md.
+    """
+    n_examples = len(io)
+    a_rows, d_rows = [], []
+    for calls in io:
+        for idx, d in calls:
+            a = one_hot_rows(idx, module.num_embeddings, module.padding_idx)
+            dd = d.reshape(-1, d.shape[-1])
+            if approx == "expand":
+                a_rows.append(a)
+                d_rows.append(dd)
+            else:
+                a_rows.append(a.mean(0, keepdim=True))
+                d_rows.append(dd.sum(0, keepdim=True))
+    a_all, d_all = torch.cat(a_rows), torch.cat(d_rows)
+    A = a_all.T @ a_all / a_all.shape[0]
+    G = d_all.T @ d_all / n_examples
+    return A, G * n_examples if reduction == "sum" else G
+
+
+# --------------------------------------------------------------------------- attention
+def mha_explicit(
+    m: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """nn.MultiheadAttention written out (no dropout), batch-first (N, L, E) tensors.
+
+    Returns the output and the internal tensors: the projections q, k, v (before bias_k /
+    zero attention are appended) and ctx, the attention output before out_proj. Masks as in
+    torch: boolean True = not allowed, float = added to the scores.
+    """
+    e, h = m.embed_dim, m.num_heads
+    if m._qkv_same_embed_dim:
+        wq, wk, wv = m.in_proj_weight.chunk(3)
+    else:
+        wq, wk, wv = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
+    bq, bk, bv = m.in_proj_bias.chunk(3) if m.in_proj_bias is not None else (None,) * 3
+    q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+    internals = {"q": q, "k": k, "v": v}
+    n = q.shape[0]
+    kk, vv = k, v
+    extra = 0
+    if m.bias_k is not None:
+        kk = torch.cat([kk, m.bias_k.reshape(1, 1, e).expand(n, 1, e)], 1)
+        vv = torch.cat([vv, m.bias_v.reshape(1, 1, e).expand(n, 1, e)], 1)
+        extra += 1
+    if m.add_zero_attn:
+        kk = torch.cat([kk, kk.new_zeros(n, 1, e)], 1)
+        vv = torch.cat([vv, vv.new_zeros(n, 1, e)], 1)
+        extra += 1
+    hd = e // h
+
+    def heads(t: Tensor) -> Tensor:
+        return t.reshape(n, t.shape[1], h, hd).transpose(1, 2)
+
+    scores = heads(q) @ heads(kk).transpose(-1, -2) / math.sqrt(hd)  # (N, H, L, S')
+    bias = torch.zeros_like(scores)
+    if attn_mask is not None:
+        am = attn_mask
+        if am.dim() == 3:  # (N·H, L, S)
+            am = am.reshape(n, h, *am.shape[1:])
+        am = F.pad(am, (0, extra))
+        bias = bias + (
+            torch.zeros_like(am, dtype=scores.dtype).masked_fill(am, float("-inf"))
+            if am.dtype == torch.bool
+            else am
+        )
+    if key_padding_mask is not None:
+        kpm = F.pad(key_padding_mask, (0, extra))[:, None, None, :]
+        bias = bias.masked_fill(kpm, float("-inf"))
+    ctx = (torch.softmax(scores + bias, -1) @ heads(vv)).transpose(1, 2).reshape(n, -1, e)
+    internals["ctx"] = ctx
+    return F.linear(ctx, m.out_proj.weight, m.out_proj.bias), internals
+
+
+class ExplicitMHA(nn.Module):
+    """Stands in for an nn.MultiheadAttention (same parameters) and records its internals."""
+
+    def __init__(self, m: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.m = m
+        self.calls: list[dict[str, Tensor]] = []
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
+                attn_mask=None, average_attn_weights=True, is_causal=False):  # fmt: skip
+        bf = self.m.batch_first or query.dim() == 2
+        unbatched = query.dim() == 2
+
+        def to_bf(t: Tensor) -> Tensor:
+            if unbatched:
+                return t.unsqueeze(0)
+            return t if bf else t.transpose(0, 1)
+
+        out, internals = mha_explicit(
+            self.m, to_bf(query), to_bf(key), to_bf(value), key_padding_mask, attn_mask
+        )
+        internals.update(query=to_bf(query), key=to_bf(key), value=to_bf(value), out=out)
+        for t in internals.values():
+            if t.requires_grad:
+                t.retain_grad()
+        self.calls.append(internals)
+        out = out[0] if unbatched else (out if bf else out.transpose(0, 1))
+        return out, None
+
+
+def mha_io(
+    model: nn.Module, mha: nn.MultiheadAttention, loss: PerExampleLoss, x, y: Tensor
+) -> list[list[dict[str, Tensor]]]:
+    """Per example n, per call of ``mha``: its inputs, internals and their gradients ∂ℓ_n/∂·.
+
+    Runs each example alone through a hook-free copy of the model whose attention is
+    :class:`ExplicitMHA`. ``x`` is a tensor (batch first) or a tuple of them. Keys of each call:
+    query, key, value, q, k, v, ctx, out and d_q, d_k, d_v, d_ctx, d_out (batch-first, N = 1
+    squeezed).
+    """
+    name = next(k for k, m in model.named_modules() if m is mha)
+    model = clean_copy(model)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    explicit = ExplicitMHA(getattr(parent, child))
+    setattr(parent, child, explicit)
+    xs = x if isinstance(x, tuple) else (x,)
+    result = []
+    for n in range(y.shape[0]):
+        explicit.calls.clear()
+        model.zero_grad()
+        loss(model(*(t[n : n + 1] for t in xs)), y[n : n + 1]).sum().backward()
+        calls = []
+        for c in explicit.calls:
+            rec = {k: v.detach()[0] for k, v in c.items()}
+            for k in ("q", "k", "v", "ctx", "out"):
+                rec["d_" + k] = c[k].grad[0].detach()
+            calls.append(rec)
+        result.append(calls)
+    return result
+
+
+def linear_factors_from_rows(
+    a_rows: list[Tensor], d_rows: list[Tensor], n_examples: int, bias: bool, reduction: str = "mean"
+) -> tuple[Tensor, Tensor]:
+    """Expand-mode A, G from per-(example, call) row blocks (T, d_in), (T, d_out)."""
+    a_all = homogeneous(torch.cat(a_rows), bias)
+    d_all = torch.cat(d_rows)
+    A = a_all.T @ a_all / a_all.shape[0]
+    G = d_all.T @ d_all / n_examples
+    return A, G * n_examples if reduction == "sum" else G
+
+
+def dense_exact_matrix(A: Tensor, G: Tensor, grad_m: Tensor, damping: float) -> Tensor:
+    """(G⊗A + εI)⁻¹ vec(∇) for one block with arbitrary (e.g. diagonal-embedded) A and G."""
+    return dense_exact(A.unsqueeze(0), G.unsqueeze(0), grad_m.unsqueeze(0), damping)[0]
+
+
+def block_diagonal_part(M: Tensor, block: int) -> Tensor:
+    """M with everything outside diagonal blocks of size ``block`` zeroed (last block shorter)."""
+    out = torch.zeros_like(M)
+    for s in range(0, M.shape[0], block):
+        out[s : s + block, s : s + block] = M[s : s + block, s : s + block]
+    return out

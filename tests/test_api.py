@@ -75,7 +75,7 @@ def test_model_must_be_a_module_with_supported_layers():
     with pytest.raises(TypeError, match="nn.Module"):
         KFACPreconditioner([nn.Linear(2, 2)])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no layer to precondition"):
-        KFACPreconditioner(nn.Sequential(nn.LayerNorm(3), nn.Embedding(4, 3)))
+        KFACPreconditioner(nn.Sequential(nn.LayerNorm(3), nn.BatchNorm1d(3)))
 
 
 def test_call_order_errors():
@@ -91,7 +91,7 @@ def test_call_order_errors():
 
 def test_summary_lists_layers_and_left_out_parameters():
     model = _model()
-    model.add_module("emb", nn.Embedding(5, 2))
+    model.add_module("emb", nn.EmbeddingBag(5, 2))
     model.register_parameter("temperature", nn.Parameter(torch.ones(())))
     pre = KFACPreconditioner(model, skip_layers=["5"])
     s = pre.summary()
@@ -106,7 +106,7 @@ def test_summary_lists_layers_and_left_out_parameters():
     reasons = dict(s.unpreconditioned)
     assert "LayerNorm" in reasons["4.weight"] and "LayerNorm" in reasons["4.bias"]
     assert reasons["5.weight"] == "skipped by skip_layers"
-    assert "Embedding" in reasons["emb.weight"]
+    assert "EmbeddingBag" in reasons["emb.weight"]
     assert "temperature" in reasons
     text = str(s)
     assert "LayerNorm" in text and "total" in text and "5.weight" in text
@@ -140,13 +140,24 @@ def test_skipping_everything_is_an_error():
         KFACPreconditioner(_model(), skip_layers=r"\d")
 
 
-def test_tied_linear_weights_are_left_out_with_reason():
+def test_tied_linear_weights_with_own_biases_have_one_owner():
+    """Two Linears sharing a weight but not their biases: the last one owns the weight; the
+    other's bias is left out with the reason (it belongs to a layer that was dropped)."""
     a, b = nn.Linear(4, 4), nn.Linear(4, 4)
     b.weight = a.weight
     model = nn.Sequential(a, nn.Tanh(), b, nn.Linear(4, 1))
     pre = KFACPreconditioner(model)
-    assert {r.name for r in pre.summary().layers} == {"3"}
-    assert "shared" in dict(pre.summary().unpreconditioned)["0.weight"]
+    s = pre.summary()
+    assert {r.name for r in s.layers} == {"2", "3"}
+    assert "tied weight preconditioned by 2" in dict(s.unpreconditioned)["0.bias"]
+    ((names, what),) = s.ties
+    assert names == "0.weight" and "preconditioned by 2 alone" in what
+    pre.remove()
+    # With other_params="diagonal" that bias gets its diagonal Fisher (per-example Σ_t δ).
+    pre = KFACPreconditioner(model, other_params="diagonal")
+    assert [d.name for d in pre.summary().diagonal] == ["0.bias"]
+    step_once(model, pre, mse_per_example, torch.randn(4, 4), torch.randn(4, 1))
+    assert set(pre.diagonal_fishers()) == {"0.bias"}
 
 
 def _train(model, pre, batches):

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_ef import KFACPreconditioner, linalg
+from kfac_ef import KFACPreconditioner, _ekfac
+from kfac_ef._factors import FactorSpec
 
 from .helpers import conv_head, step_once
 from .reference import (
@@ -187,19 +188,27 @@ def test_scale_before_statistics_in_a_basis_is_kfac():
     pre2.load_state_dict(kfac_state.state_dict())  # steps = 1: not a statistics step
     before, after = step_once(fresh, pre2, mse_per_example, x, y)
     dec = _decomposition(pre2, "0")
-    torch.testing.assert_close(dec["s"], linalg.ekfac_initial_scale(dec["lg"], dec["la"]))
+    torch.testing.assert_close(dec["s"], dec["lg"].unsqueeze(2) * dec["la"].unsqueeze(1))
     A, G = kfac_state.factors()["0"]
     gm = grad_matrix(fresh[0], before["0.weight"], before["0.bias"])
     got = grad_matrix(fresh[0], after["0.weight"], after["0.bias"])
     torch.testing.assert_close(got, dense_exact(A[None], G[None], gm, 1e-3))
 
 
-def test_chunked_second_moment_equals_unchunked():
+def test_chunked_second_moment_equals_unchunked(monkeypatch):
     a, d = torch.randn(7, 4, 2, 5), torch.randn(7, 4, 2, 3)
     qa = torch.linalg.qr(torch.randn(2, 5, 5))[0]
     qg = torch.linalg.qr(torch.randn(2, 3, 3))[0]
-    whole = linalg.eigenbasis_second_moment(a, d, qa, qg)
-    chunked = linalg.eigenbasis_second_moment(a, d, qa, qg, max_elements=1)
+    specs = FactorSpec(3, 3), FactorSpec(5, 5)
+
+    def moment():
+        raw, n = _ekfac.batch_second_moment([(a, d, 0)], False, qg, qa, *specs, torch.float64)
+        assert n == 7
+        return raw
+
+    whole = moment()
+    monkeypatch.setattr(_ekfac, "MAX_ELEMENTS", 1)
+    chunked = moment()
     torch.testing.assert_close(chunked, whole)
     per_example = torch.einsum("bgh,ntbg,ntba,bac->nbhc", qg, d, a, qa)
     torch.testing.assert_close(whole, per_example.square().sum(0))

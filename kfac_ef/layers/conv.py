@@ -66,7 +66,3 @@ class ConvAdapter(LayerAdapter):
     def output_grads(self, grad: Tensor) -> Tensor:
         t = flatten_positions(grad, batched=self._batched(grad), channels_last=False)
         return t.reshape(t.shape[0], t.shape[1], self.blocks, self.g_dim)
-
-    def linear_map(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        # The module's own padding (every padding_mode), stride, dilation and groups.
-        return self.module._conv_forward(x, weight, bias)  # type: ignore[operator]

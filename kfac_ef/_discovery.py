@@ -1,0 +1,313 @@
+"""Which parameters a preconditioner covers, how, and why the others are left out.
+
+Every parameter of the model ends up in exactly one of three places:
+
+1. a **Kronecker layer** (Linear, Conv, Embedding, Bilinear, the projections of
+   MultiheadAttention), preconditioned by (G ⊗ A + εI)⁻¹;
+2. with ``other_params="diagonal"``, a **diagonal parameter** (norm layers' affine
+   parameters, PReLU, a bias whose weight is frozen or tied elsewhere), preconditioned by its
+   diagonal empirical Fisher;
+3. the list of parameters **left to the optimizer**, each with its reason.
+
+Tied weights (one parameter used by several modules, e.g. a language model's output layer
+sharing the token embedding) are preconditioned once:
+
+- modules of the same kind using the same parameters the same way (two Linears sharing weight
+  and bias) feed **one** Kronecker layer: their calls are positions of the same examples, as
+  for a module called twice (``kfac_approx`` applies);
+- otherwise **one module owns** the parameter and the others contribute nothing to its
+  factors (their share of the gradient is in p.grad and is preconditioned with the owner's
+  curvature). The owner is a module whose inputs are not one-hot, so that every row of the
+  matrix has curvature (an embedding's A is zero for tokens absent from the batch, which
+  would scale those rows of the output layer's gradient by 1/ε); among those, the last one in
+  module order. ``summary().ties`` records the decision. When the loss-change constraint
+  needs per-example loss changes (constraint="exact", track_loss_changes), the other uses
+  are hooked too, for that only: the change of a loss through each use of the weight counts.
+
+Inside sequence-first models (nn.Transformer* with batch_first=False) the batch is the second
+dimension of the submodules' inputs: their adapters are told so (``batch_dim = 1``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ._blocks import DiagonalParam, Layer
+from ._factors import plan_factor
+from ._options import KFACOptions
+from ._stats import DiagonalStatistics, LayerStatistics
+from .layers import LayerAdapter, ModuleAdapter, make_adapter
+
+# Modules that apply their submodules' parameters functionally (the submodules' hooks never
+# fire): their adapter, or their reason, covers every parameter below them.
+_ABSORBING: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,) + tuple(
+    t for t in (getattr(nn, "LinearCrossEntropyLoss", None),) if t is not None
+)
+_SEQ_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_SEQ_STACKS = (nn.TransformerEncoder, nn.TransformerDecoder)
+
+
+@dataclass
+class Route:
+    """Where one hooked module's observations go.
+
+    Attributes:
+        adapter: the module's adapter.
+        layers: ``(index into adapter.layers, Layer)`` of its active Kronecker layers.
+        params: ``(parameter, DiagonalParam)`` of its parameters preconditioned diagonally.
+        tied: ``(index into adapter.layers, Layer)`` of layers whose tied weight this module
+            uses without feeding their factors (only with per-example loss changes).
+    """
+
+    adapter: ModuleAdapter
+    layers: list[tuple[int, Layer]] = field(default_factory=list)
+    params: list[tuple[nn.Parameter, DiagonalParam]] = field(default_factory=list)
+    tied: list[tuple[int, Layer]] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """The outcome of discovery (see the module docstring)."""
+
+    layers: list[Layer]
+    diagonal: list[DiagonalParam]
+    routes: dict[str, Route]  # by hooked module name, in module order
+    unpreconditioned: list[tuple[str, str]]
+    ties: list[tuple[str, str]]
+    trainable: list[nn.Parameter]
+
+
+def _seq_first_modules(model: nn.Module) -> set[int]:
+    """ids of modules whose inputs are sequence-first (T, N, ...): the submodules of
+    nn.Transformer* layers and stacks built with batch_first=False."""
+    out: set[int] = set()
+    for module in model.modules():
+        seq_first = False
+        if isinstance(module, _SEQ_LAYERS):
+            seq_first = not module.self_attn.batch_first
+        elif isinstance(module, _SEQ_STACKS) and len(module.layers) > 0:
+            seq_first = not module.layers[0].self_attn.batch_first  # type: ignore[union-attr]
+        if seq_first:
+            out.update(id(m) for m in module.modules() if m is not module)
+    return out
+
+
+def _layer_name(module_name: str, layer: LayerAdapter) -> str:
+    return (module_name + layer.suffix).lstrip(".") or "<model>"
+
+
+def _same_use(a: LayerAdapter, b: LayerAdapter) -> bool:
+    """Two layers that use the same parameters in the same way (one block can serve both)."""
+    return (
+        type(a) is type(b)
+        and [(id(p), r) for p, r in a.regions()] == [(id(p), r) for p, r in b.regions()]
+        and (a.blocks, a.a_dim0, a.g_dim, a.suffix) == (b.blocks, b.a_dim0, b.g_dim, b.suffix)
+        and a.one_hot_inputs == b.one_hot_inputs
+    )
+
+
+def discover(model: nn.Module, opts: KFACOptions) -> Plan:
+    """Build the layers, diagonal parameters and hook routes of ``model`` under ``opts``."""
+    names: dict[int, str] = {}
+    order: list[nn.Parameter] = []
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) not in names:
+                names[id(p)] = f"{mname}.{pname}" if mname else pname
+                order.append(p)
+
+    seq_first = _seq_first_modules(model)
+    left: dict[int, str] = {}
+    adapters: dict[str, ModuleAdapter] = {}
+    absorbed: set[int] = set()  # modules whose parameters an ancestor's adapter handles
+    # Kronecker layers in module order: (module name, index in adapter.layers, layer).
+    kron: list[tuple[str, int, LayerAdapter]] = []
+    diag_claims: dict[int, list[str]] = defaultdict(list)
+
+    for mname, module in model.named_modules():
+        if id(module) in absorbed:
+            continue
+        absorbing = isinstance(module, _ABSORBING)
+        if absorbing:
+            absorbed.update(id(m) for m in module.modules() if m is not module)
+        params = list(module.parameters(recurse=absorbing))
+        if not params:
+            continue
+        if opts.skips(mname, module):
+            for p in params:
+                left.setdefault(id(p), "skipped by skip_layers")
+            continue
+        made = make_adapter(module)
+        if isinstance(made, str):
+            for p in params:
+                left.setdefault(id(p), made)
+            continue
+        made.batch_dim = 1 if id(module) in seq_first else 0
+        adapters[mname] = made
+        for i, layer in enumerate(made.layers):
+            kron.append((mname, i, layer))
+        for p in made.diagonal_candidates():
+            diag_claims[id(p)].append(mname)
+        for p in params:
+            if not p.requires_grad:
+                left.setdefault(id(p), "frozen (requires_grad is False)")
+
+    # ---- tied weights: group Kronecker layers that share a parameter (union-find).
+    parent = list(range(len(kron)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_user: dict[tuple[int, object], int] = {}
+    for i, (_, _, layer) in enumerate(kron):
+        for p, region in layer.regions():
+            j = first_user.setdefault((id(p), region), i)
+            parent[find(i)] = find(j)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(kron)):
+        groups[find(i)].append(i)
+
+    ties: list[tuple[str, str]] = []
+    # Kronecker layer index -> index of the layer whose Layer object it feeds.
+    feeds: dict[int, int] = {}
+    for members in groups.values():
+        if len(members) == 1:
+            feeds[members[0]] = members[0]
+            continue
+        lead = kron[members[0]][2]
+        users = ", ".join(_layer_name(kron[i][0], kron[i][2]) for i in members)
+        uses: dict[tuple[int, object], int] = defaultdict(int)
+        for i in members:
+            for p, region in kron[i][2].regions():
+                uses[(id(p), region)] += 1
+        shared = ", ".join(sorted({names[pid] for (pid, _), n in uses.items() if n > 1}))
+        if all(_same_use(lead, kron[i][2]) for i in members):
+            for i in members:
+                feeds[i] = members[0]
+            ties.append(
+                (shared, f"one Kronecker block fed by {users} (their calls are positions of "
+                 "the same examples)")
+            )  # fmt: skip
+            continue
+        dense_inputs = [i for i in members if not kron[i][2].one_hot_inputs]
+        owner = (dense_inputs or members)[-1]
+        feeds[owner] = owner
+        owner_name = _layer_name(kron[owner][0], kron[owner][2])
+        others = [i for i in members if i != owner]
+        ties.append(
+            (
+                shared,
+                f"preconditioned by {owner_name} alone; the other use(s) ("
+                + ", ".join(_layer_name(kron[i][0], kron[i][2]) for i in others)
+                + ") contribute nothing to its factors, their share of the gradient is "
+                "preconditioned with the owner's curvature",
+            )
+        )
+        owned = {id(p) for p in kron[owner][2].parameters()}
+        for i in others:
+            for p in kron[i][2].parameters():
+                if id(p) not in owned:
+                    left.setdefault(
+                        id(p),
+                        f"its layer {_layer_name(kron[i][0], kron[i][2])} shares a tied weight "
+                        f"preconditioned by {owner_name}",
+                    )
+
+    # ---- Kronecker layers.
+    layers: list[Layer] = []
+    by_index: dict[int, Layer] = {}
+    routes: dict[str, Route] = {}
+    covered: set[int] = set()
+    owner_of: dict[int, int] = {}  # member of a tie group (not feeding) -> its owner
+    for members in groups.values():
+        owners = [i for i in members if feeds.get(i) == i]
+        for i in members:
+            if i not in feeds and owners:
+                owner_of[i] = owners[0]
+    for i, (mname, idx, la) in enumerate(kron):
+        target = feeds.get(i)
+        if target is None:
+            continue
+        if target == i:
+            a_spec = plan_factor(
+                la.a_dim, opts.max_factor_dim, opts.large_factor_block, la.one_hot_inputs
+            )
+            g_spec = plan_factor(la.g_dim, opts.max_factor_dim, opts.large_factor_block, False)
+            stats = LayerStatistics(
+                la,
+                opts.kfac_approx,
+                opts.factor_dtype,
+                opts.backend,
+                a_spec,
+                g_spec,
+                per_example=opts.fisher_type == "mc",
+            )
+            by_index[i] = Layer(_layer_name(mname, la), la, stats)
+            layers.append(by_index[i])
+            covered.update(id(p) for p in la.parameters())
+        route = routes.setdefault(mname, Route(adapters[mname]))
+        route.layers.append((idx, by_index[target]))
+    if opts.needs_loss_records:
+        for i, owner in owner_of.items():
+            mname, idx, _ = kron[i]
+            routes.setdefault(mname, Route(adapters[mname])).tied.append((idx, by_index[owner]))
+
+    # ---- parameters outside the Kronecker form.
+    diagonal: list[DiagonalParam] = []
+    param_by_id = {id(p): p for p in order}
+    for pid, claimants in diag_claims.items():
+        p = param_by_id[pid]
+        if pid in covered or not p.requires_grad:
+            continue
+        if opts.other_params != "diagonal":
+            left.setdefault(
+                pid,
+                f"{adapters[claimants[0]].kind}: other_params='ignore' leaves it to the "
+                "optimizer (other_params='diagonal' preconditions it with its diagonal "
+                "empirical Fisher)",
+            )
+            continue
+        dstats = DiagonalStatistics(
+            names[pid], p.numel(), opts.factor_dtype, p.device, opts.fisher_type == "mc"
+        )
+        entry = DiagonalParam(names[pid], p, dstats)
+        diagonal.append(entry)
+        covered.add(pid)
+        left.pop(pid, None)
+        for mname in claimants:
+            routes.setdefault(mname, Route(adapters[mname])).params.append((p, entry))
+        if len(claimants) > 1:
+            ties.append((names[pid], "one diagonal Fisher fed by " + ", ".join(claimants)))
+
+    # ---- everything else, with its reason.
+    for adapter in adapters.values():
+        module = adapter.module
+        for p in module.parameters(recurse=isinstance(module, _ABSORBING)):
+            if id(p) not in covered and p.requires_grad:
+                left.setdefault(id(p), adapter.unsupported_reason(p))
+    for p in order:
+        if id(p) not in covered and id(p) not in left:
+            left[id(p)] = (
+                "frozen (requires_grad is False)"
+                if not p.requires_grad
+                else "not owned by a module kind with a Kronecker or diagonal rule (a custom "
+                "parameter)"
+            )
+    unpre = [(names[id(p)], left[id(p)]) for p in order if id(p) not in covered]
+    routes = {m: routes[m] for m in adapters if m in routes}  # module order
+    trainable = [p for p in order if p.requires_grad]
+    return Plan(layers, diagonal, routes, unpre, ties, trainable)
+
+
+def check_devices(plan: Plan) -> set[torch.device]:
+    """The devices of the preconditioned parameters."""
+    return {layer.adapter.weight.device for layer in plan.layers} | {
+        d.param.device for d in plan.diagonal
+    }
