@@ -100,7 +100,11 @@ def per_example_directions(
         got a contribution.
 
     Raises:
-        ValueError: if calls of one pass have different batch sizes (not the same examples).
+        ValueError: if calls of one pass have different batch sizes (not the same examples:
+            a module called once for the whole batch, e.g. a position embedding on
+            ``arange(T)``). A shared call whose length happens to equal the batch size cannot
+            be told apart: the documented requirement is that every hooked call carries the
+            batch.
     """
     by_pass: dict[int, Tensor] = {}
     seen: set[int] = set()
@@ -129,10 +133,13 @@ def per_example_directions(
                     by_pass[pass_id] = part.to(dtype)
                 elif prior.shape != part.shape:
                     raise ValueError(
-                        f"constraint='exact': module {name!r} was called on {part.shape[0]} "
-                        f"examples in a forward pass whose other calls saw {prior.shape[0]}; "
-                        "the per-example loss changes need every call of a pass to see the "
-                        "same examples (use constraint='kronecker')"
+                        f"per-example loss changes: module {name!r} was called on "
+                        f"{part.shape[0]} examples in a forward pass whose other calls saw "
+                        f"{prior.shape[0]}. Every hooked call must carry the batch (e.g. "
+                        "index a position embedding per example, pos.expand(N, T), not once "
+                        "for the whole batch): a call shared by the batch only sees the sum "
+                        "of its examples' gradients. Or use constraint='kronecker' (and "
+                        "track_loss_changes=False)"
                     )
                 else:
                     prior.add_(part.to(prior.device))

@@ -615,7 +615,8 @@ class Distributor:
         decompositions with factor_sync="decomposition") count the buffer each rank reduces
         (a ring all-reduce moves about 2(W-1)/W times that through each rank's link);
         "decompositions" and "gradients" (broadcasts) count the bytes this rank receives
-        (nothing for the rank that sends). "collectives" counts the calls.
+        (nothing for the rank that sends); "constraint" the loss-change constraint's sums
+        (EKFAC's statistics count as "statistics"). "collectives" counts the calls.
         """
         return dict(self.bytes)
 
@@ -1079,22 +1080,17 @@ class Distributor:
     def sum_over_columns(self, t: Tensor) -> Tensor:
         """Σ over this rank's row of ``t`` (one rank per column: the sum over every layer of a
         per-layer quantity each rank computed for its column's layers). No host read."""
-        if self._row_group is None:
-            return t
-        t = t.clone()
-        self._count("constraint", t)
-        self._wait(
-            dist.all_reduce(t, group=self._row_group, async_op=True),
-            "the reduction of the loss-change constraint",
-        )
-        return t
+        return t if self._row_group is None else self._sum(t, self._row_group)
 
     def sum_over_ranks(self, t: Tensor) -> Tensor:
         """Σ over every rank of ``t`` (sums over the global batch). No host read."""
+        return self._sum(t, self.group)
+
+    def _sum(self, t: Tensor, group: Any) -> Tensor:
         t = t.clone()
         self._count("constraint", t)
         self._wait(
-            dist.all_reduce(t, group=self.group, async_op=True),
+            dist.all_reduce(t, group=group, async_op=True),
             "the reduction of the loss-change constraint",
         )
         return t

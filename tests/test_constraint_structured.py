@@ -20,10 +20,16 @@ from .reference import (
     per_example_grads,
     reference_factors,
 )
+from .test_constraint import _pre as constraint_pre
+from .test_constraint import _predicted_changes as predicted_changes
+from .test_constraint import _sgd_step as sgd_step
 
-pytestmark = pytest.mark.usefixtures("float64")
+pytestmark = [
+    pytest.mark.usefixtures("float64"),
+    # torch.func's per-example gradients of attention fall back to a slow batching rule.
+    pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),
+]
 
-LR = 0.1
 V, D, T, WIDE = 11, 6, 4, 13
 STRUCTURED = {"max_factor_dim": 8, "large_factor_block": 4}  # WIDE: 4 blocks of 4
 
@@ -66,37 +72,13 @@ def _data(n: int = 6) -> tuple[Tensor, Tensor]:
     return idx, torch.randint(0, V, (n, T))
 
 
-def _sgd_step(model, pre, x, y, reduction="mean", loss=None):
-    """Backward, step(), SGD step; returns Δθ per parameter name."""
-    before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    model.zero_grad()
-    losses = seq_ce(model(x), y)
-    (losses.mean() if reduction == "mean" else losses.sum()).backward()
-    pre.step(loss=loss)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.grad is not None:
-                p.sub_(LR * p.grad)
-    return {k: p.detach() - before[k] for k, p in model.named_parameters()}
-
-
-def _predicted(pe: dict[str, Tensor], delta: dict[str, Tensor]) -> Tensor:
-    n = next(iter(pe.values())).shape[0]
-    return sum(pe[k].reshape(n, -1) @ d.reshape(-1) for k, d in delta.items())
+def _sgd_step(model, pre, x, y, reduction="mean"):
+    """Backward, step(), SGD step (test_constraint's); returns Δθ per parameter name."""
+    return sgd_step(model, pre, seq_ce, [(x, y)], reduction)
 
 
 def _pre(model, **kw):
-    opts = dict(
-        damping=1e-2,
-        factor_dtype=torch.float64,
-        factor_decay=0.0,
-        inv_update_steps=1,
-        lr=LR,
-        loss_change_unit="absolute",
-        other_params="diagonal",
-    )
-    opts.update(kw)
-    return KFACPreconditioner(model, **opts)
+    return constraint_pre(model, **({"other_params": "diagonal"} | kw))
 
 
 @pytest.mark.parametrize("mode", ["exact", "pi", "ekfac"])
@@ -126,7 +108,7 @@ def test_exact_constraint_on_a_structured_model(mode, reduction, large_factor_bl
     x, y = _data()
     pe = per_example_grads(model, seq_ce, x, y)
     delta = _sgd_step(model, pre, x, y, reduction)
-    dl = _predicted(pe, delta)
+    dl = predicted_changes(pe, delta)
     torch.testing.assert_close(dl.square().mean(), torch.tensor(c), rtol=1e-6, atol=0)
     d = pre.diagnostics()
     torch.testing.assert_close(d.loss_changes, dl, rtol=1e-6, atol=1e-12)
@@ -145,7 +127,7 @@ def test_exact_form_counts_every_use_of_a_tied_weight():
     pe = per_example_grads(model, seq_ce, x, y)
     through_embedding = per_example_grads(twin, seq_ce, x, y)["tok.weight"]
     delta = _sgd_step(model, pre, x, y)
-    dl = _predicted(pe, delta)
+    dl = predicted_changes(pe, delta)
     torch.testing.assert_close(pre.diagnostics().loss_changes, dl, rtol=1e-6, atol=1e-12)
     share = through_embedding.reshape(x.shape[0], -1) @ delta["tok.weight"].reshape(-1)
     assert share.abs().max() > 0.01 * dl.abs().max()
@@ -286,3 +268,99 @@ def test_ekfac_scale_and_solve_with_structured_factors(large_factor_block, reduc
         g, a = before[name].shape
         expect = (solve @ grad.reshape(-1)).reshape(g_pad, a_pad)[:g, :a]
         torch.testing.assert_close(after[name], expect, msg=name)
+
+
+def test_step_reads_no_tensor_value_on_the_host_with_every_feature(monkeypatch):
+    """Between decompositions, step() with EKFAC (one-hot second moments, attention
+    recomputed, block-diagonal bases), the exact form (tied weight, diagonal parameters) and a
+    relative target reads no tensor value on the host."""
+    model = TokenModel()
+    pre = _pre(
+        model,
+        damping_mode="ekfac",
+        constraint="exact",
+        target_loss_change=0.5,
+        loss_change_unit="spread",
+        track_loss_changes=True,
+        inv_update_steps=5,
+        **STRUCTURED,
+    )
+    x, y = _data()
+    losses = seq_ce(model(x), y)
+    losses.mean().backward()
+    pre.step(loss=losses.detach())  # a decomposition step: may read values
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("step() read a tensor value on the host")
+
+    model.zero_grad()
+    losses = seq_ce(model(x), y)
+    losses.mean().backward()
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__"):
+            m.setattr(torch.Tensor, name, host_read)
+        pre.step(loss=losses.detach())
+    assert pre.diagnostics().exact == pytest.approx(
+        0.5 * float(losses.detach().var(correction=0)), rel=1e-9
+    )
+
+
+def test_a_call_shared_by_the_batch_is_a_clear_error_for_the_exact_form():
+    """A position embedding indexed once for the whole batch sees the sum of the examples'
+    gradients: the per-example loss changes through it are not observable."""
+
+    class Shared(TokenModel):
+        def forward(self, idx):
+            h = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))  # (T, D), broadcast
+            h = self.norm(h)
+            return self.head(h + self.down(torch.tanh(self.up(h))))
+
+    model = Shared(attention=False)
+    pre = _pre(model, track_loss_changes=True)
+    x, y = _data()
+    seq_ce(model(x), y).mean().backward()
+    with pytest.raises(ValueError, match="'pos' was called on 4 examples.*pos.expand"):
+        pre.step()
+
+
+def test_structured_ekfac_checkpoint_round_trip():
+    """S over padded block-diagonal and diagonal storage, and its update counts, survive
+    state_dict() / load_state_dict(); the next step is the same as without the round trip."""
+    x, y = _data()
+    states = []
+    for reload in (False, True):
+        torch.manual_seed(5)
+        model = TokenModel(tied=False)
+        pre = _pre(model, damping_mode="ekfac", inv_update_steps=2, factor_decay=0.5, **STRUCTURED)
+        _sgd_step(model, pre, x, y)
+        if reload:
+            state = pre.state_dict()
+            pre.remove()
+            pre = _pre(
+                model, damping_mode="ekfac", inv_update_steps=2, factor_decay=0.5, **STRUCTURED
+            )
+            pre.load_state_dict(state)
+            for name, layer in pre._by_name.items():
+                saved = state["layers"][name]
+                assert torch.equal(layer.decomposition["s"], saved["decomposition"]["s"])
+                assert torch.equal(layer.scale_updates, saved["scale_updates"])
+        states.append(_sgd_step(model, pre, x.flip(0), y.flip(0)))
+    for k, d in states[0].items():
+        torch.testing.assert_close(states[1][k], d, rtol=1e-12, atol=1e-14)
+
+
+def test_pi_checkpoint_without_shifts_is_decomposed_again():
+    """A "pi" checkpoint whose decompositions lack the shifts the Kronecker form needs (as
+    saved before they were kept) loads, and its decompositions are recomputed."""
+    model = TokenModel(tied=False, attention=False)
+    pre = _pre(model, damping_mode="pi", constraint="kronecker", target_loss_change=1e-3)
+    x, y = _data()
+    _sgd_step(model, pre, x, y)
+    state = pre.state_dict()
+    for entry in state["layers"].values():
+        for key in ("cg", "ca"):
+            del entry["decomposition"][key]
+    pre.load_state_dict(state)
+    assert pre._force_decompose
+    _sgd_step(model, pre, x, y)
+    assert pre.diagnostics().kronecker == pytest.approx(1e-3, rel=1e-9)

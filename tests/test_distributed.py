@@ -141,6 +141,15 @@ SCENARIOS: dict[int, list[Scenario]] = {
             kfac=TOKEN_KFAC | TOKEN_DIAG | EXACT_ABS,
         ),
         Scenario(
+            "tokens/comm_opt/ekfac/mean/resume",
+            "comm_opt",
+            "ekfac",
+            "mean",
+            resume_at=1,
+            model="tokens",
+            kfac=TOKEN_KFAC | TOKEN_DIAG,
+        ),
+        Scenario(
             "tokens/comm_opt/ekfac/sum/grad_scaler/kronecker",
             "comm_opt",
             "ekfac",
@@ -188,6 +197,9 @@ SCENARIOS: dict[int, list[Scenario]] = {
             model="tokens",
             kfac={"max_factor_dim": 8, "large_factor_block": 1} | TOKEN_DIAG,
         ),
+        # A decomposition every step: these factors are rank-deficient, and S of batches
+        # between decompositions depends on the basis chosen in the null space, which the
+        # last bits of the (differently summed) factors decide.
         Scenario(
             "mc/comm_opt/ekfac/mean/no_sync/uneven",
             "comm_opt",
@@ -196,6 +208,7 @@ SCENARIOS: dict[int, list[Scenario]] = {
             sizes=(2, 4, 6),
             accumulate=True,
             mc=True,
+            kfac={"inv_update_steps": 1},
         ),
         Scenario(
             "constraint/mem_opt/exact/mean/loss_unit",
