@@ -276,7 +276,7 @@ class KFACPreconditioner:
         self._record_last: StepRecord | None = None
         self._capture = Capture(
             {name: route.adapter for name, route in self._routes.items()},
-            wants_statistics=self._wants_inputs,
+            wants_calls=self._wants_calls,
             on_backward=self._on_backward,
             record=self._record,
             on_call=self._on_call if self._dist is not None else None,
@@ -303,7 +303,7 @@ class KFACPreconditioner:
     def _wants_statistics(self) -> bool:
         return self._steps % self.options.factor_update_steps == 0
 
-    def _wants_inputs(self) -> bool:
+    def _wants_calls(self) -> bool:
         """Whether this step keeps what calls save: for statistics, or for the exact form."""
         return self._wants_statistics() or self.options.needs_loss_records
 

@@ -219,3 +219,39 @@ def test_bad_likelihood_names_itself(kw, match):
     out = model(torch.randn(3, 5))
     with pytest.raises(ValueError, match=match):
         mc_backward(pre, out.sum(), out, **kw)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_factors_do_not_depend_on_how_the_loss_is_divided_or_scaled(reduction):
+    """The sampled loss is a sum of per-example losses (times the GradScaler's scale): two
+    micro-batches whose loss is divided by 2 (gradient accumulation), or a loss scaled by a
+    GradScaler, give the factors of one plain batch with the same targets."""
+    x, y = torch.randn(8, 5), torch.randint(0, 4, (8,))
+    with torch.no_grad():
+        targets = _draw_categorical(_model()(x), seed=3)  # any fixed draw: the same in all three
+    factors = []
+    for how in ("one batch", "two micro-batches", "grad scaler"):
+        torch.manual_seed(0)
+        model = _model()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**7) if how == "grad scaler" else None
+        pre = KFACPreconditioner(
+            model,
+            fisher_type="mc",
+            loss_reduction=reduction,
+            factor_dtype=torch.float64,
+            grad_scaler=scaler,
+        )
+        chunks = [slice(0, 3), slice(3, 8)] if how == "two micro-batches" else [slice(0, 8)]
+        for sl in chunks:
+            out = model(x[sl])
+            losses = F.cross_entropy(out, y[sl], reduction="none")
+            loss = losses.mean() / len(chunks) if reduction == "mean" else losses.sum()
+            if scaler is not None:
+                loss = scaler.scale(loss)
+            mc_backward(pre, loss, out, likelihood="categorical", targets=targets[sl])
+        pre.step()
+        factors.append(pre.factors())
+    for other in factors[1:]:
+        for name, (a, g) in factors[0].items():
+            torch.testing.assert_close(other[name][0], a)
+            torch.testing.assert_close(other[name][1], g)
