@@ -59,12 +59,13 @@ def _form_truth(grad, qg, lg, qa, la, scale, dtype=torch.float64):
     return (k * rotated.square()).sum(dim=(1, 2))
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 7, 33), (2, 64, 17), (2, 129, 33)])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 7, 33), (2, 64, 17)])
 @pytest.mark.parametrize("with_scale", [False, True], ids=["eigenvalues", "scale"])
 @pytest.mark.parametrize("path", ["auto", "gemm"])
 def test_precondition_eigen_form_within_bound(shape, with_scale, path):
     """The quadratic form of the constraint, from the fused kernel's registers or the tiled
-    path's stored Ṽ, and the gradients it comes with."""
+    path's stored Ṽ (forced: the tiles do not depend on the size), and the gradients it comes
+    with."""
     grad, qg, lg, qa, la, scale = _inputs(*shape, with_scale)
     form = torch.full((shape[0],), float("nan"))  # poisoned: every block must be written
     fused = None if path == "auto" else False
