@@ -41,7 +41,7 @@ from .layers import Inputs, LayerAdapter, OneHotInputs
 Scale = float | Tensor
 
 
-def _g_scale(
+def g_scale(
     examples: int, loss_reduction: str, loss_scale: Tensor | None, per_example: bool = False
 ) -> Scale:
     """The scale of G (and of S, F) from the raw sums of observed gradients (module doc)."""
@@ -168,7 +168,7 @@ class LayerStatistics:
         before the next ``add``, which overwrites them.
         """
         assert self._acc_a is not None and self._acc_g is not None and self.rows > 0
-        scale_g = _g_scale(self._passes.total(), loss_reduction, loss_scale, self.per_example)
+        scale_g = g_scale(self._passes.total(), loss_reduction, loss_scale, self.per_example)
         scale_a = 1.0 / self.rows
         self.rows = 0
         self._passes.clear()
@@ -264,7 +264,7 @@ class DiagonalStatistics:
         elif self._stale:
             self._acc.zero_()
         self._stale = True
-        scale = _g_scale(self._passes.total(), loss_reduction, loss_scale, self.per_example)
+        scale = g_scale(self._passes.total(), loss_reduction, loss_scale, self.per_example)
         self._passes.clear()
         return self._acc, scale
 

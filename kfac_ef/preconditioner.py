@@ -40,7 +40,7 @@ from ._factors import (
     to_user,
 )
 from ._options import KFACOptions, LearningRate, SkipSpec
-from ._stats import Scale, _g_scale
+from ._stats import Scale, g_scale
 from .capture import Capture
 from .distributed import DistributedOptions, Distributor, resolve, unwrap
 from .summary import DiagonalSummary, LayerSummary, Summary
@@ -770,7 +770,7 @@ class KFACPreconditioner:
                     continue
                 raw, n = raws[id(layer)]
                 sigma = None if loss_scale is None else loss_scale.to(raw.device, raw.dtype)
-                scale = _g_scale(n, opts.loss_reduction, sigma, opts.fisher_type == "mc")
+                scale = g_scale(n, opts.loss_reduction, sigma, opts.fisher_type == "mc")
                 items.append((layer, raw, scale, None))
         for layer, raw, scale, present in items:
             ok = torch.ones((), dtype=torch.bool, device=raw.device)
