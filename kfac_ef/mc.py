@@ -16,7 +16,9 @@ of the sampled loss, while ``p.grad`` stays the gradient of your loss:
 Likelihoods (each matches a loss):
 
 - "categorical": logits ``(N, C)`` or ``(N, C, d1, ...)`` (the class dimension second, as
-  for ``F.cross_entropy``); ŷ ~ Categorical(softmax(f)) and ℓ̂ = cross-entropy(f, ŷ).
+  for ``F.cross_entropy``); ŷ ~ Categorical(softmax(f)) and ℓ̂ = cross-entropy(f, ŷ), the
+  mean over an example's positions (it matches a loss that averages over positions; one that
+  sums over T positions has a Fisher T² times larger).
 - "gaussian": regression outputs of any shape ``(N, ...)``; ŷ = f + σ ε, ε ~ N(0, I), and
   ℓ̂_n = ||f_n - ŷ_n||² / (2σ²), whose gradient is -ε/σ. It matches ℓ = ||f - y||² / (2σ²)
   per example: σ² = 1 for ½·sum of squares; for ``F.mse_loss`` (the mean over the D
@@ -77,10 +79,12 @@ def sample_targets(
     return f + math.sqrt(variance) * noise
 
 
-def sampled_loss(
-    output: Tensor, targets: Tensor, likelihood: str, reduction: str, variance: float = 1.0
-) -> Tensor:
-    """The negative log-likelihood (up to constants) of ``targets``, reduced over examples."""
+def sampled_loss(output: Tensor, targets: Tensor, likelihood: str, variance: float = 1.0) -> Tensor:
+    """Σ_n ℓ̂_n, the negative log-likelihood (up to constants) of ``targets`` summed over the
+    examples (a sum, so that its gradients are per-example ones whatever the reduction of
+    your loss; see the module docstring). Over positions of an example, the categorical
+    ℓ̂_n is the mean cross-entropy (as ``F.cross_entropy``'s "mean"), the Gaussian one the
+    sum of squares."""
     _check_likelihood(likelihood, variance)
     if likelihood == "categorical":
         per_example = F.cross_entropy(output, targets, reduction="none")
@@ -89,7 +93,7 @@ def sampled_loss(
     else:
         diff = (output - targets).reshape(output.shape[0], -1)
         per_example = diff.square().sum(1) / (2.0 * variance)
-    return per_example.mean() if reduction == "mean" else per_example.sum()
+    return per_example.sum()
 
 
 def mc_backward(
@@ -133,7 +137,7 @@ def mc_backward(
         with precond._sampled_backward(), torch.enable_grad():
             if targets is None:
                 targets = sample_targets(output, likelihood, variance=variance, generator=generator)
-            mc_loss = sampled_loss(output, targets, likelihood, "sum", variance)
+            mc_loss = sampled_loss(output, targets, likelihood, variance)
             loss_scale = precond._loss_scale()
             if loss_scale is not None:  # the statistics are unscaled like the empirical ones
                 mc_loss = mc_loss * loss_scale.to(mc_loss.device)
