@@ -26,6 +26,9 @@ Modes:
                                              appended), loss_change_curves.csv,
                                              loss_change_probes.csv, loss_change_<task>.png,
                                              loss_change_dist_<task>.png
+  python benchmarks/loss_change.py --match RE --out NAME.csv
+                                             some configs only, summary appended to
+                                             results/NAME.csv (no curves or plots)
 
 Timings on a shared CPU are noisy: compare at equal steps (left panels) as well as wall time;
 the tables give the median step time, which load spikes disturb less than the total.
@@ -449,7 +452,12 @@ def main() -> None:
     parser.add_argument("--probe-every", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..n-1 (plots: seed 0)")
     parser.add_argument("--match", default=None, help="only configs whose name matches (regex)")
-    parser.add_argument("--out", default=None, help="sweep CSV name under results/")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="CSV name under results/ (sweep: its CSV; comparison: append the summary rows "
+        "there only, without curves, probes or plots, for partial reruns)",
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: robust on a shared CPU)"
     )
@@ -495,7 +503,7 @@ def main() -> None:
                     probe_rows += [{**tag, **p} for p in r["probes"]]
             if args.seeds > 1:
                 print(f"{'':<12}{'':<38}median {statistics.median(finals):.5g}", flush=True)
-        if not args.sweep:
+        if not args.sweep and args.out is None:
             plot(
                 task,
                 results,
@@ -506,6 +514,10 @@ def main() -> None:
         out = RESULTS / (args.out or "loss_change_sweep.csv")
         write_rows(out, summary)
         print(f"\nsweep: {out}")
+        return
+    if args.out is not None:
+        append_csv(RESULTS / args.out, summary)
+        print(f"\nsummary: {RESULTS / args.out}")
         return
     append_csv(RESULTS / "loss_change.csv", summary)
     write_rows(RESULTS / "loss_change_curves.csv", curves)

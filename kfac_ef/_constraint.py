@@ -67,11 +67,24 @@ def _layer_directions(
             rows = wm[0].t()[idx.clamp_min(0)] * (idx >= 0).unsqueeze(-1).to(dtype)
             u.add_((rows * d[:, :, 0]).sum(dim=(1, 2)))
         else:
-            u.add_(torch.einsum("ntbg,bgi,ntbi->n", d, wm, inputs.to(dtype)))
+            u.add_(_bilinear_rows(d, wm, inputs.to(dtype)))
     if b is not None:
         bm = ad.bias_matrix(b).to(dtype)[..., 0]  # (blocks, g)
-        u.add_(torch.einsum("ntbg,bg->n", d, bm))
+        u.add_((d * bm).sum(dim=(1, 2, 3)))
     return u
+
+
+def _bilinear_rows(d: Tensor, wm: Tensor, a: Tensor) -> Tensor:
+    """Σ_{t,b} d_{n,t,b}ᵀ W_b a_{n,t,b} for d ``(N, T, B, g)``, W ``(B, g, a)``, a
+    ``(N, T, B, a)``: one batched product over the narrower side, then a dot per row."""
+    n, t, blocks, g = d.shape
+    rows_d = d.permute(2, 0, 1, 3).reshape(blocks, n * t, g)
+    rows_a = a.permute(2, 0, 1, 3).reshape(blocks, n * t, a.shape[-1])
+    if g <= a.shape[-1]:
+        per_row = (rows_d * (rows_a @ wm.transpose(1, 2))).sum(-1)  # s = W a, then dᵀ s
+    else:
+        per_row = ((rows_d @ wm) * rows_a).sum(-1)  # Wᵀ d, then its dot with a
+    return per_row.view(blocks, n, t).sum(dim=(0, 2))
 
 
 def per_example_directions(
