@@ -14,7 +14,7 @@ from ._constraint import LossChangeDiagnostics
 from ._options import KFACOptions
 from .distributed import DistributedOptions
 from .mc import mc_backward
-from .preconditioner import KFACPreconditioner
+from .preconditioner import Faults, KFACPreconditioner
 from .summary import DiagonalSummary, LayerSummary, Summary
 
 __version__ = "0.1.0"
@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DiagonalSummary",
     "DistributedOptions",
+    "Faults",
     "KFACOptions",
     "KFACPreconditioner",
     "LayerSummary",

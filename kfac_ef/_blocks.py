@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from . import _ekfac, linalg
+from . import _ekfac, _warn, linalg
 from ._factors import FactorSpec, block_traces
 from ._stats import DiagonalStatistics, LayerStatistics, Scale
 from .layers import LayerAdapter
@@ -83,6 +82,9 @@ class Layer:
     decomposition: Decomposition | None = None
     skipped_reported: int = 0
     scale_updates: Tensor | None = None
+    failures: int = 0  # consecutive failed decompositions (reset by a success)
+    failures_total: int = 0
+    failed_sides: tuple[str, ...] = ()  # the factors ("A", "G") of the last failure
 
     @property
     def a_spec(self) -> FactorSpec:
@@ -340,20 +342,23 @@ def decompose(
         part_a, ok_a = results[(id(layer), "A")]
         part_g, ok_g = results[(id(layer), "G")]
         if not (ok_a and ok_g):
+            layer.failures += 1
+            layer.failures_total += 1
+            layer.failed_sides = tuple(s for s, ok in (("A", ok_a), ("G", ok_g)) if not ok)
             what = (
                 "keeps its previous decomposition"
                 if layer.decomposition
                 else ("stays unpreconditioned until a decomposition succeeds")
             )
-            warnings.warn(
-                f"layer {layer.name!r}: decomposition failed even in float64; it {what}",
-                RuntimeWarning,
-                stacklevel=4,
+            _warn.warn(
+                f"layer {layer.name!r}: decomposition of {' and '.join(layer.failed_sides)} "
+                f"failed even in float64 ({layer.failures} in a row); it {what}",
             )
             continue
         # Keys: eigenbases/eigenvalues ("qg", "lg", "qa", "la"; no "q" for a diagonal factor)
         # or damped inverses ("ig", "ia") with their shifts ("cg", "ca", per stored block);
         # "ekfac" adds the scale "s".
+        layer.failures = 0
         new = {
             f"{k}{side}": v
             for side, part in (("g", part_g), ("a", part_a))

@@ -137,6 +137,11 @@ class KFACOptions:
             keeps them diagonal. At most ``max_factor_dim``.
         memory_budget: bytes the preconditioner's state may take (None: no limit);
             construction raises with the plan when it exceeds them.
+        max_decomposition_failures: a layer whose decomposition fails (even in float64)
+            this many decomposition steps in a row makes step() raise, with the factors'
+            statistics in the message; fewer failures keep the previous decomposition.
+        warning_interval: at most one warning about skipped (non-finite) statistics
+            updates per this many steps; the counts accumulate in between (``faults()``).
     """
 
     damping: float = 1e-3
@@ -160,6 +165,8 @@ class KFACOptions:
     max_factor_dim: int | None = 4096
     large_factor_block: int = 1
     memory_budget: int | None = None
+    max_decomposition_failures: int = 3
+    warning_interval: int = 100
 
     def __post_init__(self) -> None:
         d = self.damping
@@ -195,6 +202,8 @@ class KFACOptions:
         if self.memory_budget is not None:
             _positive_int("memory_budget", self.memory_budget)
         _choice("fisher_type", self.fisher_type, FISHER_TYPES)
+        _positive_int("max_decomposition_failures", self.max_decomposition_failures)
+        _positive_int("warning_interval", self.warning_interval)
         self._check_constraint()
 
     def _check_constraint(self) -> None:

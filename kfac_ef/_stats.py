@@ -30,11 +30,10 @@ gradient accumulation needs no knowledge of how the user's loss is divided.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
+from . import _warn
 from ._factors import FactorSpec, gram_, one_hot_counts_
 from .layers import Inputs, LayerAdapter, OneHotInputs
 
@@ -63,10 +62,9 @@ class _PassCounter:
     def add(self, pass_id: int, n: int) -> None:
         seen = self.examples.get(pass_id)
         if seen is not None and seen != n:
-            warnings.warn(
+            _warn.warn(
                 f"{self.what} called with batch sizes {seen} and {n} in one forward pass; "
                 f"counting {max(seen, n)} examples for it",
-                stacklevel=4,
             )
         self.examples[pass_id] = max(n, seen or 0)
 

@@ -21,6 +21,8 @@ forward, backward, ...) are separate passes.
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -156,7 +158,7 @@ class Capture:
                 if saved is not None:
                     self._record(name, saved, grad, pass_id)
 
-            watched.register_hook(on_grad)
+            watched.register_hook(_tensor_hook(on_grad))
 
         return _eager_when_compiling(hook)
 
@@ -184,6 +186,26 @@ def _eager_when_compiling(
 
 def _call(hook: Callable[..., None], args: tuple[Any, ...]) -> None:
     return hook(*args)
+
+
+def _tensor_hook(hook: Callable[[Tensor], None]) -> Callable[[Tensor], None]:
+    """``hook`` to register on an output tensor. Once torch.compile is loaded, through the
+    compiler-disabled caller: the autograd engine runs tensor hooks while a compiled
+    function's frames are active (its ``loss.backward()`` or ``precond.step()`` run eagerly
+    between graphs), and the compiler would otherwise trace every hook, guarding on its
+    closure (a recompilation per backward pass)."""
+    if "torch._dynamo" not in sys.modules:
+        return hook
+    if not _EAGER_ONE:
+        _EAGER_ONE.append(torch.compiler.disable(_call_one, recursive=True))
+    return functools.partial(_EAGER_ONE[0], hook)
+
+
+def _call_one(hook: Callable[[Tensor], None], grad: Tensor) -> None:
+    return hook(grad)
+
+
+_EAGER_ONE: list[Callable[[Callable[[Tensor], None], Tensor], None]] = []
 
 
 # One compiler-disabled caller for every hook, made on first use: making it imports

@@ -126,3 +126,21 @@ def damped_inverses(mats: Tensor, shift: Tensor) -> tuple[Tensor, list[bool]]:
         if ok[i]:
             inv[i] = damped_inverse(eig, shift[i : i + 1])[0]
     return inv, ok
+
+
+def describe(mats: Tensor) -> str:
+    """A one-line statistical summary of a ``(B, d, d)`` factor stack, for error messages:
+    what made its decomposition fail is usually visible here (non-finite entries, a scale
+    near the dtype's limits, asymmetry). Reads values on the host."""
+    m = mats.detach().to(torch.float64)
+    finite = torch.isfinite(m)
+    bad = int((~finite).sum())
+    m = torch.where(finite, m, 0.0)
+    diag = m.diagonal(dim1=-2, dim2=-1)
+    asym = (m - m.transpose(-2, -1)).abs().amax() if m.numel() else m.new_zeros(())
+    return (
+        f"{tuple(mats.shape)} {str(mats.dtype).removeprefix('torch.')}, "
+        f"{bad} non-finite entries, trace {float(diag.sum()):.3e}, diagonal in "
+        f"[{float(diag.amin()):.3e}, {float(diag.amax()):.3e}], max |entry| "
+        f"{float(m.abs().amax()):.3e}, max asymmetry {float(asym):.3e}"
+    )

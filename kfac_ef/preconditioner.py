@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
-from . import _constraint, _ekfac, kernels
+from . import _constraint, _ekfac, _warn, kernels, linalg
 from ._blocks import (
     Bucket,
     Decomposition,
@@ -47,7 +47,46 @@ from .summary import DiagonalSummary, LayerSummary, Summary
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Faults:
+    """Numerical faults met so far (``KFACPreconditioner.faults()``; counts since
+    construction, carried by ``state_dict()``).
+
+    Attributes:
+        steps: completed step() calls.
+        skipped_steps: statistics steps whose gradients were not all finite (e.g. a
+            loss-scale overflow): no factor was updated.
+        skipped_updates: per layer (or diagonally preconditioned parameter), statistics
+            updates rejected for non-finite values (one per Kronecker block per step, so a
+            grouped conv counts its groups); layers without any are absent.
+        decomposition_failures: per layer, decompositions that failed even in float64
+            (the previous decomposition was kept); layers without any are absent.
+        consecutive_failures: per layer, the current run of such failures (step() raises
+            when it reaches ``max_decomposition_failures``); layers at 0 are absent.
+    """
+
+    steps: int
+    skipped_steps: int
+    skipped_updates: dict[str, int]
+    decomposition_failures: dict[str, int]
+    consecutive_failures: dict[str, int]
+
+
 STATE_FORMAT = "kfac_ef.state/1"
+
+# Prefixes that wrappers add to module names: DistributedDataParallel's and torch.compile's.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module inside a torch.compile wrapper (so that layer names carry no
+    ``_orig_mod.``; the wrapper's forward runs the inner modules, whose hooks fire)."""
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return inner
+    return model
+
 
 # Modules hooked by a live preconditioner: a second one on the same module would double the
 # statistics work and disagree about p.grad, so it is refused.
@@ -125,6 +164,12 @@ class KFACPreconditioner:
         max_factor_dim: widest dense factor (None: no limit); default 4096.
         large_factor_block: block size of wider factors; 1 (default) keeps them diagonal.
         memory_budget: bytes the planned state may take; construction raises beyond.
+        max_decomposition_failures: a layer whose decomposition fails (even in float64)
+            on this many decomposition steps in a row makes step() raise, the factors'
+            statistics in the message (default 3); fewer failures keep the previous
+            decomposition (or leave the layer unpreconditioned until one succeeds).
+        warning_interval: at most one warning about skipped non-finite statistics updates
+            per this many steps (default 100); ``faults()`` has the counts.
         grad_scaler: the torch.amp.GradScaler scaling the loss, if any.
         fisher_type: "empirical" (G from the gradients of your loss) or "mc" (G from targets
             sampled from the model's predictive distribution; use ``kfac_ef.mc_backward``).
@@ -177,6 +222,8 @@ class KFACPreconditioner:
         max_factor_dim: int | None = 4096,
         large_factor_block: int = 1,
         memory_budget: int | None = None,
+        max_decomposition_failures: int = 3,
+        warning_interval: int = 100,
         grad_scaler: torch.amp.GradScaler | None = None,
         distributed: bool | DistributedOptions | None = None,
         fisher_type: str = "empirical",
@@ -208,6 +255,8 @@ class KFACPreconditioner:
             max_factor_dim=max_factor_dim,
             large_factor_block=large_factor_block,
             memory_budget=memory_budget,
+            max_decomposition_failures=max_decomposition_failures,
+            warning_interval=warning_interval,
             fisher_type=fisher_type,  # type: ignore[arg-type]
             constraint=constraint,  # type: ignore[arg-type]
             target_loss_change=target_loss_change,
@@ -218,7 +267,8 @@ class KFACPreconditioner:
         )
         self._grad_scaler = grad_scaler
         dist_options = resolve(distributed)
-        model, ddp = unwrap(model)
+        model, ddp = unwrap(_uncompiled(model))
+        model = _uncompiled(model)
         self._model = weakref.ref(model)
         self._structure = _structure(model)
         plan: Plan = discover(model, self.options)
@@ -262,6 +312,7 @@ class KFACPreconditioner:
         self._warned_no_stats: set[str] = set()
         self._skipped_steps: Tensor | None = None
         self._skipped_reported = 0
+        self._last_skip_warning: int | None = None
         self._skipped_seen: dict[str, int] = {}
         self._grads_ok: Tensor | None = None  # this step's gradients finite (0-d), if known
         # Calls held until step(), by hooked module: for the EKFAC scale ("fisher": those of
@@ -378,6 +429,9 @@ class KFACPreconditioner:
         if self._removed:
             raise RuntimeError("this KFACPreconditioner was removed (remove() detached its hooks)")
 
+    # Eager whatever calls it: under torch.compile, tracing step() would guard on its
+    # counters (a recompilation per cadence phase) and break the graph on every host read.
+    @torch.compiler.disable
     def step(self, loss: Tensor | None = None) -> None:
         """Precondition the gradients in place: p.grad ← (G⊗A + εI)⁻¹ p.grad per layer.
 
@@ -604,13 +658,31 @@ class KFACPreconditioner:
         new = [n for n in names if n not in self._warned_missing]
         if new:
             self._warned_missing.update(new)
-            warnings.warn(
+            _warn.warn(
                 f"{', '.join(map(repr, new))}: gradient preconditioned but no call captured "
                 "on this step (no gradient reached the output, or the call ran in eval "
                 "mode); left out of the exact loss-change form",
-                RuntimeWarning,
-                stacklevel=4,
             )
+
+    def faults(self) -> Faults:
+        """Counts of the numerical faults met so far: skipped statistics updates, steps with
+        non-finite gradients, failed decompositions (see :class:`Faults`). Reads device
+        counters on the host (synchronizes)."""
+        entries: list[Layer | DiagonalParam] = [*self._layers, *self._diagonal]
+        skipped = {
+            e.name: int(e.skipped.sum())
+            for e in entries
+            if e.skipped is not None and bool(e.skipped.any())
+        }
+        return Faults(
+            steps=self._steps,
+            skipped_steps=int(self._skipped_steps) if self._skipped_steps is not None else 0,
+            skipped_updates=skipped,
+            decomposition_failures={
+                la.name: la.failures_total for la in self._layers if la.failures_total
+            },
+            consecutive_failures={la.name: la.failures for la in self._layers if la.failures},
+        )
 
     def diagnostics(self) -> LossChangeDiagnostics:
         """The scale and predicted per-example loss changes of the last step().
@@ -788,6 +860,7 @@ class KFACPreconditioner:
                 self._dist.after_decompose()
             for bucket in self._buckets:
                 bucket.restack()
+            self._check_failures()
             names = [layer.name for layer in waiting]
             for entry in self._diagonal:
                 if not entry.decompose(opts.damping):
@@ -797,12 +870,10 @@ class KFACPreconditioner:
         for name in names:
             if name not in self._warned_no_stats:
                 self._warned_no_stats.add(name)
-                warnings.warn(
+                _warn.warn(
                     f"layer {name!r} has no statistics yet (no gradient reached its output "
                     "on a statistics step, or all its statistics were non-finite); its "
                     "gradients pass through unpreconditioned until it has some",
-                    RuntimeWarning,
-                    stacklevel=3,
                 )
 
     def _check_structure(self) -> None:
@@ -837,9 +908,32 @@ class KFACPreconditioner:
             "(load_state_dict() carries the factors of unchanged layers over)"
         )
 
+    def _check_failures(self) -> None:
+        """Raise when a layer's decomposition failed ``max_decomposition_failures`` times in a
+        row (after the float64 retry; the previous decomposition was reused meanwhile)."""
+        limit = self.options.max_decomposition_failures
+        failing = [layer for layer in self._layers if layer.failures >= limit]
+        if not failing:
+            return
+        lines = []
+        for layer in failing:
+            for side in layer.failed_sides:
+                mat = getattr(layer, side)
+                assert mat is not None
+                lines.append(f"{layer.name} {side}: {linalg.describe(mat)}")
+        raise RuntimeError(
+            f"decomposition failed on {limit} decomposition steps in a row, even in float64, "
+            "for:\n  " + "\n  ".join(lines) + "\nnon-finite or huge entries point at the "
+            "data or the loss scale; otherwise raise damping, use factor_dtype=torch.float64, "
+            "or skip the layer (skip_layers). The factors are intact: state_dict() saves them."
+        )
+
     def _report_skipped(self) -> None:
-        """Warn about statistics updates skipped since the last report (reads device counters:
-        decomposition steps only)."""
+        """Warn about statistics updates skipped since the last report, at most once per
+        ``warning_interval`` steps (reads device counters: decomposition steps only)."""
+        last = self._last_skip_warning
+        if last is not None and self._steps - last < self.options.warning_interval:
+            return  # the counts accumulate until the next report
         steps = int(self._skipped_steps) if self._skipped_steps is not None else 0
         per_entry: list[str] = []
         entries: list[Layer | DiagonalParam] = [*self._layers, *self._diagonal]
@@ -858,12 +952,12 @@ class KFACPreconditioner:
                     f"; {steps - self._skipped_reported} step(s) had non-finite gradients "
                     "(e.g. a loss-scale overflow) and updated no factor"
                 )
-            warnings.warn(
+            _warn.warn(
                 "statistics updates had non-finite values and were skipped, the factors kept "
-                "their previous values: " + ", ".join(per_entry) + cause,
-                RuntimeWarning,
-                stacklevel=4,
+                "their previous values: " + ", ".join(per_entry) + cause + " (at most one "
+                f"such warning per {self.options.warning_interval} steps; faults() counts them)"
             )
+            self._last_skip_warning = self._steps
         self._skipped_reported = steps
 
     def _precondition_fn(self, bucket: Bucket, with_form: bool = False) -> Any:
@@ -1030,8 +1124,18 @@ class KFACPreconditioner:
         )
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """Counters, options, running factors and decompositions (tensors cloned)."""
+    def state_dict(self, decompositions: bool = True) -> dict[str, Any]:
+        """Counters, options, running factors and decompositions (tensors cloned).
+
+        Args:
+            decompositions: False leaves the decompositions (eigenbases and eigenvalues,
+                damped inverses, the EKFAC scale S, the diagonal inverses) out, roughly
+                halving the checkpoint; ``load_state_dict`` then recomputes them from the
+                saved factors at the first step() after loading. Resuming is bitwise
+                exact when that step is a decomposition step anyway; otherwise the
+                decomposition is fresher than an uninterrupted run's, and EKFAC's S
+                restarts from λ_G λ_Aᵀ.
+        """
         layers: dict[str, Any] = {}
         for layer in self._layers:
             if layer.A is None:
@@ -1044,9 +1148,10 @@ class KFACPreconditioner:
                 "skipped": layer.skipped.clone(),
                 "decomposition": (
                     {k: v.clone() for k, v in layer.decomposition.items()}
-                    if layer.decomposition is not None
+                    if layer.decomposition is not None and decompositions
                     else None
                 ),
+                "failures": (layer.failures, layer.failures_total),
             }
             if layer.scale_updates is not None:
                 layers[layer.name]["scale_updates"] = layer.scale_updates.clone()
@@ -1059,12 +1164,21 @@ class KFACPreconditioner:
                 "F": d.F.clone(),
                 "updates": d.updates.clone(),
                 "skipped": d.skipped.clone(),
-                "inverse": d.inverse.clone() if d.inverse is not None else None,
+                "inverse": (
+                    d.inverse.clone() if d.inverse is not None and decompositions else None
+                ),
             }
         return {
             "format": STATE_FORMAT,
             "steps": self._steps,
+            "skipped_steps": (
+                self._skipped_steps.clone() if self._skipped_steps is not None else None
+            ),
             "options": self.options.to_dict(),
+            "names": {
+                "layers": [layer.name for layer in self._layers],
+                "diagonal": [d.name for d in self._diagonal],
+            },
             "layers": layers,
             "diagonal": diagonal,
         }
@@ -1072,23 +1186,30 @@ class KFACPreconditioner:
     @staticmethod
     def _own_name(name: str, known: Mapping[str, Any]) -> str:
         """A checkpointed layer or parameter name as this preconditioner names it: a name
-        saved with the ``module.`` prefix of a DistributedDataParallel wrapper maps to the
-        unwrapped name."""
-        if name not in known and name.startswith("module."):
-            bare = name.removeprefix("module.")
-            if bare in known:
-                return bare
-        return name
+        saved with the ``module.`` prefix of a DistributedDataParallel wrapper or the
+        ``_orig_mod.`` of a torch.compile wrapper maps to the unwrapped name."""
+        bare = name
+        while bare not in known and bare.startswith(_WRAPPER_PREFIXES):
+            bare = bare.split(".", 1)[1]
+        return bare if bare in known else name
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
         """Restore a ``state_dict()``; tensors move to each layer's device and factor dtype.
 
         Distributed, every rank must call it (the ranks agree on whether decompositions are
         recomputed at the next step).
 
+        Args:
+            state: a ``state_dict()``.
+            strict: the checkpoint must come from a model with the same preconditioned
+                layers and parameters (True, default). False also accepts a checkpoint
+                that lacks some of this model's: those start without statistics, as at
+                construction (e.g. after adding a layer to a model).
+
         Raises:
             ValueError: if the state is not from a KFACPreconditioner, names layers this one
-                does not have, or holds factors of other shapes (the message names them).
+                does not have, lacks some of this one's (``strict``), or holds factors of
+                other shapes (the message names them).
         """
         self._check_live()
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
@@ -1106,6 +1227,15 @@ class KFACPreconditioner:
             f"{n}: not a diagonally preconditioned parameter of this model"
             for n in sorted(set(saved_diag) - set(self._diag_by_name))
         ]
+        names = state.get("names")  # absent from checkpoints of older versions
+        if strict and names is not None:
+            had = {self._own_name(n, self._by_name) for n in names["layers"]}
+            had |= {self._own_name(n, self._diag_by_name) for n in names["diagonal"]}
+            problems += [
+                f"{n}: preconditioned in this model, not in the checkpoint's (strict=False "
+                "starts it afresh)"
+                for n in sorted((self._by_name.keys() | self._diag_by_name.keys()) - had)
+            ]
         for name, entry in saved.items():
             layer = self._by_name.get(name)
             if layer is None:
@@ -1138,6 +1268,7 @@ class KFACPreconditioner:
             if entry is None:
                 layer.A = layer.G = layer.updates = layer.skipped = None
                 layer.decomposition = None
+                layer.failures = layer.failures_total = 0
                 continue
             device = layer.adapter.weight.device
             layer.A = entry["A"].to(device=device, dtype=dtype).clone()
@@ -1145,6 +1276,7 @@ class KFACPreconditioner:
             layer.updates = entry["updates"].to(device).clone()
             layer.skipped = entry["skipped"].to(device).clone()
             self._skipped_seen[layer.name] = int(layer.skipped.sum())
+            layer.failures, layer.failures_total = entry.get("failures", (0, 0))
             dec = entry.get("decomposition")
             layer.scale_updates = None
             if (
@@ -1185,6 +1317,11 @@ class KFACPreconditioner:
         for bucket in self._buckets:
             bucket.restack()
         self._steps = int(state["steps"])
+        skipped_steps = state.get("skipped_steps")
+        self._skipped_steps = (
+            skipped_steps.to(self._device()).clone() if skipped_steps is not None else None
+        )
+        self._skipped_reported = int(skipped_steps) if skipped_steps is not None else 0
         self._backward_seen = False
         self._clear_step()
         self._record_last = None

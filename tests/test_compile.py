@@ -161,17 +161,50 @@ def test_compiled_transformer_matches_eager():
     _assert_same(eager, _run_gpt(True))
 
 
-def test_compiled_attention_dropout(monkeypatch):
+def test_compiled_attention_dropout():
     """Attention dropout: compiled dropout draws from inductor's generator, which the
     recomputation cannot replay — a clear error; with fallback_random it matches eager."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fallback_random", False)
+    # config.patch, not monkeypatch: undoing a monkeypatch deletes the config entry.
+    with inductor_config.patch(fallback_random=False):
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match="fallback_random"):
+            _run_gpt(True, dropout=0.2, steps=1)
+    with inductor_config.patch(fallback_random=True):
+        torch._dynamo.reset()
+        eager = _run_gpt(False, dropout=0.2)
+        torch._dynamo.reset()
+        _assert_same(eager, _run_gpt(True, dropout=0.2))
     torch._dynamo.reset()
-    with pytest.raises(RuntimeError, match="fallback_random"):
-        _run_gpt(True, dropout=0.2, steps=1)
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
+
+
+def test_compiled_training_step_does_not_recompile_per_step():
+    """step() runs eagerly (compiler-disabled) and the tensor hooks too: the compiler neither
+    traces the preconditioner's bookkeeping nor guards on its counters, so the number of
+    compiled graphs stops growing after the first steps (before, each cadence phase and each
+    backward pass recompiled until the recompilation limit)."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
-    eager = _run_gpt(False, dropout=0.2)
-    torch._dynamo.reset()
-    _assert_same(eager, _run_gpt(True, dropout=0.2))
+    counters.clear()
+    model = _model()
+    pre = KFACPreconditioner(model, damping=1e-2, factor_update_steps=2, inv_update_steps=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    @torch.compile
+    def train_step(x, y):
+        opt.zero_grad()
+        loss = mse_per_example(model(x), y).mean()
+        loss.backward()
+        pre.step()
+        opt.step()
+        return loss
+
+    torch.manual_seed(3)
+    graphs = []
+    for _ in range(14):
+        train_step(torch.randn(4, 2, 6), torch.randn(4, 2))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert pre.steps == 14
+    assert graphs[6] == graphs[-1], graphs  # two full cadence cycles later: nothing new
