@@ -473,6 +473,7 @@ class KFACPreconditioner:
             )
         # Everything that can fail on the user's input is checked before any state changes:
         # after such an error, step() can be called again for the same backward.
+        self._check_unscaled()
         moments = None
         if opts.constraint != "none" and opts.loss_change_unit != "absolute":
             if loss is None:
@@ -707,6 +708,27 @@ class KFACPreconditioner:
         if self._record_last is None:
             raise RuntimeError("diagnostics() describes the last step(): call step() first")
         return _constraint.summarize(self._record_last)
+
+    def _check_unscaled(self) -> None:
+        """With a GradScaler and a measured step (constraint or loss-change tracking), the
+        gradients must be unscaled first: ν is computed from p.grad, and on scaled gradients
+        it would be off by the loss scale. (Preconditioning alone is linear in p.grad and
+        does not care.) Reads the scaler's per-optimizer stage, host-side Python state."""
+        scaler = self._grad_scaler
+        opts = self.options
+        if scaler is None or not scaler.is_enabled():
+            return
+        if opts.constraint == "none" and not opts.track_loss_changes:
+            return
+        states = getattr(scaler, "_per_optimizer_states", None)
+        if not isinstance(states, Mapping):
+            return  # a GradScaler without the attribute: nothing to check against
+        if not any(str(st.get("stage")).endswith("UNSCALED") for st in states.values()):
+            raise RuntimeError(
+                "step() with a GradScaler and a loss-change constraint (or "
+                "track_loss_changes) needs unscaled gradients: call scaler.unscale_(optimizer) "
+                "before precond.step(), then scaler.step(optimizer) and scaler.update()"
+            )
 
     def _loss_scale(self) -> Tensor | None:
         """The GradScaler's current scale as a device tensor (None without scaling).

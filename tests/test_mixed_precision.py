@@ -211,3 +211,39 @@ def test_step_reads_no_tensor_value_on_the_host(options, monkeypatch):
             m.setattr(torch.Tensor, name, host_read)
         pre.step()
     scaler.step(opt)
+
+
+def test_constraint_with_grad_scaler_needs_the_documented_order():
+    """With a loss-change constraint, step() on still-scaled gradients would compute ν off by
+    the loss scale: it raises; in the documented order the result equals the unscaled run."""
+    from torch import nn
+
+    from .reference import mse_per_example
+
+    def build(scaler=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+        pre = KFACPreconditioner(
+            model, damping=0.1, max_loss_change=1e-3, loss_change_unit="absolute", lr=0.1,
+            grad_scaler=scaler,
+        )  # fmt: skip
+        return model, pre, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    x, y = torch.randn(8, 5), torch.randn(8, 3)
+    model, pre, _ = build()
+    mse_per_example(model(x), y).mean().backward()
+    pre.step()
+    expected = grads(model)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    model, pre, opt = build(scaler)
+    scaler.scale(mse_per_example(model(x), y).mean()).backward()
+    with pytest.raises(RuntimeError, match=r"scaler.unscale_\(optimizer\) before precond.step"):
+        pre.step()
+    scaler.unscale_(opt)
+    pre.step()  # the same backward: the failed call changed nothing
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, expected[name], rtol=1e-5, atol=1e-8)
+    assert pre.diagnostics().nu < 1.0  # the trust region was active
+    scaler.step(opt)
+    scaler.update()
