@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -77,6 +78,37 @@ STATE_FORMAT = "kfac_ef.state/1"
 
 # Prefixes that wrappers add to module names: DistributedDataParallel's and torch.compile's.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _check_not_sharded(model: nn.Module) -> None:
+    """Refuse sharded models (FSDP, FSDP2's fully_shard, DTensor parameters): a rank holds a
+    shard of each parameter and of its gradient, which the Kronecker factors and p.grad
+    rewriting assume whole. Checked without importing torch.distributed.tensor: a DTensor
+    parameter exists only if that module was imported."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    sharded = [
+        name
+        for name, p in model.named_parameters()
+        if dtensor is not None and isinstance(p, dtensor)
+    ]
+    wrappers = [
+        name or "<root>"
+        for name, m in model.named_modules()
+        if type(m).__name__ == "FullyShardedDataParallel"
+    ]
+    if sharded or wrappers:
+        what = (
+            f"FullyShardedDataParallel modules ({', '.join(wrappers[:5])})"
+            if wrappers
+            else f"sharded (DTensor) parameters ({', '.join(sharded[:5])}"
+            + (", ..." if len(sharded) > 5 else "")
+            + ")"
+        )
+        raise NotImplementedError(
+            f"the model has {what}: sharded models (FSDP, fully_shard, tensor parallelism) "
+            "are not supported yet. Build the preconditioner on an unsharded model, with "
+            "DistributedDataParallel for data parallelism (docs/distributed.md)."
+        )
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:
@@ -269,6 +301,7 @@ class KFACPreconditioner:
         dist_options = resolve(distributed)
         model, ddp = unwrap(_uncompiled(model))
         model = _uncompiled(model)
+        _check_not_sharded(model)
         self._model = weakref.ref(model)
         self._structure = _structure(model)
         plan: Plan = discover(model, self.options)

@@ -122,3 +122,24 @@ def test_changed_transformer_is_a_clear_error(change, message):
     lm_loss(model(idx), idx).backward()
     with pytest.raises(RuntimeError, match=message):
         pre.step()
+
+
+def test_sharded_model_is_a_clear_error(tmp_path):
+    """FSDP2's fully_shard turns parameters into DTensors: refused at construction with a
+    message naming them (before, step() died in an AssertionError inside DTensor)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        mesh = init_device_mesh("cpu", (1,))
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        with pytest.raises(NotImplementedError, match=r"sharded \(DTensor\) parameters \(0.weight"):
+            KFACPreconditioner(model, distributed=False)
+    finally:
+        dist.destroy_process_group()
