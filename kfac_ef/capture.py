@@ -179,7 +179,7 @@ def _eager_when_compiling(
     def dispatch(*args: Any) -> None:
         if not torch.compiler.is_compiling():
             return hook(*args)
-        return _call_eagerly(in_compiled, args)
+        return call_eagerly(in_compiled, args)
 
     return dispatch
 
@@ -215,7 +215,7 @@ _EAGER_ONE: list[Callable[[Callable[[Tensor], None], Tensor], None]] = []
 _EAGER: list[Callable[[Callable[..., None], tuple[Any, ...]], None]] = []
 
 
-def _call_eagerly(hook: Callable[..., None], args: tuple[Any, ...]) -> None:
+def call_eagerly(hook: Callable[..., None], args: tuple[Any, ...]) -> None:
     if not _EAGER:
         _EAGER.append(torch.compiler.disable(_call, recursive=True))
     return _EAGER[0](hook, args)

@@ -42,7 +42,7 @@ from ._factors import (
 )
 from ._options import KFACOptions, LearningRate, SkipSpec
 from ._stats import Scale, g_scale
-from .capture import Capture
+from .capture import Capture, call_eagerly
 from .distributed import DistributedOptions, Distributor, resolve, unwrap
 from .summary import DiagonalSummary, LayerSummary, Summary
 
@@ -462,9 +462,6 @@ class KFACPreconditioner:
         if self._removed:
             raise RuntimeError("this KFACPreconditioner was removed (remove() detached its hooks)")
 
-    # Eager whatever calls it: under torch.compile, tracing step() would guard on its
-    # counters (a recompilation per cadence phase) and break the graph on every host read.
-    @torch.compiler.disable
     def step(self, loss: Tensor | None = None) -> None:
         """Precondition the gradients in place: p.grad ← (G⊗A + εI)⁻¹ p.grad per layer.
 
@@ -489,6 +486,15 @@ class KFACPreconditioner:
                 when a statistics step had no sampled-target backward.
             ValueError: if the constraint needs ``loss`` and it is missing or of a wrong shape.
         """
+        if torch.compiler.is_compiling():
+            # Eager whatever calls it: traced by torch.compile, step() would make the compiler
+            # guard on its counters (a recompilation per cadence phase) and break the graph at
+            # every host read. The compiler-disabled caller is made on first use (making it
+            # imports torch._dynamo, which an eager program never needs).
+            return call_eagerly(self._step, (loss,))
+        return self._step(loss)
+
+    def _step(self, loss: Tensor | None) -> None:
         self._check_live()
         if not self._backward_seen:
             raise RuntimeError(
