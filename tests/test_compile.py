@@ -55,13 +55,8 @@ def test_compiled_model_matches_eager():
         torch.testing.assert_close(p_comp[k], v, rtol=1e-4, atol=1e-6)
 
 
-def test_compiled_training_step_function():
-    """Compiling a whole training step works: backward() and precond.step() run eagerly
-    (graph breaks), the model's forward is compiled."""
-    torch._dynamo.reset()
-    model = _model()
-    pre = KFACPreconditioner(model, damping=1e-2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+def _compiled_training_step(model, pre, opt):
+    """One compiled function for a whole training step: forward, backward, step()s."""
 
     @torch.compile
     def train_step(x, y):
@@ -71,6 +66,19 @@ def test_compiled_training_step_function():
         pre.step()
         opt.step()
         return loss
+
+    return train_step
+
+
+def test_compiled_training_step_function():
+    """Compiling a whole training step works: backward() and precond.step() run eagerly
+    (graph breaks), the model's forward is compiled."""
+    torch._dynamo.reset()
+    model = _model()
+    pre = KFACPreconditioner(model, damping=1e-2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    train_step = _compiled_training_step(model, pre, opt)
 
     eager = _model()
     pre_e = KFACPreconditioner(eager, damping=1e-2)
@@ -192,14 +200,7 @@ def test_compiled_training_step_does_not_recompile_per_step():
     pre = KFACPreconditioner(model, damping=1e-2, factor_update_steps=2, inv_update_steps=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
 
-    @torch.compile
-    def train_step(x, y):
-        opt.zero_grad()
-        loss = mse_per_example(model(x), y).mean()
-        loss.backward()
-        pre.step()
-        opt.step()
-        return loss
+    train_step = _compiled_training_step(model, pre, opt)
 
     torch.manual_seed(3)
     graphs = []
