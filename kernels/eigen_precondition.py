@@ -7,15 +7,21 @@ gradient matrix ∇ (g_dim × a_dim, torch order), computes
     result = Q_G V Q_Aᵀ,
 
 which is (G⊗A + εI)⁻¹ vec(∇) (resp. the eigenvalue-corrected form) without forming G⊗A.
+``precondition_eigen_with_form`` also returns, per block, the quadratic form
+Σ_ij K_ij Ṽ_ij² = ∇̃ᵀ C ∇̃ of the result under the undamped curvature
+C = (Q_G⊗Q_A) diag(vec K) (Q_G⊗Q_A)ᵀ, K = λ_G λ_Aᵀ (or S), Ṽ = V ⊘ (K + ε) = Q_Gᵀ ∇̃ Q_A: a
+sum of non-negative terms over a tensor the chain computes anyway.
 
 Two Triton paths, both covering every block of the batch in each launch (grouped form):
 
 - small blocks (m, n ≤ 64): one program per block runs the whole chain, four products and the
   division, with every operand in registers: one launch for the batch, ∇ read once, the
-  result written once, no intermediate in memory.
+  result written once, no intermediate in memory (with the form: one more reduction of the
+  tile in registers and one value stored per block).
 - larger blocks: four launches of one batched GEMM kernel (grid = tiles × blocks), the second
   of which divides its accumulator by λ_G λ_Aᵀ + ε (or S + ε) before storing it, so V makes
-  no extra trip through memory and no (B, m, n) matrix of eigenvalue products is formed.
+  no extra trip through memory and no (B, m, n) matrix of eigenvalue products is formed
+  (the form is then one reduction over the stored Ṽ).
 
 float32 operands use ``tl.dot(input_precision="tf32x3")`` by default: three TF32
 tensor-core products per multiply, about float32 accuracy at several times the float32 FMA
@@ -50,7 +56,7 @@ def _build() -> SimpleNamespace:
 
     @triton.jit
     def _eigen_fused_kernel(
-        g_ptr, qg_ptr, lg_ptr, qa_ptr, la_ptr, s_ptr, out_ptr,
+        g_ptr, qg_ptr, lg_ptr, qa_ptr, la_ptr, s_ptr, out_ptr, form_ptr,
         m, n,
         stride_gb, stride_gm, stride_gn,
         stride_qgb, stride_qgr, stride_qgc,
@@ -59,8 +65,10 @@ def _build() -> SimpleNamespace:
         stride_lab, stride_lai,
         stride_sb, stride_sm, stride_sn,
         stride_ob, stride_om, stride_on,
+        stride_fb,
         damping,
         HAS_SCALE: tl.constexpr,
+        HAS_FORM: tl.constexpr,
         BM: tl.constexpr,
         BN: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
@@ -95,10 +103,17 @@ def _build() -> SimpleNamespace:
                 other=1.0,
             )
             v = v / (s + damping)
+            if HAS_FORM:  # Σ S Ṽ² (padding: Ṽ = 0)
+                form = tl.sum(tl.sum(s * v * v, axis=1), axis=0)
+                tl.store(form_ptr + b * stride_fb, form)
         else:
             lg = tl.load(lg_ptr + b * stride_lgb + rm * stride_lgi, mask=mm, other=1.0)
             la = tl.load(la_ptr + b * stride_lab + rn * stride_lai, mask=mn, other=1.0)
-            v = v / (lg[:, None] * la[None, :] + damping)
+            k = lg[:, None] * la[None, :]
+            v = v / (k + damping)
+            if HAS_FORM:  # Σ λ_G λ_Aᵀ Ṽ²
+                form = tl.sum(tl.sum(k * v * v, axis=1), axis=0)
+                tl.store(form_ptr + b * stride_fb, form)
         w = tl.dot(qg, v, input_precision=INPUT_PRECISION)
         w = tl.dot(w, qa_t, input_precision=INPUT_PRECISION)
         tl.store(
@@ -249,20 +264,28 @@ def precondition_eigen_triton(
     input_precision: str | None = None,
     fused: bool | None = None,
     out: Tensor | None = None,
+    form: Tensor | None = None,
 ) -> Tensor:
     """Launch the Triton kernels (checked inputs: see ``precondition_eigen``).
 
     ``fused`` forces (True) or forbids (False) the one-program-per-block kernel; by default
     it runs when both padded block sides are at most ``FUSED_MAX``. ``out`` (float32, shape
-    of ``grad``) receives the result when given.
+    of ``grad``) receives the result when given; ``form`` (float32, ``(B,)``) receives the
+    quadratic form of each block when given (see the module docstring).
     """
     reason = triton_supports(grad, qg, lg, qa, la)
     if reason is None and scale is not None and scale.dtype != torch.float32:
         reason = "the kernels take a float32 scale matrix"
     if reason is not None:
         raise ValueError(f"precondition_eigen: the Triton kernels cannot run: {reason}")
+    if form is not None and (
+        form.shape != (grad.shape[0],) or form.dtype != torch.float32 or form.device != grad.device
+    ):
+        raise ValueError("precondition_eigen: form must be a float32 tensor of shape (B,)")
     with device_guard(grad.device):
-        return _launch(_build(), grad, qg, lg, qa, la, damping, scale, input_precision, fused, out)
+        return _launch(
+            _build(), grad, qg, lg, qa, la, damping, scale, input_precision, fused, out, form
+        )
 
 
 def _launch(
@@ -277,6 +300,7 @@ def _launch(
     input_precision: str | None,
     fused: bool | None,
     out: Tensor | None,
+    form: Tensor | None = None,
 ) -> Tensor:
     precision = input_precision or DEFAULT_PRECISION
     nb, m, n = grad.shape
@@ -285,6 +309,8 @@ def _launch(
     elif out.shape != grad.shape or out.dtype != torch.float32 or out.device != grad.device:
         raise ValueError("precondition_eigen: out must be a float32 tensor shaped like grad")
     if nb == 0 or m == 0 or n == 0:
+        if form is not None:
+            form.zero_()
         return out
     bm, bn = _pad(m), _pad(n)
     if fused is None:
@@ -292,13 +318,15 @@ def _launch(
     if fused:
         s_ = scale if scale is not None else grad
         s_strides = scale.stride() if scale is not None else (0, 0, 0)
+        f_ = form if form is not None else out
         kernels.fused[(nb,)](
-            grad, qg, lg, qa, la, s_, out,
+            grad, qg, lg, qa, la, s_, out, f_,
             m, n,
             *grad.stride(), *qg.stride(), *lg.stride(), *qa.stride(), *la.stride(),
-            *s_strides, *out.stride(),
+            *s_strides, *out.stride(), form.stride(0) if form is not None else 0,
             float(damping),
-            HAS_SCALE=scale is not None, BM=bm, BN=bn, INPUT_PRECISION=precision,
+            HAS_SCALE=scale is not None, HAS_FORM=form is not None, BM=bm, BN=bn,
+            INPUT_PRECISION=precision,
             num_warps=4 if max(bm, bn) <= 32 else 8,
         )  # fmt: skip
         return out
@@ -311,6 +339,8 @@ def _launch(
         _gemm(gemm, t, qa, v, precision, epilogue=1, lg=lg, la=la, damping=damping)
     else:  # V = (T Q_A) ⊘ (S + ε)
         _gemm(gemm, t, qa, v, precision, epilogue=2, scale=scale, damping=damping)
+    if form is not None:
+        form.copy_(_form(v, lg, la, scale))
     _gemm(gemm, qg, v, t, precision)  # T = Q_G V
     _gemm(gemm, t, qa.transpose(1, 2), out, precision)  # out = T Q_Aᵀ
     return out
@@ -340,6 +370,14 @@ def _check(
             )
 
 
+def _form(v: Tensor, lg: Tensor, la: Tensor, scale: Tensor | None) -> Tensor:
+    """Σ_ij K_ij Ṽ_ij² per block from Ṽ ``(B, m, n)``, K = S or λ_G λ_Aᵀ (never formed)."""
+    sq = v.square()
+    if scale is not None:
+        return (scale * sq).sum(dim=(1, 2))
+    return (lg.unsqueeze(1) @ sq @ la.unsqueeze(2)).reshape(-1)
+
+
 def precondition_eigen_reference(
     grad: Tensor,
     qg: Tensor,
@@ -348,10 +386,14 @@ def precondition_eigen_reference(
     la: Tensor,
     damping: float,
     scale: Tensor | None = None,
+    form: Tensor | None = None,
 ) -> Tensor:
-    """Pure-torch reference: four batched products and one fused division."""
+    """Pure-torch reference: four batched products and one fused division (``form``, when
+    given, receives the quadratic form of each block)."""
     v = qg.transpose(1, 2) @ grad @ qa
     v.div_((lg.unsqueeze(2) * la.unsqueeze(1)).add_(damping) if scale is None else scale + damping)
+    if form is not None:
+        form.copy_(_form(v, lg, la, scale))
     return qg @ v @ qa.transpose(1, 2)
 
 
@@ -387,12 +429,55 @@ def precondition_eigen(
     backend.
     """
     _check(grad, qg, lg, qa, la, scale)
-    if (
-        use_triton(backend, grad.device)
-        and triton_supports(grad, qg, lg, qa, la) is None
-        and (scale is None or scale.dtype == torch.float32)
-    ):
+    if _takes_triton(backend, grad, qg, lg, qa, la, scale):
         return precondition_eigen_triton(
             grad, qg, lg, qa, la, damping, scale, input_precision=input_precision
         )
     return precondition_eigen_reference(grad, qg, lg, qa, la, damping, scale)
+
+
+def precondition_eigen_with_form(
+    grad: Tensor,
+    qg: Tensor,
+    lg: Tensor,
+    qa: Tensor,
+    la: Tensor,
+    damping: float,
+    scale: Tensor | None = None,
+    *,
+    backend: str = "auto",
+    input_precision: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``precondition_eigen`` and, per block, the quadratic form ∇̃ᵀ C ∇̃ of its result.
+
+    With C = (Q_G⊗Q_A) diag(vec K) (Q_G⊗Q_A)ᵀ the undamped curvature (K = λ_G λ_Aᵀ, or the
+    scale S) and Ṽ = V ⊘ (K + ε) = Q_Gᵀ ∇̃ Q_A, ∇̃ᵀ C ∇̃ = Σ_ij K_ij Ṽ_ij²: computed from Ṽ
+    in the same chain (same arguments as ``precondition_eigen``).
+
+    Returns:
+        The preconditioned ``(B, m, n)`` gradients and the ``(B,)`` forms (dtype of ``grad``).
+    """
+    _check(grad, qg, lg, qa, la, scale)
+    form = torch.empty(grad.shape[0], dtype=grad.dtype, device=grad.device)
+    if _takes_triton(backend, grad, qg, lg, qa, la, scale):
+        out = precondition_eigen_triton(
+            grad, qg, lg, qa, la, damping, scale, input_precision=input_precision, form=form
+        )
+        return out, form
+    return precondition_eigen_reference(grad, qg, lg, qa, la, damping, scale, form), form
+
+
+def _takes_triton(
+    backend: str,
+    grad: Tensor,
+    qg: Tensor,
+    lg: Tensor,
+    qa: Tensor,
+    la: Tensor,
+    scale: Tensor | None,
+) -> bool:
+    return (
+        use_triton(backend, grad.device)
+        and triton_supports(grad, qg, lg, qa, la) is None
+        and (scale is None or scale.dtype == torch.float32)
+    )

@@ -4,10 +4,16 @@ precond = KFACPreconditioner(model, damping=1e-3)
 loss.backward()
 precond.step()        # rewrites p.grad in place
 optimizer.step()      # any torch optimizer
+
+The seed's loss-change constraint (``target_loss_change``, ``lr``), EKFAC
+(``damping_mode="ekfac"``) and the true Fisher (``fisher_type="mc"`` with ``mc_backward``) are
+described in docs/empirical_fisher.md.
 """
 
+from ._constraint import LossChangeDiagnostics
 from ._options import KFACOptions
 from .distributed import DistributedOptions
+from .mc import mc_backward
 from .preconditioner import KFACPreconditioner
 from .summary import DiagonalSummary, LayerSummary, Summary
 
@@ -19,6 +25,8 @@ __all__ = [
     "KFACOptions",
     "KFACPreconditioner",
     "LayerSummary",
+    "LossChangeDiagnostics",
     "Summary",
     "__version__",
+    "mc_backward",
 ]

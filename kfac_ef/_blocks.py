@@ -12,6 +12,11 @@ every layer alike) go through one batched eigendecomposition; diagonal factors n
 
 Parameters outside the Kronecker form, with other_params="diagonal", are
 :class:`DiagonalParam`: a running diagonal empirical Fisher F and p.grad ← p.grad / (F + ε).
+
+With damping_mode="ekfac" a layer's decomposition also holds the scale S of _ekfac.py
+(``"s"``, ``(blocks, g_pad, a_pad)``), carried over each basis change; with "pi" it holds the
+shifts of the damped inverses (``"cg"``, ``"ca"``), which the loss-change constraint's
+Kronecker form needs.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from . import linalg
+from . import _ekfac, linalg
 from ._factors import FactorSpec, block_traces
 from ._stats import DiagonalStatistics, LayerStatistics, Scale
 from .layers import LayerAdapter
@@ -64,6 +69,8 @@ class Layer:
     ``A`` and ``G`` are stored as ``spec.shape(blocks)`` stacks (see _factors). ``updates[b]``
     counts the accepted statistics updates of block b and ``skipped[b]`` the rejected
     (non-finite) ones; both live on the device so that step() never synchronizes.
+    With damping_mode="ekfac", ``scale_updates[b]`` counts the batches folded into the scale
+    S of block b since it was last initialized from λ_G λ_Aᵀ.
     """
 
     name: str
@@ -75,6 +82,7 @@ class Layer:
     skipped: Tensor | None = None
     decomposition: Decomposition | None = None
     skipped_reported: int = 0
+    scale_updates: Tensor | None = None
 
     @property
     def a_spec(self) -> FactorSpec:
@@ -127,6 +135,52 @@ class Layer:
             )
         self.updates.add_(keep)
         self.skipped.add_(skip)
+
+    def fold_scale(
+        self, raw: Tensor, scale: Scale, decay: float, ok: Tensor, present: Tensor | None = None
+    ) -> None:
+        """Fold a batch's EKFAC second moment into the running S, without host synchronization.
+
+        S ← (1-w) S + w · s · raw per block, s the scale of G (the raw sums are of observed
+        gradients, like S_G), w = 1-β, or 1 for the first batch since S was initialized from
+        λ_G λ_Aᵀ; w = 0 where the batch is not finite or ``ok`` (0-d flag) is False, or where
+        ``present`` (0-d flag, distributed) says no rank had statistics. Updates the view into
+        the bucket's stack in place; ``raw`` is clobbered.
+        """
+        dec = self.decomposition
+        assert dec is not None and "s" in dec and self.scale_updates is not None
+        finite = torch.isfinite(raw.sum(dim=(1, 2)) * scale) & ok
+        keep, _ = _accepted(finite, present)
+        weight = _fold_weight(self.scale_updates, decay, keep, raw.dtype)
+        linalg.running_average_(dec["s"], raw, scale, weight, keep)
+        self.scale_updates.add_(keep)
+
+
+def carried_scale(layer: Layer, new: Decomposition) -> Tensor:
+    """The EKFAC scale of a layer's new eigenbasis: the previous S carried over, or λ_G λ_Aᵀ.
+
+    A layer that had a scale keeps its running average, transported to the new basis
+    (``_ekfac.transport``); one without (its first basis, or a checkpoint without a scale)
+    starts from K-FAC's diagonal λ_G λ_Aᵀ and its next batch replaces it.
+    """
+    old = layer.decomposition
+    if old is not None and "s" in old and layer.scale_updates is not None:
+        return _ekfac.transport(old["s"], old, new, layer.g_spec, layer.a_spec)
+    layer.scale_updates = torch.zeros(
+        layer.adapter.blocks, dtype=torch.int64, device=new["lg"].device
+    )
+    return _ekfac.initial_scale(new["lg"], new["la"], layer.g_spec, layer.a_spec)
+
+
+def decomposition_keys(layer: Layer, damping_mode: str) -> set[str]:
+    """The entries of a complete decomposition of ``layer`` (a checkpoint missing one is
+    decomposed afresh): a diagonal factor has eigenvalues but no eigenbasis."""
+    if damping_mode == "pi":
+        return {"ig", "ia", "cg", "ca"}
+    keys = {"lg", "la"}
+    keys |= {"qg"} if layer.g_spec.has_basis else set()
+    keys |= {"qa"} if layer.a_spec.has_basis else set()
+    return keys | ({"s"} if damping_mode == "ekfac" else set())
 
 
 @dataclass(eq=False)
@@ -229,9 +283,9 @@ def decompose(
             continue
         (ready if min(layer.updates.tolist()) > 0 else waiting).append(layer)
 
-    # One batched call per block size and device: eigendecompositions ("exact") or damped
-    # inverses ("pi", whose shifts √ε·π and √ε/π depend on each layer's traces). Diagonal
-    # factors need no call: their eigenvalues are their entries.
+    # One batched call per block size and device: eigendecompositions ("exact", "ekfac") or
+    # damped inverses ("pi", whose shifts √ε·π and √ε/π depend on each layer's traces).
+    # Diagonal factors need no call: their eigenvalues are their entries.
     jobs: dict[tuple[int, torch.device], list[tuple[Layer, str]]] = defaultdict(list)
     diagonal: list[tuple[Layer, str]] = []
     shifts: dict[tuple[int, str], Tensor] = {}
@@ -257,7 +311,7 @@ def decompose(
     results: Results = {}
     for items in jobs.values():
         mats = torch.cat([getattr(layer, side) for layer, side in items])
-        if damping_mode == "exact":
+        if damping_mode != "pi":
             eig = linalg.eigh_psd(mats)
             parts, ok = {"q": eig.eigenvectors, "l": eig.eigenvalues}, eig.ok
         else:
@@ -272,7 +326,7 @@ def decompose(
             offset += n
     for layer, side in diagonal:
         entries = getattr(layer, side).reshape(-1, 1).clamp_min(0.0)
-        if damping_mode == "exact":
+        if damping_mode != "pi":
             results[(id(layer), side)] = ({"l": entries}, True)
         else:
             shift = shifts[(id(layer), side)].to(entries.dtype).unsqueeze(1)
@@ -298,16 +352,29 @@ def decompose(
             )
             continue
         # Keys: eigenbases/eigenvalues ("qg", "lg", "qa", "la"; no "q" for a diagonal factor)
-        # or damped inverses ("ig", "ia").
-        layer.decomposition = {
+        # or damped inverses ("ig", "ia") with their shifts ("cg", "ca", per stored block);
+        # "ekfac" adds the scale "s".
+        new = {
             f"{k}{side}": v
             for side, part in (("g", part_g), ("a", part_a))
             for k, v in part.items()
         }
+        if damping_mode == "pi":
+            dtype = new["ig"].dtype
+            new["cg"] = shifts[(id(layer), "G")].to(dtype)
+            new["ca"] = shifts[(id(layer), "A")].to(dtype)
+        elif damping_mode == "ekfac":
+            new["s"] = carried_scale(layer, new)
+        layer.decomposition = new
     return waiting
 
 
-PreconditionFn = Callable[[Tensor, Decomposition, FactorSpec, FactorSpec], Tensor]
+PreconditionFn = Callable[
+    [Tensor, Decomposition, FactorSpec, FactorSpec], "Tensor | tuple[Tensor, Tensor]"
+]
+"""Maps the stacked gradients ``(B, g_pad, a_pad)`` to the preconditioned ones, optionally with
+a ``(B,)`` tensor of per-block values computed on the way (the Kronecker form of the
+loss-change constraint), which ``Bucket.precondition`` hands back."""
 
 
 @dataclass(eq=False)
@@ -347,11 +414,17 @@ class Bucket:
                 offset[k] += n
             layer.decomposition = views
 
-    def precondition(self, fn: PreconditionFn, dtype: torch.dtype) -> None:
+    def precondition(
+        self, fn: PreconditionFn, dtype: torch.dtype
+    ) -> tuple[list[Layer], Tensor | None]:
         """Rewrite the gradients of every member that has them, in one batched call.
 
         Gradients are gathered into one ``(B, g_pad, a_pad)`` buffer (zero padding beyond
         the layers' widths), preconditioned, and written back through views into p.grad.
+
+        Returns:
+            The layers whose gradients were rewritten, and the ``(B,)`` per-block values
+            ``fn`` returned beside the gradients (None if it returned none).
         """
         members: list[tuple[Layer, list[tuple[Tensor, int]]]] = []
         for layer in self.active:
@@ -359,7 +432,7 @@ class Bucket:
             if parts is not None:
                 members.append((layer, parts))
         if not members:
-            return
+            return [], None
         if len(members) == len(self.active):
             stacked = self.stacked
         else:
@@ -384,7 +457,8 @@ class Bucket:
             offset += layer.adapter.blocks
         torch._foreach_copy_(dst, src)
 
-        out = fn(grads, stacked, g_spec, a_spec)
+        result = fn(grads, stacked, g_spec, a_spec)
+        out, extra = result if isinstance(result, tuple) else (result, None)
 
         dst, src = [], []
         offset = 0
@@ -395,6 +469,7 @@ class Bucket:
                 src.append(out[sl, :g_dim, col : col + view.shape[-1]])
             offset += layer.adapter.blocks
         torch._foreach_copy_(dst, src)
+        return [layer for layer, _ in members], extra
 
 
 def make_buckets(layers: list[Layer]) -> list[Bucket]:
@@ -404,12 +479,31 @@ def make_buckets(layers: list[Layer]) -> list[Bucket]:
     return [Bucket(key, members) for key, members in groups.items()]
 
 
-def precondition_diagonal(params: list[DiagonalParam]) -> None:
-    """p.grad ← p.grad · 1/(F + ε) for every diagonal parameter with a gradient, in one call."""
-    grads, inverses = [], []
+def precondition_diagonal(
+    params: list[DiagonalParam], with_form: bool = False
+) -> tuple[list[DiagonalParam], Tensor | None]:
+    """p.grad ← p.grad · 1/(F + ε) for every diagonal parameter with a gradient, in one call.
+
+    Returns:
+        The parameters rewritten and, with ``with_form``, Σ F ∇̃² over them (0-d, in the
+        factor dtype; None without a rewritten parameter): ∇̃ᵀ diag(F) ∇̃, the diagonal
+        empirical Fisher's share of the constraint's Kronecker form (damping excluded).
+    """
+    done, grads, inverses = [], [], []
     for d in params:
         if d.inverse is not None and d.param.grad is not None:
+            done.append(d)
             grads.append(d.param.grad)
             inverses.append(d.inverse)
-    if grads:
-        torch._foreach_mul_(grads, inverses)
+    if not grads:
+        return [], None
+    torch._foreach_mul_(grads, inverses)
+    if not with_form:
+        return done, None
+    parts = []
+    device = grads[0].device
+    for d, g in zip(done, grads):
+        assert d.F is not None
+        gf = g.reshape(-1).to(d.F.dtype)
+        parts.append((d.F.clamp_min(0.0) * gf * gf).sum().to(device))
+    return done, torch.stack(parts).sum()

@@ -20,7 +20,9 @@ sharing the token embedding) are preconditioned once:
   curvature). The owner is a module whose inputs are not one-hot, so that every row of the
   matrix has curvature (an embedding's A is zero for tokens absent from the batch, which
   would scale those rows of the output layer's gradient by 1/ε); among those, the last one in
-  module order. ``summary().ties`` records the decision.
+  module order. ``summary().ties`` records the decision. When the loss-change constraint
+  needs per-example loss changes (constraint="exact", track_loss_changes), the other uses
+  are hooked too, for that only: the change of a loss through each use of the weight counts.
 
 Inside sequence-first models (nn.Transformer* with batch_first=False) the batch is the second
 dimension of the submodules' inputs: their adapters are told so (``batch_dim = 1``).
@@ -57,11 +59,14 @@ class Route:
         adapter: the module's adapter.
         layers: ``(index into adapter.layers, Layer)`` of its active Kronecker layers.
         params: ``(parameter, DiagonalParam)`` of its parameters preconditioned diagonally.
+        tied: ``(index into adapter.layers, Layer)`` of layers whose tied weight this module
+            uses without feeding their factors (only with per-example loss changes).
     """
 
     adapter: ModuleAdapter
     layers: list[tuple[int, Layer]] = field(default_factory=list)
     params: list[tuple[nn.Parameter, DiagonalParam]] = field(default_factory=list)
+    tied: list[tuple[int, Layer]] = field(default_factory=list)
 
 
 @dataclass
@@ -220,6 +225,12 @@ def discover(model: nn.Module, opts: KFACOptions) -> Plan:
     by_index: dict[int, Layer] = {}
     routes: dict[str, Route] = {}
     covered: set[int] = set()
+    owner_of: dict[int, int] = {}  # member of a tie group (not feeding) -> its owner
+    for members in groups.values():
+        owners = [i for i in members if feeds.get(i) == i]
+        for i in members:
+            if i not in feeds and owners:
+                owner_of[i] = owners[0]
     for i, (mname, idx, la) in enumerate(kron):
         target = feeds.get(i)
         if target is None:
@@ -230,13 +241,23 @@ def discover(model: nn.Module, opts: KFACOptions) -> Plan:
             )
             g_spec = plan_factor(la.g_dim, opts.max_factor_dim, opts.large_factor_block, False)
             stats = LayerStatistics(
-                la, opts.kfac_approx, opts.factor_dtype, opts.backend, a_spec, g_spec
+                la,
+                opts.kfac_approx,
+                opts.factor_dtype,
+                opts.backend,
+                a_spec,
+                g_spec,
+                per_example=opts.fisher_type == "mc",
             )
             by_index[i] = Layer(_layer_name(mname, la), la, stats)
             layers.append(by_index[i])
             covered.update(id(p) for p in la.parameters())
         route = routes.setdefault(mname, Route(adapters[mname]))
         route.layers.append((idx, by_index[target]))
+    if opts.needs_loss_records:
+        for i, owner in owner_of.items():
+            mname, idx, _ = kron[i]
+            routes.setdefault(mname, Route(adapters[mname])).tied.append((idx, by_index[owner]))
 
     # ---- parameters outside the Kronecker form.
     diagonal: list[DiagonalParam] = []
@@ -253,7 +274,9 @@ def discover(model: nn.Module, opts: KFACOptions) -> Plan:
                 "empirical Fisher)",
             )
             continue
-        dstats = DiagonalStatistics(names[pid], p.numel(), opts.factor_dtype, p.device)
+        dstats = DiagonalStatistics(
+            names[pid], p.numel(), opts.factor_dtype, p.device, opts.fisher_type == "mc"
+        )
         entry = DiagonalParam(names[pid], p, dstats)
         diagonal.append(entry)
         covered.add(pid)

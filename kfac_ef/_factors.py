@@ -93,14 +93,16 @@ class FactorSpec:
         return blocks * self.nb * self.bs * self.bs
 
     def decomposition_numel(self, blocks: int, damping_mode: str) -> int:
-        """Entries of the decomposition: eigenbasis and eigenvalues, or damped inverse.
+        """Entries of the decomposition: eigenbasis and eigenvalues ("exact", "ekfac"), or
+        damped inverse and its shift ("pi"). The EKFAC scale is counted per layer (it
+        belongs to both factors).
 
         A diagonal factor (bs = 1) needs no eigenbasis: its eigenvalues are its entries.
         """
         stacks = blocks * self.nb
-        if damping_mode == "exact":
+        if damping_mode != "pi":
             return stacks * self.bs + (stacks * self.bs * self.bs if self.has_basis else 0)
-        return stacks * self.bs * self.bs
+        return stacks * self.bs * self.bs + stacks
 
 
 def plan_factor(
@@ -247,34 +249,84 @@ def precondition_structured_eigen(
     g_spec: FactorSpec,
     a_spec: FactorSpec,
     damping: float,
-) -> Tensor:
+    scale: Tensor | None = None,
+    with_form: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """(G⊗A + εI)⁻¹ vec(∇) for block-diagonal (incl. diagonal) factors, in their eigenbases.
 
-    ∇̃ = Q_G [(Q_Gᵀ ∇ Q_A) ⊘ (λ_G λ_Aᵀ + ε)] Q_Aᵀ with Q's block-diagonal (absent when
-    diagonal: the identity). ``grads`` is ``(B, g_pad, a_pad)``; eigenvalues ``lg``, ``la``
-    are ``(B·nb, bs)`` and read as ``(B, pad)``.
+    ∇̃ = Q_G [(Q_Gᵀ ∇ Q_A) ⊘ (K + ε)] Q_Aᵀ with K = λ_G λ_Aᵀ, or the EKFAC scale S
+    (``scale``, ``(B, g_pad, a_pad)``), and Q's block-diagonal (absent when diagonal: the
+    identity). ``grads`` is ``(B, g_pad, a_pad)``; eigenvalues ``lg``, ``la`` are
+    ``(B·nb, bs)`` and read as ``(B, pad)``.
+
+    With ``with_form`` also returns the ``(B,)`` quadratic forms ∇̃ᵀ C ∇̃ = Σ_ij K_ij Ṽ_ij² of
+    the undamped curvature C = (Q_G⊗Q_A) diag(vec K) (Q_G⊗Q_A)ᵀ, Ṽ = Q_Gᵀ ∇̃ Q_A (as
+    ``kernels.precondition_eigen_with_form`` for dense factors).
     """
     b = grads.shape[0]
     qg, qa = dec.get("qg"), dec.get("qa")
     v = rotate_a(rotate_g(grads, qg, g_spec, transpose=True), qa, a_spec, transpose=False)
-    lg = dec["lg"].reshape(b, g_spec.padded, 1)
-    la = dec["la"].reshape(b, 1, a_spec.padded)
-    denominator = lg * la  # one (B, g, a) temporary, then in place (these can be vocab-sized)
-    v = v.div_(denominator.add_(damping)) if v is not grads else v / denominator.add_(damping)
-    return rotate_a(rotate_g(v, qg, g_spec, transpose=False), qa, a_spec, transpose=True)
+    if scale is None:
+        lg = dec["lg"].reshape(b, g_spec.padded, 1)
+        la = dec["la"].reshape(b, 1, a_spec.padded)
+        k = lg * la  # one (B, g, a) temporary, then in place (these can be vocab-sized)
+        denominator = k + damping if with_form else k.add_(damping)
+    else:
+        k = scale
+        denominator = scale + damping
+    v = v.div_(denominator) if v is not grads else v / denominator
+    out = rotate_a(rotate_g(v, qg, g_spec, transpose=False), qa, a_spec, transpose=True)
+    if not with_form:
+        return out
+    return out, (k * v.square()).sum(dim=(1, 2))
+
+
+def _inverse_g(x: Tensor, ig: Tensor, spec: FactorSpec) -> Tensor:
+    """(G + c_G I)⁻¹ x for x ``(B, g_pad, a)`` and a stored block-diagonal damped inverse."""
+    if spec.bs == 1:
+        return x * ig.reshape(x.shape[0], spec.padded, 1)
+    return rotate_g(x, ig, spec, transpose=False)
+
+
+def _inverse_a(x: Tensor, ia: Tensor, spec: FactorSpec) -> Tensor:
+    """x (A + c_A I)⁻¹ for x ``(B, g, a_pad)`` (the inverse is symmetric: x Iᵀ = x I)."""
+    if spec.bs == 1:
+        return x * ia.reshape(x.shape[0], 1, spec.padded)
+    return rotate_a(x, ia, spec, transpose=False)
 
 
 def precondition_structured_inverse(
     grads: Tensor, dec: dict[str, Tensor], g_spec: FactorSpec, a_spec: FactorSpec
 ) -> Tensor:
     """(G + c_G I)⁻¹ ∇ (A + c_A I)⁻¹ with block-diagonal (incl. diagonal) damped inverses."""
+    return _inverse_a(_inverse_g(grads, dec["ig"], g_spec), dec["ia"], a_spec)
+
+
+def precondition_inverse_with_form(
+    grads: Tensor, dec: dict[str, Tensor], g_spec: FactorSpec, a_spec: FactorSpec
+) -> tuple[Tensor, Tensor]:
+    """∇̃ = (G + c_G I)⁻¹ ∇ (A + c_A I)⁻¹ and ⟨∇̃, G ∇̃ A⟩ per block, any factor storage.
+
+    With R = ∇ (A + c_A)⁻¹ and L = (G + c_G)⁻¹ ∇, ∇̃ = (G + c_G)⁻¹ R = L (A + c_A)⁻¹, hence
+    G ∇̃ = R - c_G ∇̃ and ∇̃ A = L - c_A ∇̃, and by symmetry of G
+
+        ⟨∇̃, G ∇̃ A⟩ = tr(∇̃ᵀ G ∇̃ A) = ⟨R - c_G ∇̃, L - c_A ∇̃⟩,
+
+    with G and A as stored (their block-diagonal parts). The chain needs one of R, L; the
+    form needs both, so one product more than ``precondition_structured_inverse`` (and than
+    ``kernels.precondition_factored``): the cheaper of the two is done twice. The factors
+    themselves are not needed, only the inverses and the shifts c_G, c_A (``"cg"``, ``"ca"``,
+    one per stored block, equal within a Kronecker block).
+    """
     b = grads.shape[0]
     ig, ia = dec["ig"], dec["ia"]
-    if g_spec.bs == 1:
-        v = grads * ig.reshape(b, g_spec.padded, 1)
+    right = _inverse_a(grads, ia, a_spec)  # R
+    left = _inverse_g(grads, ig, g_spec)  # L
+    if g_spec.padded <= a_spec.padded:
+        out = _inverse_g(right, ig, g_spec)
     else:
-        v = rotate_g(grads, ig, g_spec, transpose=False)
-    if a_spec.bs == 1:
-        return v * ia.reshape(b, 1, a_spec.padded)
-    # The inverse is symmetric: x (A + cI)⁻¹ = x Iᵀ.
-    return rotate_a(v, ia, a_spec, transpose=False)
+        out = _inverse_a(left, ia, a_spec)
+    cg = dec["cg"].reshape(b, g_spec.nb)[:, :1].unsqueeze(2)
+    ca = dec["ca"].reshape(b, a_spec.nb)[:, :1].unsqueeze(2)
+    form = ((right - cg * out) * (left - ca * out)).sum(dim=(1, 2))
+    return out, form

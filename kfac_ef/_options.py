@@ -8,23 +8,30 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 LossReduction = Literal["mean", "sum"]
-DampingMode = Literal["exact", "pi"]
+DampingMode = Literal["exact", "pi", "ekfac"]
 KFACApprox = Literal["expand", "reduce"]
 Backend = Literal["auto", "torch", "triton"]
+FisherType = Literal["empirical", "mc"]
+Constraint = Literal["none", "kronecker", "exact"]
+LossChangeUnit = Literal["absolute", "loss", "spread"]
+LearningRate = float | Callable[[int], float]
 OtherParams = Literal["ignore", "diagonal"]
 
 LOSS_REDUCTIONS = ("mean", "sum")
-DAMPING_MODES = ("exact", "pi")
+DAMPING_MODES = ("exact", "pi", "ekfac")
 KFAC_APPROXES = ("expand", "reduce")
 BACKENDS = ("auto", "torch", "triton")
+FISHER_TYPES = ("empirical", "mc")
+CONSTRAINTS = ("none", "kronecker", "exact")
+LOSS_CHANGE_UNITS = ("absolute", "loss", "spread")
 OTHER_PARAMS = ("ignore", "diagonal")
 FACTOR_DTYPES = (torch.float32, torch.float64)
 
@@ -43,6 +50,19 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Invalid {name}={value!r}: must be an int >= 1")
     return value
+
+
+def _optional_positive(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"Invalid {name}={value!r}: must be a finite number > 0 (or None)")
+    return float(value)
 
 
 def _normalize_skip(value: Any) -> tuple[SkipSpec, ...]:
@@ -86,13 +106,27 @@ class KFACOptions:
         inv_update_steps: eigendecompositions at step 0 and every k steps after.
         loss_reduction: how the loss reduces over the batch, "mean" or "sum" (fixes the
             scale of G, see docs/math.md).
-        damping_mode: "exact" (eigenbasis of the Kronecker product) or "pi" (factored
-            Tikhonov damping with π-scaling).
+        damping_mode: "exact" (eigenbasis of the Kronecker product), "pi" (factored
+            Tikhonov damping with π-scaling) or "ekfac" (eigenvalue-corrected: the
+            eigenbasis of "exact" with the exact second moment S in it).
         kfac_approx: "expand" or "reduce" for layers with shared positions.
         skip_layers: module names / regexes (full match) / module types to leave alone.
         factor_dtype: float32 (default) or float64 for factors and decompositions.
         backend: "auto", "torch" or "triton" for the factor-statistics and preconditioning
             kernels.
+        fisher_type: "empirical" (G from the gradients of the user's loss) or "mc" (G from
+            targets sampled from the model's predictive distribution, see ``kfac_ef.mc``).
+        constraint: "none", "kronecker" or "exact": which form of E[(Δℓ)²] step() scales the
+            preconditioned gradients to meet (docs/empirical_fisher.md). None (default):
+            "exact" when a target or maximum is given, else "none".
+        target_loss_change: c of the equality form E[(Δℓ)²] = c, in ``loss_change_unit``.
+        max_loss_change: c of the trust-region form E[(Δℓ)²] ≤ c, in ``loss_change_unit``.
+        loss_change_unit: "absolute" (c as given), "loss" (c times the squared mean
+            per-example loss) or "spread" (c times the variance of the per-example losses).
+        lr: the learning rate the optimizer applies (a number, or a callable of the step
+            count returning one); needed by the constraint and the loss-change tracking.
+        track_loss_changes: keep each step's captured inputs and output gradients until
+            step() to compute the per-example loss changes for ``diagnostics()``.
         other_params: what happens to trainable parameters outside the Kronecker form
             (norm layers, lone biases, ...): "ignore" leaves them to the optimizer,
             "diagonal" preconditions those with a per-example gradient rule by their diagonal
@@ -115,6 +149,13 @@ class KFACOptions:
     skip_layers: tuple[SkipSpec, ...] = field(default=())
     factor_dtype: torch.dtype = torch.float32
     backend: Backend = "auto"
+    fisher_type: FisherType = "empirical"
+    constraint: Constraint | None = None
+    target_loss_change: float | None = None
+    max_loss_change: float | None = None
+    loss_change_unit: LossChangeUnit = "spread"
+    lr: LearningRate | None = None
+    track_loss_changes: bool = False
     other_params: OtherParams = "ignore"
     max_factor_dim: int | None = 4096
     large_factor_block: int = 1
@@ -153,6 +194,85 @@ class KFACOptions:
             )
         if self.memory_budget is not None:
             _positive_int("memory_budget", self.memory_budget)
+        _choice("fisher_type", self.fisher_type, FISHER_TYPES)
+        self._check_constraint()
+
+    def _check_constraint(self) -> None:
+        if self.constraint is None:
+            given = self.target_loss_change is not None or self.max_loss_change is not None
+            object.__setattr__(self, "constraint", "exact" if given else "none")
+        _choice("constraint", self.constraint, CONSTRAINTS)
+        _choice("loss_change_unit", self.loss_change_unit, LOSS_CHANGE_UNITS)
+        target = _optional_positive("target_loss_change", self.target_loss_change)
+        maximum = _optional_positive("max_loss_change", self.max_loss_change)
+        object.__setattr__(self, "target_loss_change", target)
+        object.__setattr__(self, "max_loss_change", maximum)
+        if not isinstance(self.track_loss_changes, bool):
+            raise TypeError(
+                f"Invalid track_loss_changes={self.track_loss_changes!r}: must be True or False"
+            )
+        lr = self.lr
+        if lr is not None and not callable(lr):
+            if (
+                isinstance(lr, bool)
+                or not isinstance(lr, int | float)
+                or not (math.isfinite(lr) and lr > 0)
+            ):
+                raise ValueError(
+                    f"Invalid lr={lr!r}: must be a finite number > 0 or a callable of the step "
+                    "count returning one (the learning rate your optimizer applies)"
+                )
+            object.__setattr__(self, "lr", float(lr))
+        if self.constraint == "none":
+            if target is not None or maximum is not None:
+                which = "target_loss_change" if target is not None else "max_loss_change"
+                raise ValueError(
+                    f"Invalid {which}={target if target is not None else maximum!r} with "
+                    "constraint='none': it has no effect; choose constraint='kronecker' or "
+                    "'exact', or drop it"
+                )
+        elif (target is None) == (maximum is None):
+            raise ValueError(
+                f"Invalid target_loss_change={target!r} / max_loss_change={maximum!r} with "
+                f"constraint={self.constraint!r}: give exactly one of them (target_loss_change "
+                "for the equality form E[(Δℓ)²] = c, max_loss_change for the trust-region form "
+                "E[(Δℓ)²] ≤ c)"
+            )
+        if (self.constraint != "none" or self.track_loss_changes) and lr is None:
+            what = (
+                f"constraint={self.constraint!r}"
+                if self.constraint != "none"
+                else "track_loss_changes=True"
+            )
+            raise ValueError(
+                f"Invalid lr=None with {what}: pass lr=, the learning rate your optimizer "
+                "applies (a number or a callable of the step count), so that the step "
+                "Δθ = -lr·ν·∇̃ can be measured"
+            )
+
+    @property
+    def needs_loss_records(self) -> bool:
+        """Whether step() needs this step's inputs and output gradients of the user's loss."""
+        return self.constraint == "exact" or self.track_loss_changes
+
+    @property
+    def needs_kronecker_form(self) -> bool:
+        """Whether step() evaluates Σ_layers ⟨ΔW, G ΔW A⟩."""
+        return self.constraint == "kronecker" or self.track_loss_changes
+
+    def learning_rate(self, step: int) -> float:
+        """The optimizer's learning rate at ``step`` (``lr`` called if it is a callable)."""
+        lr = self.lr
+        if lr is None:
+            raise RuntimeError("no lr was given")  # guarded at construction
+        if callable(lr):
+            value = lr(step)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ValueError(
+                    f"lr({step}) returned {value!r}: the lr callable must return a number > 0"
+                )
+            return float(value)
+        return lr
 
     def skips(self, name: str, module: nn.Module) -> bool:
         """Whether ``skip_layers`` names this module (exact name, full-match regex or type)."""
@@ -166,8 +286,12 @@ class KFACOptions:
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, picklable description of the options (types of skip_layers by name)."""
-        out = asdict(self)
+        # Not dataclasses.asdict: it deep-copies, and a callable lr may be a bound method of a
+        # scheduler holding the optimizer.
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["factor_dtype"] = str(self.factor_dtype).removeprefix("torch.")
+        if callable(self.lr):
+            out["lr"] = f"<callable {getattr(self.lr, '__qualname__', type(self.lr).__name__)}>"
         out["skip_layers"] = [
             s if isinstance(s, str) else f"{s.__module__}.{s.__qualname__}"
             for s in self.skip_layers

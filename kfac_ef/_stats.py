@@ -21,6 +21,11 @@ pass contributes k times its positions to the rows, with N counted once.
 Parameters outside the Kronecker form (:class:`DiagonalStatistics`): per-example gradients
 ĝ_n (of the reduced loss, as observed) summed over the calls of a pass, then S = Σ_n ĝ_n²,
 scaled like G: F = N · S / σ² ("mean") or S / σ² ("sum"), the diagonal of the empirical Fisher.
+
+With ``fisher_type="mc"`` (``per_example=True``) the observed gradients are those of the
+sampled loss Σ_n ℓ̂_n (kfac_ef.mc, times σ), i.e. per-example gradients whatever the
+reduction, so G = S_G / (N σ²) ("mean") or S_G / σ² ("sum"): the same conventions, and
+gradient accumulation needs no knowledge of how the user's loss is divided.
 """
 
 from __future__ import annotations
@@ -36,8 +41,13 @@ from .layers import Inputs, LayerAdapter, OneHotInputs
 Scale = float | Tensor
 
 
-def _g_scale(examples: int, loss_reduction: str, loss_scale: Tensor | None) -> Scale:
-    scale: Scale = float(examples) if loss_reduction == "mean" else 1.0
+def g_scale(
+    examples: int, loss_reduction: str, loss_scale: Tensor | None, per_example: bool = False
+) -> Scale:
+    """The scale of G (and of S, F) from the raw sums of observed gradients (module doc)."""
+    scale: Scale = 1.0
+    if loss_reduction == "mean":
+        scale = 1.0 / max(examples, 1) if per_example else float(examples)
     if loss_scale is not None:
         return scale / loss_scale.square()
     return scale
@@ -76,6 +86,7 @@ class LayerStatistics:
         approx: "expand" or "reduce".
         dtype: factor dtype.
         backend: kernel backend.
+        per_example: the observed gradients are per-example ones (fisher_type="mc").
     """
 
     def __init__(
@@ -86,8 +97,10 @@ class LayerStatistics:
         backend: str,
         a_spec: FactorSpec | None = None,
         g_spec: FactorSpec | None = None,
+        per_example: bool = False,
     ) -> None:
         self.adapter = adapter
+        self.per_example = per_example
         self.approx = approx
         self.dtype = dtype
         self.backend = backend
@@ -101,6 +114,11 @@ class LayerStatistics:
     @property
     def empty(self) -> bool:
         return self.rows == 0
+
+    @property
+    def examples(self) -> int:
+        """Examples accumulated since the last ``take()``/``discard()`` (summed over passes)."""
+        return self._passes.total()
 
     def _rows(self, t: Tensor, reduce_op: str) -> Tensor:
         """``(N, T, blocks, d)`` -> ``(blocks, rows, d)`` for the chosen approximation."""
@@ -150,7 +168,7 @@ class LayerStatistics:
         before the next ``add``, which overwrites them.
         """
         assert self._acc_a is not None and self._acc_g is not None and self.rows > 0
-        scale_g = _g_scale(self._passes.total(), loss_reduction, loss_scale)
+        scale_g = g_scale(self._passes.total(), loss_reduction, loss_scale, self.per_example)
         scale_a = 1.0 / self.rows
         self.rows = 0
         self._passes.clear()
@@ -179,8 +197,16 @@ class LayerStatistics:
 class DiagonalStatistics:
     """Σ_n ĝ_n² of one parameter, from per-example gradients summed over a pass's calls."""
 
-    def __init__(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        name: str,
+        numel: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        per_example: bool = False,
+    ) -> None:
         self.name = name
+        self.per_example = per_example
         self.numel = numel
         self.dtype = dtype
         self.device = device
@@ -192,6 +218,11 @@ class DiagonalStatistics:
     @property
     def empty(self) -> bool:
         return not self._pending and self._passes.total() == 0
+
+    @property
+    def examples(self) -> int:
+        """Examples accumulated since the last ``take()``/``discard()`` (summed over passes)."""
+        return self._passes.total()
 
     def add(self, per_example: Tensor, pass_id: int) -> None:
         """Add one call's per-example gradients ``(N, *shape)`` to its pass."""
@@ -233,7 +264,7 @@ class DiagonalStatistics:
         elif self._stale:
             self._acc.zero_()
         self._stale = True
-        scale = _g_scale(self._passes.total(), loss_reduction, loss_scale)
+        scale = g_scale(self._passes.total(), loss_reduction, loss_scale, self.per_example)
         self._passes.clear()
         return self._acc, scale
 

@@ -10,8 +10,8 @@ before the call (the random-number state of attention dropout) get a forward pre
 
 Nothing is captured in eval mode, when grad mode is off, or inside torch.func transforms
 (vmap, grad, ...), whose wrapped tensors are not the model's real activations. On steps that
-collect no statistics, and in eval mode, the tensor hook only reports that a backward pass
-happened.
+keep no calls (no statistics, and no per-example loss changes for the constraint), and in
+eval mode, the tensor hook only reports that a backward pass happened.
 
 Calls are grouped into *passes*: all forward calls between two backward passes belong to one
 pass, so a module applied several times in one forward pass (shared weights across depth or
@@ -43,25 +43,33 @@ class Capture:
         adapters: the modules to watch, by name, through their adapters: the adapter says what
             to keep from a call (``save``, after an optional ``before_call`` pre-hook) and
             which output's gradient to watch (``output``).
-        wants_statistics: asked at each forward call whether this step collects statistics.
+        wants_calls: asked at each forward call whether this step keeps what calls save
+            (for statistics, or for the per-example loss changes of the constraint).
         on_backward: called whenever an output gradient of a watched module arrives.
         record: ``record(name, saved, grad, pass_id)`` with what was saved from one call and
             the gradient w.r.t. that call's output.
         on_call: optional ``on_call(name, pass_id)``, told in the forward pass of every call
             whose statistics will be recorded (so that a listener knows when a module's
             statistics of a pass are complete: one ``record`` per announced call).
+        hold_inputs: hand what a call saved to ``record`` on *every* gradient that reaches its
+            output (several backward passes through a retained graph, as the sampled-target
+            backward of ``fisher_type="mc"`` does) and keep it until ``release()``, instead
+            of releasing it at the first gradient.
     """
 
     def __init__(
         self,
         adapters: dict[str, ModuleAdapter],
         *,
-        wants_statistics: Callable[[], bool],
+        wants_calls: Callable[[], bool],
         on_backward: Callable[[], None],
         record: Callable[[str, Any, Tensor, int], None],
         on_call: Callable[[str, int], None] | None = None,
+        hold_inputs: bool = False,
     ) -> None:
-        self._wants_statistics = wants_statistics
+        self._wants_calls = wants_calls
+        self._hold_inputs = hold_inputs
+        self._held: list[list[Any]] = []
         self._on_call = on_call
         self._on_backward = on_backward
         self._record = record
@@ -85,13 +93,20 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.release()
+
+    def release(self) -> None:
+        """Drop what calls saved for further backward passes (``hold_inputs``)."""
+        for holder in self._held:
+            holder[0] = None
+        self._held.clear()
 
     def _keeps(self, module: nn.Module) -> bool:
         return (
             torch.is_grad_enabled()
             and module.training
             and not _in_functorch_transform()
-            and self._wants_statistics()
+            and self._wants_calls()
         )
 
     def _pre_hook(self, name: str, adapter: ModuleAdapter) -> Callable[..., None]:
@@ -119,19 +134,25 @@ class Capture:
             if self._backward_since_forward:
                 self._pass_id += 1
                 self._backward_since_forward = False
-            keep = module.training and self._wants_statistics()
+            keep = module.training and self._wants_calls()
             # What the call saved lives in a one-slot holder released when the gradient
-            # arrives, so a caller that keeps the output alive does not keep the input alive
-            # through us.
+            # arrives (with hold_inputs: at release()), so a caller that keeps the output
+            # alive does not keep the input alive through us.
             holder: list[Any] = [adapter.save(args, kwargs, before) if keep else None]
             pass_id = self._pass_id
-            if holder[0] is not None and self._on_call is not None:
-                self._on_call(name, pass_id)
+            hold = self._hold_inputs
+            if holder[0] is not None:
+                if hold:
+                    self._held.append(holder)
+                if self._on_call is not None:
+                    self._on_call(name, pass_id)
 
             def on_grad(grad: Tensor) -> None:
                 self._backward_since_forward = True
                 self._on_backward()
-                saved, holder[0] = holder[0], None
+                saved = holder[0]
+                if not hold:
+                    holder[0] = None
                 if saved is not None:
                     self._record(name, saved, grad, pass_id)
 

@@ -2,7 +2,7 @@
 
 This is the only module of kfac_ef that talks to other processes. W ranks each run the same
 model on their own local batch (typically under DistributedDataParallel, which averages the
-gradients). Three things are communicated, all on a process group of their own (a copy of
+gradients). Four things are communicated, all on a process group of their own (a copy of
 the given group, so that K-FAC's asynchronous collectives never interleave with DDP's):
 
 1. **Factor statistics** (all-reduce, sum), on statistics steps only. Each rank packs the
@@ -20,11 +20,19 @@ the given group, so that K-FAC's asynchronous collectives never interleave with 
        G = Σ_r N_r² S_G,r / Σ_r N_r     loss_reduction="mean" (δ_n = N_r γ_n on rank r)
        G = Σ_r S_G,r / W²              loss_reduction="sum"  (DDP averages: L = Σ_r L_r / W)
 
+   (with fisher_type="mc" the sampled backward observes δ_n itself: no N_r² for "mean")
+
    (diagonal Fishers F like G), each divided by σ² with a loss scale σ (grad_scaler).
 
    With ``factor_sync="decomposition"`` nothing is sent on statistics steps: each rank keeps
    running factors of its own batches, and the running factors themselves are averaged
    (all-reduce) just before each decomposition.
+
+   With ``fisher_type="mc"`` the statistics are those of the sampled-target backward and
+   travel the same way. With ``damping_mode="ekfac"`` the second moments in the eigenbases,
+   Σ_n (Q_Gᵀ ∇̂_n Q_A)², are all-reduced in ``step()`` after the decomposition (one buffer,
+   scaled like S_G); this needs every eigenbasis on every rank ("comm_opt") and
+   ``factor_sync="update"`` (checked at construction).
 2. **Decompositions** (broadcast), on decomposition steps. Every factor with an eigenbasis
    has one owner, which decomposes it; the owners are chosen by greedy
    longest-processing-time over the cost blocks·nb·bs³ (blocks·d³ for a dense factor).
@@ -35,6 +43,10 @@ the given group, so that K-FAC's asynchronous collectives never interleave with 
    workers than there are ranks: a gradient worker preconditions the layer and broadcasts
    the result (the layer's [∇W | ∇b] views into p.grad) to the ranks of its row, which
    hold no decomposition of that layer. Diagonal parameters are preconditioned everywhere.
+4. **The loss-change constraint** (all-reduce, a few numbers), every step with a constraint
+   or ``track_loss_changes``: Σ_n u_n², the example count and the loss moments over every
+   rank (E[(Δℓ)²] and the relative target are those of the global batch), and, with several
+   columns, the Kronecker forms of each column's layers over the ranks of a row.
 
 ``grad_worker_fraction`` f sets the gradient workers per layer to n_g ≈ f·W (a divisor of
 W): ranks form a grid of n_g rows by m = W/n_g columns, every layer is assigned to one
@@ -63,6 +75,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import _ekfac
 from ._blocks import DiagonalParam, Layer, Results, Taken
 from ._factors import FactorSpec
 from ._options import KFACOptions
@@ -426,6 +439,7 @@ class Distributor:
         self._ddp = ddp
         parent = options.process_group if options.process_group is not None else dist.group.WORLD
         self.ranks = sorted(dist.get_process_group_ranks(parent))
+        _check_supported(kfac, options, len(self.ranks))
         everyone = len(self.ranks) == dist.get_world_size()
         self.group = _new_group(parent, self.ranks, everyone)
         self.world = len(self.ranks)
@@ -486,6 +500,9 @@ class Distributor:
         self._expected: dict[str, int] = defaultdict(int)
         self._got: dict[str, int] = defaultdict(int)
         self._next = 0
+        self._examples: Tensor | None = None  # examples of the last statistics step (global)
+        # Layers some rank preconditions (known to every rank; see preconditioned_layers).
+        self._active: set[str] | None = None
         self.bytes: dict[str, int] = defaultdict(int)
         self.calls: dict[str, int] = defaultdict(int)  # collectives launched, by kind
 
@@ -598,7 +615,8 @@ class Distributor:
         decompositions with factor_sync="decomposition") count the buffer each rank reduces
         (a ring all-reduce moves about 2(W-1)/W times that through each rank's link);
         "decompositions" and "gradients" (broadcasts) count the bytes this rank receives
-        (nothing for the rank that sends). "collectives" counts the calls.
+        (nothing for the rank that sends); "constraint" the loss-change constraint's sums
+        (EKFAC's statistics count as "statistics"). "collectives" counts the calls.
         """
         return dict(self.bytes)
 
@@ -670,7 +688,9 @@ class Distributor:
             self._wait(bucket.work, "the all-reduce of factor statistics")
         buf = bucket.buffer
         counts: list[float] = []
-        g_mean = self.kfac.loss_reduction == "mean"
+        # δ_n = N_r γ_n for the observed gradients of a mean-reduced loss; the sampled-target
+        # backward (fisher_type="mc") observes per-example gradients already.
+        g_mean = self.kfac.loss_reduction == "mean" and self.kfac.fisher_type != "mc"
         for entry, start in zip(bucket.entries, bucket.offsets):
             part = buf[start : start + _size(entry)]
             if isinstance(entry, DiagonalParam):
@@ -722,11 +742,13 @@ class Distributor:
         inv_sigma2 = None if sigma is None else 1.0 / sigma.square()
         kron: KronTaken = []
         diag: DiagTaken = []
+        per_bucket: list[Tensor] = []
         for bucket in self._buckets:
             self._wait(bucket.work, "the all-reduce of factor statistics")
             bucket.work = None
             buf = bucket.buffer
             counts = buf[bucket.counts :].view(-1, 2)
+            per_bucket.append(counts[:, 1].max())
             for i, (unit, start) in enumerate(zip(bucket.entries, bucket.offsets)):
                 part = buf[start : start + _size(unit)]
                 rows, examples = counts[i, 0], counts[i, 1]
@@ -751,7 +773,18 @@ class Distributor:
                 scale_a = 1.0 / rows.clamp_min(1.0)
                 kron.append((unit, (acc_a, scale_a, acc_g, scale_g), present))
         self._pass = -1  # the next backward pass starts a new step
+        if per_bucket:
+            self._examples = torch.stack(per_bucket).max()
         return kron, diag
+
+    def global_examples(self, local: float) -> float | Tensor:
+        """Examples of the last statistics step over all ranks: from the reduced counts
+        (a 0-d device tensor) with ``factor_sync="update"``; ``local`` times the number of
+        ranks with ``"decomposition"`` (exact when the local batches have one size, the
+        condition under which that mode is exact)."""
+        if self.options.factor_sync == "update" and self._examples is not None:
+            return self._examples
+        return local * self.world
 
     def _local_statistics(self, sigma: Tensor | None) -> tuple[KronTaken, DiagTaken]:
         """factor_sync="decomposition": this rank's statistics, at the global scale. For
@@ -855,10 +888,13 @@ class Distributor:
         return self.plan.owner[(layer.name, side)] == self.rank
 
     def _part_shapes(self, layer: Layer, side: str) -> list[tuple[str, int]]:
-        """What a decomposition of one factor (with an eigenbasis) is made of: (name, count)."""
+        """What a decomposition of one factor (with an eigenbasis) is made of: (name, count).
+
+        The EKFAC scale is not sent: every rank holds every eigenbasis ("comm_opt", checked at
+        construction) and computes the same S from the same reduced statistics."""
         spec = _spec(layer, side)
         n = _stacks(layer, side)
-        if self.kfac.damping_mode == "exact":
+        if self.kfac.damping_mode != "pi":
             return [("q", n * spec.bs * spec.bs), ("l", n * spec.bs)]
         return [("i", n * _tri(spec.bs))]  # symmetric: the upper triangles suffice
 
@@ -1001,7 +1037,143 @@ class Distributor:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
             "the agreement on checkpointed decompositions",
         )
+        self._active = None
         return bool(flag.item() > 0)
+
+    # ------------------------------------------------------------------ 4. the constraint
+    def after_decompose(self) -> None:
+        """Decomposition step: forget which layers are preconditioned (asked again by
+        ``preconditioned_layers`` when the loss-change constraint needs it)."""
+        self._active = None
+
+    def preconditioned_layers(self, local: list[Layer]) -> list[Layer]:
+        """The layers whose gradients were preconditioned on some rank this step (``local``:
+        those this rank preconditioned), the same list on every rank: the loss-change
+        constraint scales exactly these. With one column every rank preconditions every
+        layer it has a decomposition of, so ``local`` is that list; otherwise the ranks
+        agree once per decomposition (an all-reduce of one flag per layer, read on the host:
+        decomposition steps and the first step after loading only)."""
+        if self.grid.columns == 1:
+            return local
+        if self._active is None:
+            flags = torch.tensor(
+                [
+                    1.0 if self.preconditions(layer) and layer.decomposition is not None else 0.0
+                    for layer in self._layers
+                ],
+                device=self._control_device,
+            )
+            self._wait(
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
+                "the agreement on preconditioned layers",
+            )
+            self._active = {
+                layer.name for layer, flag in zip(self._layers, flags.tolist()) if flag > 0
+            }
+        active = self._active
+        return [
+            layer
+            for layer in self._layers
+            if layer.name in active and layer.adapter.gradient_parts() is not None
+        ]
+
+    def sum_over_columns(self, t: Tensor) -> Tensor:
+        """Σ over this rank's row of ``t`` (one rank per column: the sum over every layer of a
+        per-layer quantity each rank computed for its column's layers). No host read."""
+        return t if self._row_group is None else self._sum(t, self._row_group)
+
+    def sum_over_ranks(self, t: Tensor) -> Tensor:
+        """Σ over every rank of ``t`` (sums over the global batch). No host read."""
+        return self._sum(t, self.group)
+
+    def _sum(self, t: Tensor, group: Any) -> Tensor:
+        t = t.clone()
+        self._count("constraint", t)
+        self._wait(
+            dist.all_reduce(t, group=group, async_op=True),
+            "the reduction of the loss-change constraint",
+        )
+        return t
+
+    def reduce_scales(
+        self, items: list[tuple[Layer, Tensor | None, int]], sigma: Tensor | None
+    ) -> list[tuple[Layer, Tensor, Scale, Tensor]]:
+        """EKFAC statistics step: the global batch's second moments in the eigenbases,
+        reduced exactly like S_G (module docstring, "Factor statistics"): rank r contributes
+        N_r² S_r ("mean") or S_r ("sum"), S_r = Σ_{n on r} (Q_Gᵀ ∇̂_n Q_A)² of its observed
+        gradients, and the sum is scaled by 1/Σ_r N_r or 1/W², divided by σ². One all-reduce
+        for every layer (no host synchronization); ``items``: (layer, S_r or None, N_r) for
+        every layer with a scale, the same layers in the same order on every rank.
+
+        Returns:
+            (layer, reduced sum, its scale, whether any rank had statistics) per layer.
+        """
+        if not items:
+            return []
+        dtype = self.kfac.factor_dtype
+        sizes = [_ekfac.scale_numel(la.adapter.blocks, la.g_spec, la.a_spec) for la, _, _ in items]
+        total = sum(sizes)
+        buf = torch.zeros(total + len(items), dtype=dtype, device=self.device)
+        g_mean = self.kfac.loss_reduction == "mean"
+        premultiply = g_mean and self.kfac.fisher_type != "mc"  # as in _launch
+        pos = 0
+        counts = []
+        for (_, raw, n), size in zip(items, sizes):
+            if raw is not None and n > 0:
+                part = buf[pos : pos + size]
+                part.copy_(raw.reshape(-1))
+                if premultiply:
+                    part.mul_(float(n) ** 2)
+            counts.append(float(n))
+            pos += size
+        buf[total:].copy_(torch.tensor(counts, dtype=dtype), non_blocking=True)
+        self._count("statistics", buf)
+        self._wait(
+            dist.all_reduce(buf, group=self.group, async_op=True),
+            "the all-reduce of EKFAC statistics",
+        )
+        inv_sigma2 = None if sigma is None else 1.0 / sigma.to(self.device, dtype).square()
+        out: list[tuple[Layer, Tensor, Scale, Tensor]] = []
+        pos = 0
+        for i, ((layer, _, _), size) in enumerate(zip(items, sizes)):
+            examples = buf[total + i]
+            scale: Tensor = (
+                1.0 / examples.clamp_min(1.0)
+                if g_mean
+                else torch.full_like(examples, 1.0 / self.world**2)
+            )
+            if inv_sigma2 is not None:
+                scale = scale * inv_sigma2
+            shape = (layer.adapter.blocks, layer.g_spec.padded, layer.a_spec.padded)
+            out.append((layer, buf[pos : pos + size].view(shape), scale, examples > 0))
+            pos += size
+        return out
+
+
+def _check_supported(kfac: KFACOptions, options: DistributedOptions, world: int) -> None:
+    """Combinations of K-FAC and distribution options that cannot be computed exactly.
+
+    EKFAC's S is the second moment of every example's gradient projected onto the eigenbases:
+    each rank projects its own examples, so every rank needs every eigenbasis (one column:
+    "comm_opt", or a fraction that rounds to every rank), and the running S must follow the
+    global batch at every statistics step (factor_sync="update"), as the preconditioner uses
+    S itself, not a decomposition of it.
+    """
+    if kfac.damping_mode != "ekfac":
+        return
+    if options.factor_sync != "update":
+        raise ValueError(
+            f"damping_mode='ekfac' with factor_sync={options.factor_sync!r}: the EKFAC scale S "
+            "is used directly at every step, so per-rank running statistics would make the "
+            "ranks precondition differently; use factor_sync='update' (the default)"
+        )
+    if grad_workers(options.grad_worker_fraction, world) != world:
+        raise ValueError(
+            f"damping_mode='ekfac' with grad_worker_fraction="
+            f"{options.grad_worker_fraction!r}: S projects every rank's examples onto each "
+            "layer's eigenbases, so every rank must hold every eigenbasis; use "
+            "grad_worker_fraction='comm_opt' (the default), or damping_mode='exact'"
+        )
 
 
 def _first_differences(sigs: list[list[str]]) -> list[str]:

@@ -7,34 +7,40 @@ and, every ``inv_update_steps``, decompositions (_blocks.py, linalg.py) -> step(
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
-from . import kernels
+from . import _constraint, _ekfac, kernels
 from ._blocks import (
     Bucket,
     Decomposition,
     DiagonalParam,
     Layer,
     decompose,
+    decomposition_keys,
     make_buckets,
     precondition_diagonal,
 )
+from ._constraint import Held, LossChangeDiagnostics, StepRecord
 from ._discovery import Plan, Route, check_devices, discover
 from ._factors import (
     FactorSpec,
+    precondition_inverse_with_form,
     precondition_structured_eigen,
     precondition_structured_inverse,
     to_user,
 )
-from ._options import KFACOptions, SkipSpec
+from ._options import KFACOptions, LearningRate, SkipSpec
+from ._stats import Scale, g_scale
 from .capture import Capture
 from .distributed import DistributedOptions, Distributor, resolve, unwrap
 from .summary import DiagonalSummary, LayerSummary, Summary
@@ -90,6 +96,10 @@ class KFACPreconditioner:
     empirical Fisher with ``other_params="diagonal"``. Other parameters are left untouched;
     ``summary()`` lists them with the reason, and the bytes of the planned state.
 
+    With ``constraint`` other than "none", step() also scales the preconditioned gradients by
+    a 0-dim ν so that the optimizer's step Δθ = -lr·ν·∇̃ predicts E_n[(Δℓ_n)²] = c (or ≤ c),
+    the seed's loss-change constraint (docs/empirical_fisher.md).
+
     Mixed precision: factors stay in ``factor_dtype`` whatever autocast does. With a
     torch.amp.GradScaler, pass it as ``grad_scaler`` and call, in this order,
     ``scaler.scale(loss).backward(); scaler.unscale_(optimizer); precond.step();
@@ -104,7 +114,9 @@ class KFACPreconditioner:
         factor_update_steps: collect statistics every k-th step (steps 0, k, 2k, ...).
         inv_update_steps: recompute decompositions at step 0 and every k-th step.
         loss_reduction: "mean" or "sum", the reduction of the loss over the batch.
-        damping_mode: "exact" (ε added to the eigenvalues of G⊗A) or "pi" (factored damping).
+        damping_mode: "exact" (ε added to the eigenvalues of G⊗A), "pi" (factored damping)
+            or "ekfac" (the eigenbases of "exact" with the exact second moment S of the
+            per-example gradients in them, George et al. 2018).
         kfac_approx: "expand" or "reduce", for layers with shared positions.
         skip_layers: module names, full-match regexes or module types to leave alone.
         factor_dtype: torch.float32 or torch.float64 for factors and decompositions.
@@ -114,6 +126,20 @@ class KFACPreconditioner:
         large_factor_block: block size of wider factors; 1 (default) keeps them diagonal.
         memory_budget: bytes the planned state may take; construction raises beyond.
         grad_scaler: the torch.amp.GradScaler scaling the loss, if any.
+        fisher_type: "empirical" (G from the gradients of your loss) or "mc" (G from targets
+            sampled from the model's predictive distribution; use ``kfac_ef.mc_backward``).
+        constraint: "none", "kronecker" (E[(Δℓ)²] by Σ_layers ⟨ΔW, G ΔW A⟩) or "exact"
+            (by the empirical Fisher itself, from the step's captured tensors). Default:
+            "exact" when ``target_loss_change`` or ``max_loss_change`` is given, else "none".
+        target_loss_change: c of the equality form E[(Δℓ)²] = c.
+        max_loss_change: c of the trust-region form E[(Δℓ)²] ≤ c (ν ≤ 1).
+        loss_change_unit: "spread" (default: c in units of the variance of the per-example
+            losses, pass them to ``step(loss=...)``), "loss" (in units of the squared mean
+            per-example loss) or "absolute".
+        lr: the learning rate your optimizer applies, a number or a callable of the step
+            count (needed by the constraint and by ``track_loss_changes``).
+        track_loss_changes: keep the step's inputs and output gradients until step() so that
+            ``diagnostics()`` reports the per-example loss changes whatever the constraint.
         distributed: data-parallel training over torch.distributed (docs/distributed.md).
             None (default): on when torch.distributed is initialized with several ranks;
             True, or a :class:`~kfac_ef.DistributedOptions`: on (torch.distributed must be
@@ -121,9 +147,13 @@ class KFACPreconditioner:
             decompositions are split across ranks, and every rank must construct the
             preconditioner and call step() in step with the others. A
             DistributedDataParallel model is unwrapped: layer names carry no ``module.``.
+            With "ekfac", every rank must hold every eigenbasis (``grad_worker_fraction``
+            "comm_opt") and statistics are reduced every step (``factor_sync="update"``).
 
     Raises:
-        TypeError, ValueError: on an invalid option (the message names it).
+        TypeError, ValueError: on an invalid option (the message names it), or a combination
+            that cannot be computed exactly (damping_mode="ekfac" with distributed options
+            other than the above).
         ValueError: if the model has nothing to precondition, or if the planned state exceeds
             ``memory_budget`` (the message holds the plan).
         RuntimeError: if another live preconditioner already hooks one of the layers.
@@ -149,6 +179,13 @@ class KFACPreconditioner:
         memory_budget: int | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         distributed: bool | DistributedOptions | None = None,
+        fisher_type: str = "empirical",
+        constraint: str | None = None,
+        target_loss_change: float | None = None,
+        max_loss_change: float | None = None,
+        loss_change_unit: str = "spread",
+        lr: LearningRate | None = None,
+        track_loss_changes: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -171,6 +208,13 @@ class KFACPreconditioner:
             max_factor_dim=max_factor_dim,
             large_factor_block=large_factor_block,
             memory_budget=memory_budget,
+            fisher_type=fisher_type,  # type: ignore[arg-type]
+            constraint=constraint,  # type: ignore[arg-type]
+            target_loss_change=target_loss_change,
+            max_loss_change=max_loss_change,
+            loss_change_unit=loss_change_unit,  # type: ignore[arg-type]
+            lr=lr,
+            track_loss_changes=track_loss_changes,
         )
         self._grad_scaler = grad_scaler
         dist_options = resolve(distributed)
@@ -219,12 +263,24 @@ class KFACPreconditioner:
         self._skipped_steps: Tensor | None = None
         self._skipped_reported = 0
         self._skipped_seen: dict[str, int] = {}
+        self._grads_ok: Tensor | None = None  # this step's gradients finite (0-d), if known
+        # Calls held until step(), by hooked module: for the EKFAC scale ("fisher": those of
+        # the backward that feeds the factors) and for the exact loss-change form ("loss":
+        # those of the user's loss). With the empirical Fisher they are the same calls.
+        self._fisher_calls: dict[str, list[Held]] = defaultdict(list)
+        self._loss_calls: dict[str, list[Held]] = defaultdict(list)
+        self._sampling = False
+        self._sampled = False
+        self._stats_examples: float | Tensor = 1.0  # examples of the last statistics step
+        self._warned_missing: set[str] = set()
+        self._record_last: StepRecord | None = None
         self._capture = Capture(
             {name: route.adapter for name, route in self._routes.items()},
-            wants_statistics=self._wants_statistics,
+            wants_calls=self._wants_calls,
             on_backward=self._on_backward,
             record=self._record,
-            on_call=self._dist.on_call if self._dist is not None else None,
+            on_call=self._on_call if self._dist is not None else None,
+            hold_inputs=self.options.fisher_type == "mc",
         )
 
     def _hooked_modules(self) -> list[tuple[str, nn.Module]]:
@@ -247,24 +303,70 @@ class KFACPreconditioner:
     def _wants_statistics(self) -> bool:
         return self._steps % self.options.factor_update_steps == 0
 
+    def _wants_calls(self) -> bool:
+        """Whether this step keeps what calls save: for statistics, or for the exact form."""
+        return self._wants_statistics() or self.options.needs_loss_records
+
     def _on_backward(self) -> None:
-        self._backward_seen = True
+        if not self._sampling:
+            self._backward_seen = True
+
+    def _on_call(self, name: str, pass_id: int) -> None:
+        # Only calls whose statistics will be recorded count for the all-reduce buckets.
+        if self._dist is not None and self._wants_statistics():
+            self._dist.on_call(name, pass_id)
 
     def _record(self, name: str, saved: Any, grad: Tensor, pass_id: int) -> None:
         route = self._routes[name]
+        opts = self.options
+        # Which backward feeds the factors: the user's loss (empirical) or the sampled one.
+        feeds_factors = self._sampling == (opts.fisher_type == "mc")
+        call = (saved, grad.detach(), pass_id)
         with torch.no_grad():
-            obs = route.adapter.observe(
-                saved, grad, [i for i, _ in route.layers], [p for p, _ in route.params]
-            )
-            layers = dict(route.layers)
-            for index, inputs, grads in obs.kron:
-                layers[index].stats.add(inputs, grads, pass_id)
-            for p, entry in route.params:
-                per_example = obs.per_example.get(id(p))
-                if per_example is not None:
-                    entry.stats.add(per_example, pass_id)
-            if self._dist is not None:
-                self._dist.on_record(name, pass_id)
+            if feeds_factors and self._wants_statistics() and (route.layers or route.params):
+                obs = route.adapter.observe(
+                    saved, grad, [i for i, _ in route.layers], [p for p, _ in route.params]
+                )
+                layers = dict(route.layers)
+                for index, inputs, grads in obs.kron:
+                    layers[index].stats.add(inputs, grads, pass_id)
+                for p, entry in route.params:
+                    per_example = obs.per_example.get(id(p))
+                    if per_example is not None:
+                        entry.stats.add(per_example, pass_id)
+                if opts.damping_mode == "ekfac" and route.layers:
+                    self._fisher_calls[name].append(call)
+                if self._dist is not None:
+                    self._dist.on_record(name, pass_id)
+        if not self._sampling and opts.needs_loss_records:
+            self._loss_calls[name].append(call)
+
+    @contextlib.contextmanager
+    def _sampled_backward(self) -> Iterator[None]:
+        """Marks the backward passes inside as the sampled-target ones (``kfac_ef.mc``)."""
+        self._check_live()
+        self._sampling = True
+        try:
+            yield
+        finally:
+            self._sampling = False
+        self._sampled = True
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The preconditioned parameters: those of the Kronecker layers (tied weights once)
+        and the diagonally preconditioned ones."""
+        out: dict[int, nn.Parameter] = {}
+        for layer in self._layers:
+            for p in layer.adapter.parameters():
+                out.setdefault(id(p), p)
+        for d in self._diagonal:
+            out.setdefault(id(d.param), d.param)
+        return list(out.values())
+
+    @property
+    def collects_statistics(self) -> bool:
+        """Whether the coming step() folds statistics into the factors (a statistics step)."""
+        return self._wants_statistics()
 
     # ------------------------------------------------------------------ step
     @property
@@ -276,7 +378,7 @@ class KFACPreconditioner:
         if self._removed:
             raise RuntimeError("this KFACPreconditioner was removed (remove() detached its hooks)")
 
-    def step(self) -> None:
+    def step(self, loss: Tensor | None = None) -> None:
         """Precondition the gradients in place: p.grad ← (G⊗A + εI)⁻¹ p.grad per layer.
 
         Folds the statistics of the last backward pass(es) into the running factors (on
@@ -284,11 +386,21 @@ class KFACPreconditioner:
         the gradients of every layer that has a decomposition (and of the diagonal
         parameters). Layers without one yet, and parameters whose ``.grad`` is None, are left
         as they are. A statistics step with any non-finite statistic or gradient leaves every
-        factor unchanged (decided on the device: no host synchronization).
+        factor unchanged (decided on the device: no host synchronization). With a
+        constraint, the rewritten gradients are then scaled by ν (a 0-dim device tensor; see
+        the class doc).
+
+        Args:
+            loss: this step's loss, needed when ``loss_change_unit`` is relative: the
+                per-example losses (1-d; with gradient accumulation, those of every
+                micro-batch), or for unit "loss" with mean reduction in one process the
+                reduced loss (0-d). Only read on the device.
 
         Raises:
             RuntimeError: if no backward pass reached a hooked layer since the last step()
-                (or since construction), or after ``remove()``.
+                (or since construction), after ``remove()``, or with ``fisher_type="mc"``
+                when a statistics step had no sampled-target backward.
+            ValueError: if the constraint needs ``loss`` and it is missing or of a wrong shape.
         """
         self._check_live()
         if not self._backward_seen:
@@ -298,7 +410,35 @@ class KFACPreconditioner:
                 "precond.step(), and step() once per backward (or per accumulated batch)"
             )
         opts = self.options
+        if opts.fisher_type == "mc" and self._wants_statistics() and not self._sampled:
+            self._clear_step()
+            raise RuntimeError(
+                "fisher_type='mc': this statistics step had no sampled-target backward; "
+                "replace loss.backward() by kfac_ef.mc_backward(precond, loss, output, "
+                "likelihood=...) so that the factors see gradients of sampled targets"
+            )
+        # Everything that can fail on the user's input is checked before any state changes:
+        # after such an error, step() can be called again for the same backward.
+        moments = None
+        if opts.constraint != "none" and opts.loss_change_unit != "absolute":
+            if loss is None:
+                raise ValueError(
+                    f"loss_change_unit={opts.loss_change_unit!r} scales the target by this "
+                    "step's loss: call precond.step(loss=...) with the loss (per-example "
+                    "losses for 'spread'), or use loss_change_unit='absolute'"
+                )
+            moments = _constraint.loss_moments(
+                opts.loss_change_unit,
+                loss,
+                opts.loss_reduction,
+                per_example_scale=self._per_example_scale(),
+                distributed=self._dist is not None,
+            )
+        lr = None
+        if opts.constraint != "none" or opts.track_loss_changes:
+            lr = opts.learning_rate(self._steps)
         with torch.no_grad(), record_function("kfac_ef.step"):
+            self._grads_ok = None
             if self._wants_statistics():
                 self._update_factors()
             else:
@@ -309,13 +449,192 @@ class KFACPreconditioner:
             if self._steps % opts.inv_update_steps == 0 or self._force_decompose:
                 self._check_structure()
                 self._decompose()
+            if opts.damping_mode == "ekfac" and self._wants_statistics():
+                self._update_scales()
+            with_form = lr is not None and opts.needs_kronecker_form
+            done: list[Layer] = []
+            forms: list[Tensor] = []
             for bucket in self._buckets:
-                bucket.precondition(self._precondition_fn(bucket), opts.factor_dtype)
-            precondition_diagonal(self._diagonal)
+                members, form = bucket.precondition(
+                    self._precondition_fn(bucket, with_form), opts.factor_dtype
+                )
+                done.extend(members)
+                if form is not None:
+                    forms.append(form.sum())
+            done_diag, diag_form = precondition_diagonal(self._diagonal, with_form)
             if self._dist is not None:
                 self._dist.share_gradients()
+            if lr is not None:
+                self._scale_step(lr, done, forms, done_diag, diag_form, moments)
+        self._clear_step()
         self._steps += 1
         self._backward_seen = False
+
+    def _clear_step(self) -> None:
+        self._fisher_calls.clear()
+        self._loss_calls.clear()
+        self._capture.release()
+        self._sampled = False
+
+    def _per_example_scale(self) -> float:
+        """From the observed gradients (and losses) of this process to the per-example ones
+        of the preconditioner's loss: 1, or 1/W for sum reduction over W processes (their
+        averaged gradient is that of Σ ℓ_n / W, see docs/distributed.md)."""
+        if self._dist is not None and self.options.loss_reduction == "sum":
+            return 1.0 / self._dist.world
+        return 1.0
+
+    def _scale_step(
+        self,
+        lr: float,
+        done: list[Layer],
+        forms: list[Tensor],
+        done_diag: list[DiagonalParam],
+        diag_form: Tensor | None,
+        moments: Tensor | None,
+    ) -> None:
+        """Measure the step -lr·∇̃ in loss space, scale the gradients by ν, keep the record.
+
+        All on the device of the preconditioned gradients (no host-device copy). Distributed,
+        the Kronecker form is summed over the ranks that precondition different layers, and
+        E[(Δℓ)²] and the loss reference are taken over the global batch.
+        """
+        opts = self.options
+        dist = self._dist
+        layers = done if dist is None else dist.preconditioned_layers(done)
+        params: dict[int, Tensor] = {}
+        for layer in layers:
+            for p in layer.adapter.parameters():
+                if p.grad is not None:
+                    params.setdefault(id(p), p.grad)
+        for d in done_diag:
+            assert d.param.grad is not None
+            params.setdefault(id(d.param), d.param.grad)
+        grads = list(params.values())
+        device = grads[0].device if grads else self._device()
+        f64 = torch.float64
+        kron = None
+        if opts.needs_kronecker_form:
+            kron = torch.zeros((), dtype=f64, device=device)
+            for f in forms:
+                kron = kron + f.to(device=device, dtype=f64)
+            if dist is not None:
+                kron = dist.sum_over_columns(kron)
+            if diag_form is not None:
+                kron = kron + diag_form.to(device=device, dtype=f64)
+            if opts.loss_reduction == "sum":
+                # G = Σ_n δδᵀ is N times the mean form: per example, divide by the N of the
+                # last statistics step (of the global batch when distributed).
+                kron = kron / self._stats_examples
+        directions = None
+        exact = None
+        if opts.needs_loss_records:
+            directions, seen = _constraint.per_example_directions(
+                self._routes, self._loss_calls, params, opts.factor_dtype
+            )
+            self._warn_missing(layers, done_diag, seen)
+            if directions is not None:
+                directions = directions.to(device)
+                scale: float | Tensor = (
+                    float(directions.shape[0]) if opts.loss_reduction == "mean" else 1.0
+                )
+                scale = scale * self._per_example_scale()
+                loss_scale = self._loss_scale()
+                if loss_scale is not None:
+                    scale = scale / loss_scale.to(device=device, dtype=directions.dtype)
+                directions = directions * scale
+            # (Σ u², n), with the loss moments when there are some: one reduction.
+            local = torch.zeros(2, dtype=f64, device=device)
+            if directions is not None:
+                local[0] = directions.to(f64).square().sum()
+                local[1] = directions.shape[0]
+            if moments is not None:
+                local = torch.cat([local, moments.to(device)])
+            if dist is not None:
+                local = dist.sum_over_ranks(local)
+            exact = local[0] / local[1].clamp_min(1.0)
+            if moments is not None:
+                moments = local[2:]
+        elif moments is not None and dist is not None:
+            moments = dist.sum_over_ranks(moments.to(device))
+        nu = torch.ones((), dtype=f64, device=device)
+        target = None
+        if opts.constraint != "none":
+            form = kron if opts.constraint == "kronecker" else exact
+            assert form is not None
+            c = opts.target_loss_change or opts.max_loss_change
+            assert c is not None
+            target = torch.full((), c, dtype=f64, device=device)
+            if moments is not None:
+                target = target * _constraint.loss_reference(
+                    opts.loss_change_unit, moments.to(device)
+                )
+            nu = _constraint.step_scale(
+                form, target, lr, equality=opts.target_loss_change is not None
+            )
+            groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+            for g in grads:
+                groups[(g.device, g.dtype)].append(g)
+            for (dev, dtype), group in groups.items():
+                torch._foreach_mul_(group, nu.to(device=dev, dtype=dtype))
+        self._record_last = StepRecord(
+            step=self._steps,
+            lr=lr,
+            nu=nu,
+            target=target,
+            kronecker=kron,
+            exact=exact,
+            directions=directions,
+        )
+
+    def _device(self) -> torch.device:
+        if self._layers:
+            return self._layers[0].adapter.weight.device
+        return self._diagonal[0].param.device
+
+    def _warn_missing(
+        self, layers: list[Layer], diagonal: list[DiagonalParam], seen: set[int]
+    ) -> None:
+        names = [
+            layer.name
+            for layer in layers
+            if not any(id(p) in seen for p in layer.adapter.parameters())
+        ]
+        names += [d.name for d in diagonal if id(d.param) not in seen]
+        new = [n for n in names if n not in self._warned_missing]
+        if new:
+            self._warned_missing.update(new)
+            warnings.warn(
+                f"{', '.join(map(repr, new))}: gradient preconditioned but no call captured "
+                "on this step (no gradient reached the output, or the call ran in eval "
+                "mode); left out of the exact loss-change form",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def diagnostics(self) -> LossChangeDiagnostics:
+        """The scale and predicted per-example loss changes of the last step().
+
+        Reads device values on the host (synchronizes): call it when you want the numbers,
+        not inside a timed loop. The Kronecker form is available with
+        ``constraint="kronecker"`` or ``track_loss_changes=True``; the exact form and the
+        distribution of Δℓ_n with ``constraint="exact"`` or ``track_loss_changes=True``;
+        the others are None. Distributed, ``kronecker`` and ``exact`` are those of the
+        global batch, the distribution (``loss_changes``, mean, std, min, max,
+        fraction_rising) that of this process's examples.
+
+        Raises:
+            RuntimeError: before the first step(), or when neither a constraint nor
+                ``track_loss_changes`` is on (nothing is measured).
+        """
+        if self.options.constraint == "none" and not self.options.track_loss_changes:
+            raise RuntimeError(
+                "diagnostics() needs constraint='kronecker'/'exact' or track_loss_changes=True "
+                "(and lr=...): without them step() measures nothing"
+            )
+        if self._record_last is None:
+            raise RuntimeError("diagnostics() describes the last step(): call step() first")
+        return _constraint.summarize(self._record_last)
 
     def _loss_scale(self) -> Tensor | None:
         """The GradScaler's current scale as a device tensor (None without scaling).
@@ -343,10 +662,16 @@ class KFACPreconditioner:
                 scales[device] = loss_scale.to(device=device, dtype=opts.factor_dtype)
             return scales[device]
 
+        counts = [layer.stats.examples for layer in self._layers]
+        counts += [entry.stats.examples for entry in self._diagonal]
+        local = float(max(counts, default=0))
+        if local > 0:
+            self._stats_examples = local
         if self._dist is not None:
             # The global batch's statistics (every rank gets every entry, with a device flag
             # saying whether any rank had statistics for it).
             kron, diag = self._dist.reduce_statistics(scale_on)
+            self._stats_examples = self._dist.global_examples(local)
         else:
             reduction = opts.loss_reduction
             kron = [
@@ -372,6 +697,7 @@ class KFACPreconditioner:
             if self._skipped_steps is None:
                 self._skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
             self._skipped_steps.add_(~grads_ok)
+        self._grads_ok = grads_ok
 
         def ok_on(flag: Tensor, device: torch.device) -> Tensor:
             return flag if grads_ok is None else flag & grads_ok.to(device)
@@ -383,12 +709,83 @@ class KFACPreconditioner:
             ok = ok_on(DiagonalParam.finite(dtaken), entry.param.device)
             entry.fold(dtaken, opts.factor_decay, ok, present)
 
+    def _update_scales(self) -> None:
+        """Statistics step with EKFAC: fold this step's second moment S_batch, in each layer's
+        current eigenbasis, into its running scale S (on the device; distributed, S_batch
+        of the global batch, reduced like G).
+
+        The calls of the backward that fed the factors were held until now, because the
+        eigenbasis may have changed at this step's decomposition (George et al. project the
+        statistics onto the basis in force); they go through the adapters again (``observe``:
+        a conv's patches unfolded, an attention recomputed), one module at a time.
+        """
+        opts = self.options
+        layers = [
+            layer
+            for layer in self._layers
+            if layer.decomposition is not None and "s" in layer.decomposition
+        ]
+        wanted = {id(layer) for layer in layers}
+        feeders: dict[int, int] = defaultdict(int)
+        for name in self._fisher_calls:
+            for _, layer in self._routes[name].layers:
+                feeders[id(layer)] += 1
+        records: dict[int, list[_ekfac.Record]] = defaultdict(list)
+        raws: dict[int, tuple[Tensor, int]] = {}
+        for name, held in self._fisher_calls.items():
+            route = self._routes[name]
+            indices = [i for i, layer in route.layers if id(layer) in wanted]
+            if not indices:
+                continue
+            by_index = dict(route.layers)
+            for saved, grad, pass_id in held:
+                obs = route.adapter.observe(saved, grad, indices, [])
+                for index, inputs, grads in obs.kron:
+                    records[id(by_index[index])].append((inputs, grads, pass_id))
+            for index in indices:
+                layer = by_index[index]
+                feeders[id(layer)] -= 1
+                if feeders[id(layer)] == 0 and records.get(id(layer)):
+                    # Every call of the layer is in: reduce them and drop the records.
+                    dec = layer.decomposition
+                    assert dec is not None
+                    raws[id(layer)] = _ekfac.batch_second_moment(
+                        records.pop(id(layer)),
+                        layer.adapter.has_bias,
+                        dec.get("qg"),
+                        dec.get("qa"),
+                        layer.g_spec,
+                        layer.a_spec,
+                        opts.factor_dtype,
+                    )
+        loss_scale = self._loss_scale()
+        items: list[tuple[Layer, Tensor, Scale, Tensor | None]] = []
+        if self._dist is not None:
+            items += self._dist.reduce_scales(
+                [(layer, *raws.get(id(layer), (None, 0))) for layer in layers], loss_scale
+            )
+        else:
+            for layer in layers:
+                if id(layer) not in raws:
+                    continue
+                raw, n = raws[id(layer)]
+                sigma = None if loss_scale is None else loss_scale.to(raw.device, raw.dtype)
+                scale = g_scale(n, opts.loss_reduction, sigma, opts.fisher_type == "mc")
+                items.append((layer, raw, scale, None))
+        for layer, raw, scale, present in items:
+            ok = torch.ones((), dtype=torch.bool, device=raw.device)
+            if self._grads_ok is not None:
+                ok = self._grads_ok.to(raw.device)
+            layer.fold_scale(raw, scale, opts.factor_decay, ok, present)
+
     def _decompose(self) -> None:
         opts = self.options
         with record_function("kfac_ef.decompose"):
             if self._dist is not None:
                 self._dist.sync_factors()
             waiting = decompose(self._layers, opts.damping_mode, opts.damping, share=self._dist)
+            if self._dist is not None:
+                self._dist.after_decompose()
             for bucket in self._buckets:
                 bucket.restack()
             names = [layer.name for layer in waiting]
@@ -469,26 +866,35 @@ class KFACPreconditioner:
             )
         self._skipped_reported = steps
 
-    def _precondition_fn(self, bucket: Bucket) -> Any:
+    def _precondition_fn(self, bucket: Bucket, with_form: bool = False) -> Any:
+        """The bucket's function: dense buckets through the kernels, structured ones through
+        torch (_factors). ``with_form``: also the ``(B,)`` Kronecker forms ⟨∇̃, G ∇̃ A⟩ of the
+        loss-change constraint, computed in the same chain (for "pi" one product more, in
+        torch: the kernel's chain does not produce the one-sided products the form needs)."""
         damping, backend = self.options.damping, self.options.backend
         dense = bucket.g_spec.dense and bucket.a_spec.dense
-        if self.options.damping_mode == "exact":
+        mode = self.options.damping_mode
+        if mode == "pi":
 
-            def exact(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Tensor:
+            def factored(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Any:
+                if with_form:
+                    return precondition_inverse_with_form(grads, st, gs, as_)
                 if dense:
-                    return kernels.precondition_eigen(
-                        grads, st["qg"], st["lg"], st["qa"], st["la"], damping, backend=backend
-                    )
-                return precondition_structured_eigen(grads, st, gs, as_, damping)
+                    return kernels.precondition_factored(grads, st["ig"], st["ia"], backend=backend)
+                return precondition_structured_inverse(grads, st, gs, as_)
 
-            return exact
+            return factored
 
-        def factored(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Tensor:
+        def eigen(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Any:
+            scale = st.get("s")  # EKFAC
             if dense:
-                return kernels.precondition_factored(grads, st["ig"], st["ia"], backend=backend)
-            return precondition_structured_inverse(grads, st, gs, as_)
+                args = (grads, st["qg"], st["lg"], st["qa"], st["la"], damping, scale)
+                if with_form:
+                    return kernels.precondition_eigen_with_form(*args, backend=backend)
+                return kernels.precondition_eigen(*args, backend=backend)
+            return precondition_structured_eigen(grads, st, gs, as_, damping, scale, with_form)
 
-        return factored
+        return eigen
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -538,9 +944,12 @@ class KFACPreconditioner:
             a, g, b = ad.a_dim, ad.g_dim, ad.blocks
             dec_a = layer.a_spec.decomposition_numel(b, opts.damping_mode)
             dec_g = layer.g_spec.decomposition_numel(b, opts.damping_mode)
+            scale = 0
+            if opts.damping_mode == "ekfac":
+                scale = _ekfac.scale_numel(b, layer.g_spec, layer.a_spec)
             if self._dist is not None and not self._dist.preconditions(layer):
-                dec_a = dec_g = 0  # another rank holds it (grad_worker_fraction < 1)
-            decomp = dec_a + dec_g
+                dec_a = dec_g = scale = 0  # another rank holds it (grad_worker_fraction < 1)
+            decomp = dec_a + dec_g + scale
             params = []
             for p in ad.parameters():
                 params.append(self._param_name(p))
@@ -571,6 +980,8 @@ class KFACPreconditioner:
             for d in self._diagonal
         ]
         workspace = 0
+        # Held calls (EKFAC, the exact constraint) are activations the size of the model's:
+        # not counted here, as autograd's own are not.
         for bucket in self._buckets:
             blocks = sum(layer.adapter.blocks for layer in bucket.layers)
             # Gathered gradients, the products' intermediates and the result.
@@ -602,6 +1013,8 @@ class KFACPreconditioner:
     def remove(self) -> None:
         """Detach every hook. The preconditioner can no longer step; the model is as before."""
         self._capture.remove()
+        self._fisher_calls.clear()
+        self._loss_calls.clear()
         for _, module in self._hooked_modules():
             ref = _OWNERS.get(module)
             if ref is not None and ref() is self:
@@ -635,6 +1048,8 @@ class KFACPreconditioner:
                     else None
                 ),
             }
+            if layer.scale_updates is not None:
+                layers[layer.name]["scale_updates"] = layer.scale_updates.clone()
         diagonal: dict[str, Any] = {}
         for d in self._diagonal:
             if d.F is None:
@@ -712,8 +1127,9 @@ class KFACPreconditioner:
             raise ValueError("the checkpoint does not fit this model:\n  " + "\n  ".join(problems))
         saved_opts = state.get("options", {})
         opts = self.options
+        # Eigenbases (and the EKFAC scale) do not depend on ε; damped inverses do.
         keep_decomposition = saved_opts.get("damping_mode") == opts.damping_mode and (
-            opts.damping_mode == "exact" or saved_opts.get("damping") == opts.damping
+            opts.damping_mode != "pi" or saved_opts.get("damping") == opts.damping
         )
         dtype = opts.factor_dtype
         for layer in self._layers:
@@ -730,8 +1146,20 @@ class KFACPreconditioner:
             layer.skipped = entry["skipped"].to(device).clone()
             self._skipped_seen[layer.name] = int(layer.skipped.sum())
             dec = entry.get("decomposition")
-            if dec is not None and keep_decomposition:
+            layer.scale_updates = None
+            if (
+                dec is not None
+                and keep_decomposition
+                and set(dec) == decomposition_keys(layer, opts.damping_mode)
+            ):
                 layer.decomposition = {k: v.to(device=device, dtype=dtype) for k, v in dec.items()}
+                if opts.damping_mode == "ekfac":
+                    counts = entry.get("scale_updates")
+                    layer.scale_updates = (
+                        counts.to(device).clone()
+                        if counts is not None
+                        else torch.zeros_like(layer.updates)
+                    )
             else:
                 layer.decomposition = None
                 self._force_decompose = True
@@ -758,3 +1186,5 @@ class KFACPreconditioner:
             bucket.restack()
         self._steps = int(state["steps"])
         self._backward_seen = False
+        self._clear_step()
+        self._record_last = None

@@ -26,7 +26,8 @@ class LayerSummary:
             coordinate), whatever their storage.
         parameters: names of the parameters the layer preconditions.
         factor_bytes: running factors plus the statistics accumulators.
-        decomposition_bytes: eigenbases and eigenvalues ("exact") or damped inverses ("pi").
+        decomposition_bytes: eigenbases and eigenvalues ("exact"; "ekfac" adds the scale S,
+            one g × a matrix per block) or damped inverses and their shifts ("pi").
         a_factor, g_factor: storage of A and G: "dense", "diagonal" or "N blocks of B".
         a_bytes, g_bytes: the share of A and of G in the total (running factor, accumulator
             and decomposition of each).

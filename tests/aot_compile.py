@@ -160,12 +160,14 @@ def main() -> None:
         "stride_qgb": m * m, "stride_qgr": m, "stride_qgc": 1, "stride_lgb": m, "stride_lgi": 1,
         "stride_qab": n * n, "stride_qar": n, "stride_qac": 1, "stride_lab": n, "stride_lai": 1,
         "stride_sb": m * n, "stride_sm": n, "stride_sn": 1,
-        "stride_ob": m * n, "stride_om": n, "stride_on": 1,
+        "stride_ob": m * n, "stride_om": n, "stride_on": 1, "stride_fb": 1,
         "stride_igb": m * m, "stride_igr": m, "stride_igc": 1,
         "stride_iab": n * n, "stride_iar": n, "stride_iac": 1,
     }  # fmt: skip
-    for has_scale in (False, True):
-        consts = dict(HAS_SCALE=has_scale, BM=bm, BN=bn, INPUT_PRECISION="tf32x3")
+    for has_scale, has_form in ((False, False), (True, False), (False, True), (True, True)):
+        consts = dict(
+            HAS_SCALE=has_scale, HAS_FORM=has_form, BM=bm, BN=bn, INPUT_PRECISION="tf32x3"
+        )
         print(json.dumps(compile_one(ke.fused, "fp32", consts, fused_values, 8, 1)))
     consts = dict(BM=bm, BN=bn, INPUT_PRECISION="tf32x3")
     print(json.dumps(compile_one(kf.fused, "fp32", consts, fused_values, 8, 1)))

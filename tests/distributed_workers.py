@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kfac_ef import DistributedOptions, KFACPreconditioner
+from kfac_ef import DistributedOptions, KFACPreconditioner, mc_backward
 
 from .reference import clean_copy
 
@@ -44,6 +44,8 @@ class Scenario:
     kfac: dict[str, Any] = field(default_factory=dict)
     model: str = "mlp"  # "mlp" (make_model) or "tokens" (TokenNet: structured factors)
     scaler: bool = False  # loss scaled by a torch.amp.GradScaler (passed as grad_scaler)
+    mc: bool = False  # fisher_type="mc" through mc_backward, targets drawn per global batch
+    step_loss: bool = False  # step(loss=per-example losses) (relative constraint units)
 
     def local_sizes(self, world: int) -> list[int]:
         n = len(self.ranks) if self.ranks is not None else world
@@ -58,8 +60,17 @@ class Scenario:
             damping_mode=self.mode,
             factor_dtype=torch.float64,
         )
+        if self.mc:
+            opts["fisher_type"] = "mc"
         opts.update(self.kfac)
         return opts
+
+    @property
+    def measures(self) -> bool:
+        """Whether step() keeps diagnostics (a constraint or track_loss_changes)."""
+        return self.kfac.get("constraint", "none") != "none" or bool(
+            self.kfac.get("track_loss_changes")
+        )
 
 
 def make_model(width: int = 6) -> nn.Module:
@@ -135,10 +146,51 @@ def batch(step: int, n: int, model: str = "mlp") -> tuple[Tensor, Tensor]:
 
 def losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Per-example losses: squared error, or cross-entropy summed over positions (tokens)."""
-    out = model(x)
+    return losses_of(model(x), y)
+
+
+def losses_of(out: Tensor, y: Tensor) -> Tensor:
     if out.dim() == 3:
         return nn.functional.cross_entropy(out.transpose(1, 2), y, reduction="none").sum(1)
     return ((out - y) ** 2).sum(dim=1)
+
+
+def mc_noise(step: int, n: int, model: str) -> Tensor:
+    """Noise of the sampled targets of a global batch (sliced like the data): Gumbel noise
+    for the tokens' logits (argmax(logits + Gumbel) ~ softmax), standard normal for the
+    regression outputs."""
+    g = torch.Generator().manual_seed(2000 + step)
+    if model == "tokens":
+        u = torch.rand(n, 4, 11, generator=g, dtype=torch.float64)
+        return -torch.log(-torch.log(u.clamp_min(1e-300)))
+    return torch.randn(n, 3, generator=g, dtype=torch.float64)
+
+
+def backward_pass(
+    pre: KFACPreconditioner,
+    model: nn.Module,
+    sc: Scenario,
+    x: Tensor,
+    y: Tensor,
+    loss_of: Any,
+    noise: Tensor,
+    scaler: torch.amp.GradScaler | None,
+) -> Tensor:
+    """One forward and backward (``loss_of(per-example losses)`` is the loss), through
+    mc_backward with targets from ``noise`` for MC scenarios; returns the per-example losses."""
+    out = model(x)
+    values = losses_of(out, y)
+    loss = loss_of(values)
+    if scaler is not None:
+        loss = scaler.scale(loss)
+    if not sc.mc:
+        loss.backward()
+    elif out.dim() == 3:  # logits (N, T, V): class dimension second for cross-entropy
+        targets = (out.detach() + noise).argmax(-1)
+        mc_backward(pre, loss, out.transpose(1, 2), likelihood="categorical", targets=targets)
+    else:
+        mc_backward(pre, loss, out, likelihood="gaussian", targets=out.detach() + noise)
+    return values.detach()
 
 
 def flat_params(model: nn.Module) -> Tensor:
@@ -168,7 +220,12 @@ def _train_ranks(sc: Scenario, group: Any, r: int, world: int) -> dict[str, Any]
     pre = KFACPreconditioner(model, distributed=opts, grad_scaler=scaler, **sc.kfac_options())
     assert pre.distributed is not None
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    out: dict[str, Any] = {"params": [], "launched_in_backward": [], "before_first_layer": []}
+    out: dict[str, Any] = {
+        "params": [],
+        "launched_in_backward": [],
+        "before_first_layer": [],
+        "diagnostics": [],
+    }
     seen: list[int] = []
 
     def before_first_layer(module: nn.Module, args: Any, output: Tensor) -> None:
@@ -193,22 +250,34 @@ def _train_ranks(sc: Scenario, group: Any, r: int, world: int) -> dict[str, Any]
         assert pre.distributed is not None
         x, y = batch(step, sum(sizes), sc.model)
         x, y = _local(x, sizes, r), _local(y, sizes, r)
+        noise = _local(mc_noise(step, sum(sizes), sc.model), sizes, r)
         opt.zero_grad()
         sent = pre.distributed.communicated().get("statistics", 0)
         calls = pre.distributed.calls["statistics"]
         if sc.accumulate:
             h = x.shape[0] // 2
+
+            def half(v: Tensor) -> Tensor:
+                return _reduce(v, sc.reduction, 2)
+
             with model.no_sync() if sc.no_sync else contextlib.nullcontext():
-                _backward(_reduce(losses(model, x[:h], y[:h]), sc.reduction, 2), scaler)
-            _backward(_reduce(losses(model, x[h:], y[h:]), sc.reduction, 2), scaler)
+                first = backward_pass(pre, model, sc, x[:h], y[:h], half, noise[:h], scaler)
+            second = backward_pass(pre, model, sc, x[h:], y[h:], half, noise[h:], scaler)
+            values = torch.cat([first, second])
         else:
-            _backward(_reduce(losses(model, x, y), sc.reduction, 1), scaler)
+
+            def whole(v: Tensor) -> Tensor:
+                return _reduce(v, sc.reduction, 1)
+
+            values = backward_pass(pre, model, sc, x, y, whole, noise, scaler)
         out["launched_in_backward"].append(
             pre.distributed.communicated().get("statistics", 0) > sent
         )
         out["before_first_layer"].append(seen[-1] - calls if seen else None)
-        _step(pre, opt, scaler)
+        _step(pre, opt, scaler, values if sc.step_loss else None)
         out["params"].append(flat_params(model))
+        if sc.measures:
+            out["diagnostics"].append(pre.diagnostics().as_dict())
     out["factors"] = pre.factors()
     out["fishers"] = pre.diagonal_fishers()
     out["state"] = pre.state_dict()
@@ -227,18 +296,19 @@ def _scaler(sc: Scenario) -> torch.amp.GradScaler | None:
     return torch.amp.GradScaler("cpu", init_scale=2.0**10) if sc.scaler else None
 
 
-def _backward(loss: Tensor, scaler: torch.amp.GradScaler | None) -> None:
-    (loss if scaler is None else scaler.scale(loss)).backward()
-
-
-def _step(pre: KFACPreconditioner, opt: torch.optim.Optimizer, scaler: Any) -> None:
+def _step(
+    pre: KFACPreconditioner,
+    opt: torch.optim.Optimizer,
+    scaler: Any,
+    step_loss: Tensor | None = None,
+) -> None:
     """The documented order with a GradScaler: unscale_, precondition, step, update."""
     if scaler is None:
-        pre.step()
+        pre.step(loss=step_loss)
         opt.step()
         return
     scaler.unscale_(opt)
-    pre.step()
+    pre.step(loss=step_loss)
     scaler.step(opt)
     scaler.update()
 
@@ -380,11 +450,16 @@ def reference_run(sc: Scenario, world: int) -> dict[str, Any]:
     uneven = len(set(sizes)) > 1
     assert not (scaler is not None and uneven), "DDP's gradient replacement assumes no scaler"
     params = []
+    diagnostics = []
+
+    def reduce(v: Tensor) -> Tensor:
+        return v.mean() if sc.reduction == "mean" else v.sum() / w
+
     for step in range(sc.steps):
         x, y = batch(step, sum(sizes), sc.model)
+        noise = mc_noise(step, sum(sizes), sc.model)
         opt.zero_grad()
-        values = losses(model, x, y)
-        _backward(values.mean() if sc.reduction == "mean" else values.sum() / w, scaler)
+        values = backward_pass(pre, model, sc, x, y, reduce, noise, scaler)
         if uneven and sc.reduction == "mean":
             twin = clean_copy(model)
             ddp_loss = sum(
@@ -393,9 +468,14 @@ def reference_run(sc: Scenario, world: int) -> dict[str, Any]:
             (ddp_loss / w).backward()  # type: ignore[operator]
             for p, q in zip(model.parameters(), twin.parameters()):
                 p.grad.copy_(q.grad)  # type: ignore[union-attr]
-        _step(pre, opt, scaler)
+        # The per-example losses of this loss: Σ ℓ_n / W for "sum".
+        step_loss = (values if sc.reduction == "mean" else values / w) if sc.step_loss else None
+        _step(pre, opt, scaler, step_loss)
         params.append(flat_params(model))
+        if sc.measures:
+            diagnostics.append(pre.diagnostics().as_dict())
     return {
+        "diagnostics": diagnostics,
         "params": params,
         "factors": pre.factors(),
         "fishers": pre.diagonal_fishers(),
@@ -409,6 +489,9 @@ __all__ = [
     "Scenario",
     "TokenNet",
     "asdict",
+    "backward_pass",
+    "losses_of",
+    "mc_noise",
     "dead_peer",
     "identical_training",
     "make_model",

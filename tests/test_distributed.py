@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kfac_ef import DistributedOptions, KFACPreconditioner
-from kfac_ef.distributed import Grid, Plan, grad_workers, lpt, resolve
+from kfac_ef import DistributedOptions, KFACOptions, KFACPreconditioner
+from kfac_ef.distributed import Grid, Plan, _check_supported, grad_workers, lpt, resolve
 
 from . import distributed_harness as harness
 from .distributed_workers import (
@@ -28,6 +28,12 @@ from .distributed_workers import (
     reference_run,
     train_scenarios,
 )
+
+# The loss-change constraint (lr: the workers' SGD learning rate).
+ABSOLUTE = {"loss_change_unit": "absolute", "lr": 0.1}
+EXACT_ABS = {"constraint": "exact", "target_loss_change": 0.05} | ABSOLUTE
+EXACT_SPREAD = {"constraint": "exact", "target_loss_change": 0.5, "lr": 0.1}
+KRON_ABS = {"constraint": "kronecker", "target_loss_change": 1e-3} | ABSOLUTE
 
 SCENARIOS: dict[int, list[Scenario]] = {
     2: [
@@ -106,6 +112,68 @@ SCENARIOS: dict[int, list[Scenario]] = {
             model="tokens",
             kfac=TOKEN_KFAC | TOKEN_DIAG,
         ),
+        # The constraint over the global batch: per-example losses of every rank (spread
+        # units), one gradient worker per layer (forms summed over a row), uneven batches.
+        Scenario(
+            "constraint/hybrid/exact/sum/uneven/spread",
+            "hybrid",
+            "exact",
+            "sum",
+            sizes=(3, 5),
+            step_loss=True,
+            kfac=EXACT_SPREAD,
+        ),
+        Scenario(
+            "constraint/mem_opt/pi/mean/kronecker",
+            "mem_opt",
+            "pi",
+            "mean",
+            kfac=KRON_ABS | {"track_loss_changes": True},
+        ),
+        # EKFAC (S reduced like G) with structured factors, attention, a tied weight, the
+        # diagonal Fisher and the exact constraint; then with a GradScaler and sum reduction.
+        Scenario(
+            "tokens/comm_opt/ekfac/mean/blocks/constraint",
+            "comm_opt",
+            "ekfac",
+            "mean",
+            model="tokens",
+            kfac=TOKEN_KFAC | TOKEN_DIAG | EXACT_ABS,
+        ),
+        Scenario(
+            "tokens/comm_opt/ekfac/mean/resume",
+            "comm_opt",
+            "ekfac",
+            "mean",
+            resume_at=1,
+            model="tokens",
+            kfac=TOKEN_KFAC | TOKEN_DIAG,
+        ),
+        Scenario(
+            "tokens/comm_opt/ekfac/sum/grad_scaler/kronecker",
+            "comm_opt",
+            "ekfac",
+            "sum",
+            model="tokens",
+            scaler=True,
+            step_loss=True,
+            kfac=TOKEN_KFAC
+            | TOKEN_DIAG
+            | KRON_ABS
+            | {"loss_change_unit": "loss", "target_loss_change": 0.01, "track_loss_changes": True},
+        ),
+        # The true Fisher: sampled-target statistics reduced like the empirical ones.
+        Scenario("mc/comm_opt/exact/mean/uneven", "comm_opt", "exact", "mean", (2, 6), mc=True),
+        Scenario(
+            "tokens/mc/mem_opt/pi/mean/no_sync/diagonal/constraint",
+            "mem_opt",
+            "pi",
+            "mean",
+            accumulate=True,
+            mc=True,
+            model="tokens",
+            kfac={"max_factor_dim": 8, "large_factor_block": 1} | TOKEN_DIAG | EXACT_ABS,
+        ),
     ],
     3: [
         Scenario("comm_opt/exact/mean", "comm_opt", "exact", "mean"),
@@ -128,6 +196,27 @@ SCENARIOS: dict[int, list[Scenario]] = {
             accumulate=True,
             model="tokens",
             kfac={"max_factor_dim": 8, "large_factor_block": 1} | TOKEN_DIAG,
+        ),
+        # A decomposition every step: these factors are rank-deficient, and S of batches
+        # between decompositions depends on the basis chosen in the null space, which the
+        # last bits of the (differently summed) factors decide.
+        Scenario(
+            "mc/comm_opt/ekfac/mean/no_sync/uneven",
+            "comm_opt",
+            "ekfac",
+            "mean",
+            sizes=(2, 4, 6),
+            accumulate=True,
+            mc=True,
+            kfac={"inv_update_steps": 1},
+        ),
+        Scenario(
+            "constraint/mem_opt/exact/mean/loss_unit",
+            "mem_opt",
+            "exact",
+            "mean",
+            step_loss=True,
+            kfac=EXACT_ABS | {"loss_change_unit": "loss"},
         ),
     ],
     4: [
@@ -206,6 +295,18 @@ def test_same_parameters_as_one_process(runs, world, sc):
             assert set(got) == set(ref["fishers"])
             for name, f in ref["fishers"].items():
                 torch.testing.assert_close(got[name], f, rtol=1e-9, atol=1e-12)
+    if sc.measures:
+        # ν, the target and E[(Δℓ)²] in both forms are those of the global batch.
+        keys = ("nu", "target", "kronecker", "exact")
+        for r in members:
+            got = runs(world)[r][sc.name]["diagnostics"]
+            assert len(got) == len(ref["diagnostics"]) == sc.steps
+            for step, (a, b) in enumerate(zip(got, ref["diagnostics"])):
+                for k in keys:
+                    assert (a[k] is None) == (b[k] is None), (r, step, k)
+                    if b[k] is not None:
+                        assert a[k] == pytest.approx(b[k], rel=1e-9), (r, step, k)
+            assert any(d["nu"] != 1.0 for d in got)
     others = set(range(world)) - set(members)
     assert all(runs(world)[r][sc.name] is None for r in others)
 
@@ -414,6 +515,25 @@ def test_plan_puts_big_factors_on_different_ranks():
 def test_bad_distributed_options_name_themselves(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         DistributedOptions(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "world", "match"),
+    [
+        ({"grad_worker_fraction": "mem_opt"}, 2, "grad_worker_fraction='mem_opt'"),
+        ({"grad_worker_fraction": "hybrid"}, 4, "every rank must hold every eigenbasis"),
+        ({"grad_worker_fraction": 0.5}, 2, "comm_opt"),
+        ({"factor_sync": "decomposition"}, 2, "factor_sync='update'"),
+    ],
+)
+def test_ekfac_needs_every_eigenbasis_on_every_rank(kwargs, world, match):
+    """Combinations EKFAC cannot compute exactly are construction errors (no processes:
+    the check runs before any collective)."""
+    kfac = KFACOptions(damping_mode="ekfac")
+    with pytest.raises(ValueError, match=match):
+        _check_supported(kfac, DistributedOptions(**kwargs), world)
+    _check_supported(kfac, DistributedOptions(), world)  # comm_opt, update: fine
+    _check_supported(KFACOptions(), DistributedOptions(**kwargs), world)  # exact: fine
 
 
 def test_single_process_without_torch_distributed():

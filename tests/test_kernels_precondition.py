@@ -8,6 +8,7 @@ import torch
 from kfac_ef.kernels import (
     precondition_eigen,
     precondition_eigen_reference,
+    precondition_eigen_with_form,
     precondition_factored,
     precondition_factored_reference,
 )
@@ -48,6 +49,52 @@ def test_precondition_eigen_within_bound(shape, with_scale, path):
     _check_eigen(got, grad, qg, lg, qa, la, scale)
     ref = precondition_eigen_reference(grad, qg, lg, qa, la, DAMPING, scale)
     _check_eigen(ref, grad, qg, lg, qa, la, scale)
+
+
+def _form_truth(grad, qg, lg, qa, la, scale, dtype=torch.float64):
+    """∇̃ᵀ C ∇̃ per block, C = (Q_G⊗Q_A) diag(vec K) (Q_G⊗Q_A)ᵀ, from the ``dtype`` chain."""
+    out = eigen_truth(grad, qg, lg, qa, la, DAMPING, scale, dtype=dtype)
+    k = lg.to(dtype)[:, :, None] * la.to(dtype)[:, None, :] if scale is None else scale.to(dtype)
+    rotated = qg.to(dtype).transpose(1, 2) @ out @ qa.to(dtype)
+    return (k * rotated.square()).sum(dim=(1, 2))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 7, 33), (2, 64, 17)])
+@pytest.mark.parametrize("with_scale", [False, True], ids=["eigenvalues", "scale"])
+@pytest.mark.parametrize("path", ["auto", "gemm"])
+def test_precondition_eigen_form_within_bound(shape, with_scale, path):
+    """The quadratic form of the constraint, from the fused kernel's registers or the tiled
+    path's stored Ṽ (forced: the tiles do not depend on the size), and the gradients it comes
+    with."""
+    grad, qg, lg, qa, la, scale = _inputs(*shape, with_scale)
+    form = torch.full((shape[0],), float("nan"))  # poisoned: every block must be written
+    fused = None if path == "auto" else False
+    got = precondition_eigen_triton(grad, qg, lg, qa, la, DAMPING, scale, fused=fused, form=form)
+    _check_eigen(got, grad, qg, lg, qa, la, scale)
+    truth = _form_truth(grad, qg, lg, qa, la, scale)
+    same_precision = _form_truth(grad, qg, lg, qa, la, scale, dtype=torch.float32)
+    assert_within_bound(form, same_precision, truth, REL_ATOL)
+    ref, ref_form = precondition_eigen_with_form(
+        grad, qg, lg, qa, la, DAMPING, scale, backend="torch"
+    )
+    assert torch.equal(ref, precondition_eigen_reference(grad, qg, lg, qa, la, DAMPING, scale))
+    assert_within_bound(ref_form, same_precision, truth, REL_ATOL)
+
+
+def test_precondition_eigen_form_is_the_kronecker_quadratic_form():
+    """∇̃ᵀ (G⊗A) ∇̃ with a dense Kronecker product, for one small block (float64)."""
+    m, n = 4, 6
+    x = torch.randn(m, 9, dtype=torch.float64)
+    y = torch.randn(n, 11, dtype=torch.float64)
+    G, A = x @ x.T / 9, y @ y.T / 11
+    lg, qg = torch.linalg.eigh(G)
+    la, qa = torch.linalg.eigh(A)
+    grad = torch.randn(1, m, n, dtype=torch.float64)
+    out, form = precondition_eigen_with_form(
+        grad, qg[None], lg[None], qa[None], la[None], 0.1, backend="triton"
+    )
+    v = out.reshape(-1)
+    torch.testing.assert_close(form[0], v @ torch.kron(G, A) @ v)
 
 
 def test_precondition_eigen_public_dispatch_and_strides():

@@ -164,7 +164,21 @@ def test_a_non_finite_gradient_alone_skips_the_statistics_step():
         assert torch.equal(f, fishers[name]), name
 
 
-def test_step_reads_no_tensor_value_on_the_host(monkeypatch):
+# EKFAC (the one-hot second moment of the embeddings, attention recomputed) and the
+# Kronecker form of the loss-change constraint (the exact form needs per-example calls, which
+# GPT's position embedding, called once for the whole batch, does not make; see
+# test_constraint_structured for it).
+SEED_OPTIONS = {
+    "damping_mode": "ekfac",
+    "constraint": "kronecker",
+    "target_loss_change": 1e-3,
+    "loss_change_unit": "absolute",
+    "lr": 0.01,
+}
+
+
+@pytest.mark.parametrize("options", [{}, SEED_OPTIONS], ids=["kfac", "ekfac+constraint"])
+def test_step_reads_no_tensor_value_on_the_host(options, monkeypatch):
     """A CPU stand-in for CUDA's sync debug mode: between decompositions, step() (with a
     GradScaler, attention, embeddings, wide and diagonal factors) converts no tensor to a
     Python value — .item(), bool(), int(), float(), .tolist(), .nonzero() all raise."""
@@ -178,6 +192,7 @@ def test_step_reads_no_tensor_value_on_the_host(monkeypatch):
         inv_update_steps=10,
         max_factor_dim=64,
         large_factor_block=16,
+        **options,
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = _batch()
