@@ -116,9 +116,7 @@ def gpt(vocab: int, dim: int, context: int, heads: int = 4, blocks: int = 2) -> 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.models import GPT
 
-    model = GPT(
-        vocab=vocab, dim=dim, heads=heads, context=context, attention=("sdpa",) * blocks
-    )
+    model = GPT(vocab=vocab, dim=dim, heads=heads, context=context, attention=("sdpa",) * blocks)
     for module in model.modules():
         if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)

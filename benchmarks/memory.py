@@ -69,9 +69,7 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     pre = None
     planned = 0
     if config["kfac"]:
-        pre = KFACPreconditioner(
-            model, damping=1e-2, inv_update_steps=INV_STEPS, **bench.kfac
-        )
+        pre = KFACPreconditioner(model, damping=1e-2, inv_update_steps=INV_STEPS, **bench.kfac)
         planned = pre.summary().total_bytes
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     base_rss = _rss_bytes()

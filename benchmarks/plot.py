@@ -129,9 +129,7 @@ def step_cost(results: Path) -> list[Path]:
         ax.set_title(f"{mine[0].get('describe') or model}, batch {mine[0]['batch']}", fontsize=9)
     axes[0].legend(fontsize=8)
     meta = rows[0]
-    fig.suptitle(
-        f"Step cost ({meta['device']}, {meta['threads']} thread(s), {meta['date'][:10]})"
-    )
+    fig.suptitle(f"Step cost ({meta['device']}, {meta['threads']} thread(s), {meta['date'][:10]})")
     fig.tight_layout()
     path = results / "step_cost.png"
     fig.savefig(path, dpi=110)

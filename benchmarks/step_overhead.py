@@ -293,7 +293,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         "rounds": [],
                     }
                 )
-    with tqdm(total=args.rounds * len(configs), desc="step cost", unit="config", disable=None) as bar:
+    with tqdm(
+        total=args.rounds * len(configs), desc="step cost", unit="config", disable=None
+    ) as bar:
         for _ in range(args.rounds):
             for c in configs:
                 bar.set_postfix_str(f"{c['name']} {c['optimizer']} {c['mode'] or 'alone'}")

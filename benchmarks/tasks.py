@@ -29,9 +29,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from common import digits, gpt, mlp, stdlib_text
+from torch import Tensor, nn
 
 from kfac_ef import KFACPreconditioner
 
@@ -144,9 +143,11 @@ def _text_sample(data: Data, batch: int, gen: torch.Generator, step: int):
 def _lm_losses(logits: Tensor, targets: Tensor) -> Tensor:
     """Per-sequence mean next-character cross-entropy, (N,)."""
     n, t, v = logits.shape
-    return F.cross_entropy(logits.reshape(n * t, v), targets.reshape(-1), reduction="none").view(
-        n, t
-    ).mean(dim=1)
+    return (
+        F.cross_entropy(logits.reshape(n * t, v), targets.reshape(-1), reduction="none")
+        .view(n, t)
+        .mean(dim=1)
+    )
 
 
 def _text_eval(model: nn.Module, data: Data) -> float:
@@ -304,6 +305,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Stepper:
+    """One training step of a method on a model: forward, backward, precondition, update."""
+
+    def __init__(self, task: Task, model: nn.Module, method: Method) -> None:
+        self.task = task
+        self.method = method
+        self.opt, self.pre = make_optimizer(model, method)
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.needs_loss = self.pre is not None and constrained(method.kfac)
+        self.count = 0
+
+    def step(self, x: Tensor, y: Tensor) -> None:
+        opt, pre = self.opt, self.pre
+        opt.zero_grad(set_to_none=True)
+        losses = self.task.losses(self.model(x), y)
+        losses.mean().backward()
+        if pre is not None:
+            if self.count < self.method.warmup:
+                raw = [p.grad.clone() if p.grad is not None else None for p in self.params]
+                pre.step(loss=losses.detach()) if self.needs_loss else pre.step()
+                for p, g in zip(self.params, raw):
+                    p.grad = g
+            elif self.needs_loss:
+                pre.step(loss=losses.detach())
+            else:
+                pre.step()
+        opt.step()
+        self.count += 1
+
+    def close(self) -> None:
+        if self.pre is not None:
+            self.pre.remove()
+
+
 def train(
     task: Task,
     method: Method,
@@ -313,13 +349,16 @@ def train(
     device: str = "cpu",
     progress: Any = None,
     eval_every: int | None = None,
+    stepper: Callable[[Task, nn.Module, Method], Any] = Stepper,
 ) -> Run:
     """Train from a seeded initialization until ``budget_s`` seconds of training steps (or
     ``max_steps`` steps), evaluating the metric every ``eval_every`` steps (clock stopped).
 
     A run whose metric becomes non-finite or 100x its initial value is stopped and marked
     diverged; one whose step raises (e.g. a failed decomposition) is stopped with the error.
-    ``progress`` (a tqdm bar, optional) advances by training seconds.
+    ``progress`` (a tqdm bar, optional) advances by training seconds. ``stepper`` builds the
+    object whose ``step(x, y)`` trains one step (default: :class:`Stepper`, the method's
+    optimizer and preconditioner) and ``close()`` releases it.
     """
     dev = torch.device(device)
     data = data_of(task)
@@ -327,8 +366,6 @@ def train(
     every = eval_every or task.eval_every
     torch.manual_seed(seed)
     model = task.build(data).to(dev)
-    opt, pre = make_optimizer(model, method)
-    needs_loss = pre is not None and constrained(method.kfac)
     gen = torch.Generator().manual_seed(seed)
     run = Run(task.name, method, seed, [])
 
@@ -342,33 +379,19 @@ def train(
 
     initial = evaluate()
     run.curve.append((0, 0.0, initial))
-    params = [p for p in model.parameters() if p.requires_grad]
     step = 0
     elapsed = 0.0
+    trainer = None
     try:
+        trainer = stepper(task, model, method)
         while elapsed < budget and (max_steps is None or step < max_steps):
-            batches = [
-                task.sample(data, task.batch, gen, step + i)
-                for i in range(every if max_steps is None else min(every, max_steps - step))
-            ]
+            count = every if max_steps is None else min(every, max_steps - step)
+            batches = [task.sample(data, task.batch, gen, step + i) for i in range(count)]
             batches = [(x.to(dev), y.to(dev)) for x, y in batches]
             _sync(dev)
             t0 = time.perf_counter()
             for x, y in batches:
-                opt.zero_grad(set_to_none=True)
-                losses = task.losses(model(x), y)
-                losses.mean().backward()
-                if pre is not None:
-                    if step < method.warmup:
-                        raw = [p.grad.clone() if p.grad is not None else None for p in params]
-                        pre.step(loss=losses.detach()) if needs_loss else pre.step()
-                        for p, g in zip(params, raw):
-                            p.grad = g
-                    elif needs_loss:
-                        pre.step(loss=losses.detach())
-                    else:
-                        pre.step()
-                opt.step()
+                trainer.step(x, y)
                 step += 1
             _sync(dev)
             dt = time.perf_counter() - t0
@@ -380,11 +403,11 @@ def train(
             if not math.isfinite(metric) or metric > 100 * initial:
                 run.diverged = True
                 break
-    except (RuntimeError, torch.linalg.LinAlgError) as exc:  # a crash is a result here
+    except (RuntimeError, ValueError, torch.linalg.LinAlgError) as exc:  # a crash is a result
         run.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     finally:
-        if pre is not None:
-            pre.remove()
+        if trainer is not None:
+            trainer.close()
     run.steps, run.seconds = step, elapsed
     if task.name == "classification":
         model.eval()
