@@ -72,7 +72,7 @@ LEVERS: list[tuple[str, Method]] = [
             "sgd",
             1.0,
             momentum=0.0,
-            kfac={**RELATIVE, "constraint": "kronecker", **TRUST, "max_loss_change": 0.03},
+            kfac={**RELATIVE, "constraint": "kronecker", **TRUST},
         ),
     ),
     (

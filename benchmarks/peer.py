@@ -113,16 +113,19 @@ def _status(run: Run) -> str:
     return "diverged" if run.diverged else "ok"
 
 
-def configurations(task: str) -> list[tuple[str, float, list[Method], Any]]:
-    """(method name, ε, one Method per learning rate, stepper) for the task."""
+def configurations(
+    task: str, dampings: tuple[float, ...] | list[float] = DAMPINGS, lrs: list[float] | None = None
+) -> list[tuple[str, float, list[Method], Any]]:
+    """(method name, ε, one Method per learning rate, stepper) for the task; ``lrs`` replaces
+    every method's learning-rate grid."""
     out = []
-    for damping in DAMPINGS:
+    for damping in dampings:
         kw = {"damping": damping, **COMMON}
         out.append(
             (
                 "ASDL",
                 damping,
-                [Method("ASDL", "sgd", lr, momentum=0.0, kfac=kw) for lr in LRS[task]],
+                [Method("ASDL", "sgd", lr, momentum=0.0, kfac=kw) for lr in lrs or LRS[task]],
                 AsdlStepper,
             )
         )
@@ -131,7 +134,7 @@ def configurations(task: str) -> list[tuple[str, float, list[Method], Any]]:
             (
                 "kfac_ef π",
                 damping,
-                [Method("kfac_ef π", "sgd", lr, momentum=0.0, kfac=pi) for lr in LRS[task]],
+                [Method("kfac_ef π", "sgd", lr, momentum=0.0, kfac=pi) for lr in lrs or LRS[task]],
                 Stepper,
             )
         )
@@ -147,7 +150,7 @@ def configurations(task: str) -> list[tuple[str, float, list[Method], Any]]:
                 damping,
                 [
                     Method("kfac_ef recipe", "sgd", lr, momentum=0.0, kfac=recipe)
-                    for lr in RECIPE_LRS
+                    for lr in lrs or RECIPE_LRS
                 ],
                 Stepper,
             )
@@ -161,6 +164,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--dampings", type=float, nargs="*")
+    parser.add_argument("--methods", nargs="*", help="only these methods (by name)")
+    parser.add_argument("--lrs", type=float, nargs="*", help="this learning-rate grid instead")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "peer.csv")
     args = parser.parse_args(argv)
@@ -178,7 +183,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for task_name in args.tasks:
         task = TASKS[task_name]
         configs = [
-            c for c in configurations(task_name) if not args.dampings or c[1] in args.dampings
+            c
+            for c in configurations(task_name, args.dampings or DAMPINGS, args.lrs)
+            if not args.methods or c[0] in args.methods
         ]
         total = sum(len(m) for _, _, m, _ in configs) * args.seeds
         with tqdm(total=total, desc=f"peer {task_name}", unit="run", disable=None) as bar:

@@ -12,13 +12,17 @@ task or model):
 - autoencoder_damping.png: the damping sweep of benchmarks/autoencoder.py (final MSE per
   damping, best learning rate, per damping rule; diverged and crashed runs marked).
 
-Usage: python benchmarks/plot.py [--results DIR]
+The PNGs are also copied to docs/img/, where docs/benchmarks.md shows them (``--no-docs``
+leaves docs/ alone).
+
+Usage: python benchmarks/plot.py [--results DIR] [--no-docs]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -210,12 +214,18 @@ def autoencoder_damping(results: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--no-docs", action="store_true", help="do not copy into docs/img/")
     args = parser.parse_args(argv)
     paths = []
     for plot in (time_to_target, step_cost, memory, autoencoder_damping):
         paths += plot(args.results)
     for p in paths:
         print(p)
+    if not args.no_docs:
+        docs = Path(__file__).resolve().parents[1] / "docs" / "img"
+        docs.mkdir(exist_ok=True)
+        for p in paths:
+            shutil.copyfile(p, docs / p.name)
     return paths
 
 
