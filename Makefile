@@ -46,10 +46,11 @@ bench: env
 	$(PY) benchmarks/time_to_target.py
 	$(PY) benchmarks/plot.py
 
-# The digits autoencoder's levers and damping sweep (about 35 minutes), and the published peer
-# (needs `pip install asdfghjkl==0.1a5`, the `bench` extra; skipped with a message without it).
+# The digits autoencoder's levers, damping sweep and step cost, and the published peer (about
+# 30 minutes). The peer needs `pip install asdfghjkl==0.1a5` (the `bench` extra); without it
+# peer.py prints how to install it and exits.
 bench-autoencoder: env
-	$(PY) benchmarks/autoencoder.py --levers --damping
+	$(PY) benchmarks/autoencoder.py --levers --damping --cost
 	$(PY) benchmarks/peer.py --tasks autoencoder --seeds 2
 	$(PY) benchmarks/plot.py
 

@@ -28,7 +28,14 @@ rate is then run on every seed. A run is "diverged" when its MSE becomes non-fin
 its initial value, "crashed" when step() raises. Appends to results/autoencoder_damping.csv
 (plot: benchmarks/plot.py).
 
-Results: results/autoencoder_levers.csv, results/autoencoder_damping.csv.
+``--cost``: milliseconds per step of AdamW, SGD and the recipe taken apart (no trust region,
+the Kronecker-form trust region, the exact form, the exact form without statistics or
+decompositions after step 0), ``--cost-steps`` steps after 100 warm-up steps, the configurations
+interleaved over ``--rounds`` rounds; the fastest round's time. Appends to
+results/autoencoder_cost.csv.
+
+Results: results/autoencoder_levers.csv, results/autoencoder_damping.csv,
+results/autoencoder_cost.csv.
 """
 
 from __future__ import annotations
@@ -37,12 +44,15 @@ import argparse
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, append_csv, load1, machine, set_threads, table  # noqa: E402
-from tasks import TASKS, Method, Run, train  # noqa: E402
+from tasks import TASKS, Method, Run, Stepper, data_of, train  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 TASK = TASKS["autoencoder"]
@@ -96,6 +106,73 @@ RULES: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
     ),
 }
 DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+_NO_TR = {k: v for k, v in RECIPE.items() if k not in TRUST}
+COSTS: list[tuple[str, Method]] = [
+    ("AdamW", Method("AdamW", "adamw", 3e-3)),
+    ("SGD", Method("SGD", "sgd", 1.0, momentum=0.0)),
+    ("K-FAC, relative ε, no trust region", Method("no TR", "sgd", 1.0, momentum=0.0, kfac=_NO_TR)),
+    (
+        "K-FAC recipe, Kronecker-form trust region",
+        Method("kron TR", "sgd", 1.0, momentum=0.0, kfac={**RECIPE, "constraint": "kronecker"}),
+    ),
+    (
+        "K-FAC recipe (exact-form trust region)",
+        Method("recipe", "sgd", 1.0, momentum=0.0, kfac=RECIPE),
+    ),
+    (
+        "K-FAC recipe, no statistics or decompositions after step 0",
+        Method(
+            "recipe frozen",
+            "sgd",
+            1.0,
+            momentum=0.0,
+            kfac={**RECIPE, "factor_update_steps": 10**9, "inv_update_steps": 10**9},
+        ),
+    ),
+]
+
+
+def cost(args: argparse.Namespace) -> None:
+    """ms per step of each configuration, interleaved rounds, the fastest round."""
+    data = data_of(TASK)
+    gen = torch.Generator().manual_seed(0)
+    batches = [TASK.sample(data, TASK.batch, gen, i) for i in range(100 + args.cost_steps)]
+    times: dict[str, list[float]] = {name: [] for name, _ in COSTS}
+    with tqdm(total=args.rounds * len(COSTS), desc="cost", unit="run", disable=None) as bar:
+        for _ in range(args.rounds):
+            for name, method in COSTS:
+                torch.manual_seed(0)
+                stepper = Stepper(TASK, TASK.build(data), method)
+                for x, y in batches[:100]:
+                    stepper.step(x, y)
+                t0 = time.perf_counter()
+                for x, y in batches[100:]:
+                    stepper.step(x, y)
+                times[name].append((time.perf_counter() - t0) / args.cost_steps * 1e3)
+                stepper.close()
+                bar.update()
+    meta = machine()
+    rows, cells = [], []
+    for name, method in COSTS:
+        best = min(times[name])
+        cells.append([name, f"{best:.2f}", f"{max(times[name]) / best:.2f}"])
+        rows.append(
+            {
+                "configuration": name,
+                "config": method.describe(),
+                "ms_per_step": best,
+                "slowest_over_fastest": max(times[name]) / best,
+                "steps": args.cost_steps,
+                "rounds": args.rounds,
+                **meta,
+                "load1": f"{load1():.2f}",
+            }
+        )
+    print("\n".join(table(["configuration", "ms/step", "slowest/fastest round"], cells)))
+    append_csv(args.out_dir / "autoencoder_cost.csv", rows)
+    print(f"\nappended to {args.out_dir / 'autoencoder_cost.csv'}")
 
 
 def _status(run: Run) -> str:
@@ -254,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--levers", action="store_true", help="the levers table (default)")
     parser.add_argument("--damping", action="store_true", help="the damping sweep")
+    parser.add_argument("--cost", action="store_true", help="the step cost taken apart")
+    parser.add_argument("--cost-steps", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4000, help="steps per lever run")
     parser.add_argument("--sweep-steps", type=int, default=1500, help="steps per sweep run")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
@@ -265,10 +345,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
     print(f"threads {threads}, load {load1():.2f}")
-    if args.levers or not args.damping:
+    if args.levers or not (args.damping or args.cost):
         levers(args)
     if args.damping:
         damping_sweep(args)
+    if args.cost:
+        cost(args)
 
 
 if __name__ == "__main__":
