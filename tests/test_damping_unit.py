@@ -13,6 +13,7 @@ from kfac_ef.kernels import precondition_eigen, precondition_eigen_with_form
 from .helpers import conv_head, step_once
 from .kernel_checks import assert_within_bound, eigen_truth, eigenbasis
 from .reference import (
+    block_diagonal_part,
     dense_exact,
     dense_pi,
     grad_matrix,
@@ -265,3 +266,37 @@ def test_default_unit_is_absolute(kwargs, unit):
 def test_bad_unit_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="damping_unit"):
         KFACPreconditioner(_mlp(), damping_unit=bad)
+
+
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("mode", ["exact", "pi"])
+def test_wide_factors_use_the_traces_of_their_stored_part(block, mode):
+    """Factors over max_factor_dim (stored diagonal or block-diagonal): ε from the traces of
+    what is stored (the same traces as the full factors), solved densely with those parts."""
+    model = nn.Sequential(
+        nn.Linear(3, 19), nn.Tanh(), nn.Linear(19, 20), nn.Tanh(), nn.Linear(20, 2)
+    )
+    pre = KFACPreconditioner(
+        model,
+        damping=DAMPING,
+        damping_unit="relative",
+        damping_mode=mode,
+        factor_dtype=torch.float64,
+        max_factor_dim=10,
+        large_factor_block=block,
+    )
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    lin = model[2]
+    io = layer_io(model, lin, mse_per_example, x, y)
+    before, after = step_once(model, pre, mse_per_example, x, y)
+    A, G = reference_factors(lin, io)
+    A, G = A[0], G[0]
+    parts = [
+        block_diagonal_part(F, block) if block > 1 else torch.diag(F.diagonal()) for F in (A, G)
+    ]
+    eps = relative_eps(A[None], G[None], DAMPING)[0]
+    gm = grad_matrix(lin, before["2.weight"], before["2.bias"])
+    solve = dense_exact if mode == "exact" else dense_pi
+    expected = solve(parts[0][None], parts[1][None], gm, eps)
+    got = grad_matrix(lin, after["2.weight"], after["2.bias"])
+    torch.testing.assert_close(got, expected)
