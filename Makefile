@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: env test test-fast lint format demo bench docs clean
+.PHONY: env test test-fast lint format demo bench bench-autoencoder docs clean
 
 env: $(STAMP)
 
@@ -38,8 +38,21 @@ demo: env
 docs: env
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
+# The CPU suite (about 15 minutes on 2 cores): step cost, memory, time to target on the three
+# tasks (3 seeds), then the plots. Progress bars on a terminal; CSVs in benchmarks/results/.
 bench: env
 	$(PY) benchmarks/step_overhead.py
+	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/time_to_target.py
+	$(PY) benchmarks/plot.py
+
+# The digits autoencoder's levers, damping sweep and step cost, and the published peer (about
+# 30 minutes). The peer needs `pip install asdfghjkl==0.1a5` (the `bench` extra); without it
+# peer.py prints how to install it and exits.
+bench-autoencoder: env
+	$(PY) benchmarks/autoencoder.py --levers --damping --cost
+	$(PY) benchmarks/peer.py --tasks autoencoder --seeds 2
+	$(PY) benchmarks/plot.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,8 @@
-"""Data and models shared by the demo and the benchmarks (data ships inside scikit-learn)."""
+"""Data, models and bookkeeping shared by the demo and the benchmarks.
+
+Every data set here ships inside an installed package (no downloads): scikit-learn's digits
+and the source code of Python's standard library.
+"""
 
 from __future__ import annotations
 
@@ -40,8 +44,90 @@ def mlp(sizes: list[int], act: type[nn.Module] = nn.Tanh) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def stdlib_text(chars: int = 400_000) -> str:
+    """About ``chars`` characters of Python source from the standard library, ASCII only.
+
+    The modules are fixed (large, stable pure-Python files present in every CPython 3.10+),
+    read in this order and concatenated; non-ASCII characters are dropped so that the
+    vocabulary is at most 128 symbols.
+    """
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    modules = [
+        "argparse.py",
+        "inspect.py",
+        "typing.py",
+        "dataclasses.py",
+        "functools.py",
+        "collections/__init__.py",
+        "enum.py",
+        "pathlib.py",
+        "subprocess.py",
+        "threading.py",
+        "tarfile.py",
+        "zipfile.py",
+        "email/message.py",
+        "http/client.py",
+        "logging/__init__.py",
+    ]
+    parts: list[str] = []
+    total = 0
+    for name in modules:
+        path = root / name
+        if not path.is_file():  # e.g. pathlib/ became a package in 3.13
+            path = root / name.removesuffix(".py") / "__init__.py"
+            if not path.is_file():
+                continue
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        text = text.encode("ascii", errors="ignore").decode("ascii")
+        parts.append(text)
+        total += len(text)
+        if total >= chars:
+            break
+    return "".join(parts)[:chars]
+
+
+def load1() -> float:
+    """The 1-minute load average of the machine (other processes disturb timings)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return float("nan")
+
+
+def set_threads(threads: int | None) -> int:
+    """Fix torch's intra-op thread count (recorded with every result); returns it."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def gpt(vocab: int, dim: int, context: int, heads: int = 4, blocks: int = 2) -> nn.Module:
+    """tests/models.GPT (pre-norm blocks of scaled-dot-product attention and MLP, tied head)
+    with GPT-2's initialization: weights N(0, 0.02), biases 0.
+
+    The test suite's default initialization (embeddings N(0, 1)) gives logits of size ~dim
+    through the tied head: a saturated softmax, a loss far above log(vocab), and denormal
+    floats that slow CPU steps tenfold; training benchmarks start from a trainable model.
+    """
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.models import GPT
+
+    model = GPT(vocab=vocab, dim=dim, heads=heads, context=context, attention=("sdpa",) * blocks)
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    return model
+
+
 def machine() -> dict[str, str]:
-    """Who measured: device, torch version, date (written beside every CSV row)."""
+    """Who measured and when: device, threads, torch version, date and the machine's load
+    (written beside every CSV row; call it when the rows are written)."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
     return {
         "device": device or platform.machine(),
@@ -49,15 +135,60 @@ def machine() -> dict[str, str]:
         "torch": torch.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "host_cpus": str(os.cpu_count()),
+        "load1": f"{load1():.2f}",
     }
 
 
 def append_csv(path: Path, rows: list[dict[str, object]]) -> None:
-    """Append rows (dicts with the same keys) to a CSV, writing the header for a new file."""
+    """Append rows to a CSV, writing the header for a new file.
+
+    Rows may have different keys (the header is their union, in order of appearance). When
+    the file exists with other columns, it is rewritten with the union of both headers (the
+    old rows get empty cells for the new columns), so results of several versions of a
+    script stay in one readable table.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
+    fields: list[str] = []
+    for row in rows:
+        fields.extend(k for k in row if k not in fields)
+    old_rows: list[dict[str, str]] = []
+    old_fields: list[str] = []
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields = list(reader.fieldnames or [])
+            if old_fields != fields and set(fields) - set(old_fields):
+                old_rows = list(reader)
+    if path.exists() and not old_rows and not set(fields) - set(old_fields):
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=old_fields, restval="")
+            writer.writerows(rows)
+        return
+    header = old_fields + [k for k in fields if k not in old_fields]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, restval="")
+        writer.writeheader()
+        writer.writerows(old_rows)
         writer.writerows(rows)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """All rows of a results CSV (an empty list when it does not exist)."""
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def table(header: list[str], rows: list[list[object]]) -> list[str]:
+    """A plain-text table: columns as wide as their widest cell, first column left-aligned."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+        )
+
+    out = [line(cells[0]), "-" * len(line(cells[0]))]
+    return out + [line(r) for r in cells[1:]]

@@ -348,7 +348,13 @@ def _launch(
 
 # ------------------------------------------------------------------------------- reference
 def _check(
-    grad: Tensor, qg: Tensor, lg: Tensor, qa: Tensor, la: Tensor, scale: Tensor | None
+    grad: Tensor,
+    qg: Tensor,
+    lg: Tensor,
+    qa: Tensor,
+    la: Tensor,
+    scale: Tensor | None,
+    damping: float | Tensor = 0.0,
 ) -> None:
     if grad.dim() != 3:
         raise ValueError(f"precondition_eigen: grad must be (B, m, n), got {tuple(grad.shape)}")
@@ -358,6 +364,9 @@ def _check(
     if scale is not None:
         expected["scale"] = (b, m, n)
         tensors["scale"] = scale
+    if isinstance(damping, Tensor):
+        expected["damping"] = (b,)
+        tensors["damping"] = damping
     for name, t in tensors.items():
         if tuple(t.shape) != expected[name]:
             raise ValueError(
@@ -384,14 +393,16 @@ def precondition_eigen_reference(
     lg: Tensor,
     qa: Tensor,
     la: Tensor,
-    damping: float,
+    damping: float | Tensor,
     scale: Tensor | None = None,
     form: Tensor | None = None,
 ) -> Tensor:
     """Pure-torch reference: four batched products and one fused division (``form``, when
-    given, receives the quadratic form of each block)."""
+    given, receives the quadratic form of each block). ``damping``: a number, or one ε per
+    block ``(B,)``."""
+    eps = damping.view(-1, 1, 1) if isinstance(damping, Tensor) else damping
     v = qg.transpose(1, 2) @ grad @ qa
-    v.div_((lg.unsqueeze(2) * la.unsqueeze(1)).add_(damping) if scale is None else scale + damping)
+    v.div_((lg.unsqueeze(2) * la.unsqueeze(1)).add_(eps) if scale is None else scale + eps)
     if form is not None:
         form.copy_(_form(v, lg, la, scale))
     return qg @ v @ qa.transpose(1, 2)
@@ -404,7 +415,7 @@ def precondition_eigen(
     lg: Tensor,
     qa: Tensor,
     la: Tensor,
-    damping: float,
+    damping: float | Tensor,
     scale: Tensor | None = None,
     *,
     backend: str = "auto",
@@ -416,7 +427,8 @@ def precondition_eigen(
         grad: ``(B, m, n)`` gradient matrices, in the dtype of the factors.
         qg, lg: eigenvectors ``(B, m, m)`` and eigenvalues ``(B, m)`` of G.
         qa, la: eigenvectors ``(B, n, n)`` and eigenvalues ``(B, n)`` of A.
-        damping: ε added to every eigenvalue product (or to S).
+        damping: ε added to every eigenvalue product (or to S): a number, or one ε > 0 per
+            block, ``(B,)``.
         scale: optional ``(B, m, n)`` matrix S replacing λ_G λ_Aᵀ (EKFAC).
         backend: "auto" (Triton for CUDA tensors when triton imports), "torch" or "triton".
         input_precision: Triton's ``tl.dot`` precision: "tf32x3" (default), "ieee" or
@@ -428,8 +440,14 @@ def precondition_eigen(
     The Triton path takes float32 operands; other dtypes run the reference whatever the
     backend.
     """
-    _check(grad, qg, lg, qa, la, scale)
+    _check(grad, qg, lg, qa, la, scale, damping)
     if _takes_triton(backend, grad, qg, lg, qa, la, scale):
+        if isinstance(damping, Tensor):
+            lg, scale, d = _per_block(lg, scale, damping)
+            out = precondition_eigen_triton(
+                grad, qg, lg, qa, la, 1.0, scale, input_precision=input_precision
+            )
+            return out.div_(d)
         return precondition_eigen_triton(
             grad, qg, lg, qa, la, damping, scale, input_precision=input_precision
         )
@@ -442,7 +460,7 @@ def precondition_eigen_with_form(
     lg: Tensor,
     qa: Tensor,
     la: Tensor,
-    damping: float,
+    damping: float | Tensor,
     scale: Tensor | None = None,
     *,
     backend: str = "auto",
@@ -457,14 +475,34 @@ def precondition_eigen_with_form(
     Returns:
         The preconditioned ``(B, m, n)`` gradients and the ``(B,)`` forms (dtype of ``grad``).
     """
-    _check(grad, qg, lg, qa, la, scale)
+    _check(grad, qg, lg, qa, la, scale, damping)
     form = torch.empty(grad.shape[0], dtype=grad.dtype, device=grad.device)
     if _takes_triton(backend, grad, qg, lg, qa, la, scale):
+        if isinstance(damping, Tensor):
+            lg, scale, d = _per_block(lg, scale, damping)
+            out = precondition_eigen_triton(
+                grad, qg, lg, qa, la, 1.0, scale, input_precision=input_precision, form=form
+            )
+            return out.div_(d), form.div_(d.view(-1))
         out = precondition_eigen_triton(
             grad, qg, lg, qa, la, damping, scale, input_precision=input_precision, form=form
         )
         return out, form
     return precondition_eigen_reference(grad, qg, lg, qa, la, damping, scale, form), form
+
+
+def _per_block(
+    lg: Tensor, scale: Tensor | None, damping: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Per-block ε through the scalar-ε kernels: with d_b the block's ε,
+    (λ_G/d_b) λ_Aᵀ + 1 = (λ_G λ_Aᵀ + d_b)/d_b (and S/d_b + 1 likewise), so the kernels run with
+    ε = 1 on λ_G/d_b (or S/d_b) and their result, d_b times the wanted one, is divided by d_b
+    (the quadratic form too: K/d_b · (d_b Ṽ)² = d_b K Ṽ²). Returns the scaled λ_G, scaled
+    S and d as ``(B, 1, 1)``."""
+    d = damping.to(lg.dtype).view(-1, 1, 1)
+    if scale is not None:
+        return lg, scale / d, d
+    return lg / d.view(-1, 1), None, d
 
 
 def _takes_triton(

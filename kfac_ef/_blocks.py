@@ -174,12 +174,13 @@ def carried_scale(layer: Layer, new: Decomposition) -> Tensor:
     return _ekfac.initial_scale(new["lg"], new["la"], layer.g_spec, layer.a_spec)
 
 
-def decomposition_keys(layer: Layer, damping_mode: str) -> set[str]:
+def decomposition_keys(layer: Layer, damping_mode: str, damping_unit: str = "absolute") -> set[str]:
     """The entries of a complete decomposition of ``layer`` (a checkpoint missing one is
-    decomposed afresh): a diagonal factor has eigenvalues but no eigenbasis."""
+    decomposed afresh): a diagonal factor has eigenvalues but no eigenbasis; relative
+    damping adds the blocks' ε ("eps")."""
     if damping_mode == "pi":
         return {"ig", "ia", "cg", "ca"}
-    keys = {"lg", "la"}
+    keys = {"lg", "la"} | ({"eps"} if damping_unit == "relative" else set())
     keys |= {"qg"} if layer.g_spec.has_basis else set()
     keys |= {"qa"} if layer.a_spec.has_basis else set()
     return keys | ({"s"} if damping_mode == "ekfac" else set())
@@ -229,14 +230,20 @@ class DiagonalParam:
         self.updates.add_(keep)
         self.skipped.add_(skip)
 
-    def decompose(self, damping: float) -> bool:
+    def decompose(self, damping: float, relative: bool = False) -> bool:
         """inverse ← 1/(F + ε); False (and no inverse) while F has no accepted update.
 
+        ``relative``: ε = damping · mean(F) (damping alone while the mean is 0).
         Reads the update count on the host: decomposition steps only.
         """
         if self.F is None or self.updates is None or int(self.updates.sum()) == 0:
             return False
-        self.inverse = (self.F.clamp_min(0.0) + damping).reciprocal_().view(self.param.shape)
+        f = self.F.clamp_min(0.0)
+        eps: float | Tensor = damping
+        if relative:
+            mean = f.mean()
+            eps = damping * torch.where((mean > 0) & torch.isfinite(mean), mean, 1.0)
+        self.inverse = (f + eps).reciprocal_().view(self.param.shape)
         return True
 
 
@@ -260,13 +267,34 @@ class DecompositionShare(Protocol):
     def exchange(self, results: Results, ready: list[Layer]) -> Results: ...
 
 
+def relative_scale(layer: Layer) -> Tensor:
+    """Per Kronecker block, the mean eigenvalue of G⊗A: (tr G / dim G)(tr A / dim A), ``(blocks,)``.
+
+    The unit of ε with ``damping_unit="relative"``. A block whose factors have no positive
+    finite trace (no signal yet) gets 1: its ε is then the absolute one. Float64, so that
+    factors of very different scales do not underflow the product.
+    """
+    assert layer.A is not None and layer.G is not None
+    blocks = layer.adapter.blocks
+    ta = block_traces(layer.A, layer.a_spec, blocks).double() / layer.a_spec.dim
+    tg = block_traces(layer.G, layer.g_spec, blocks).double() / layer.g_spec.dim
+    m = ta * tg
+    return torch.where((m > 0) & torch.isfinite(m), m, 1.0)
+
+
 def decompose(
     layers: list[Layer],
     damping_mode: str,
     damping: float,
     share: DecompositionShare | None = None,
+    damping_unit: str = "absolute",
 ) -> list[Layer]:
     """Recompute the decomposition of every layer whose factors have been updated.
+
+    With ``damping_unit="relative"`` each Kronecker block's ε is ``damping`` times its
+    :func:`relative_scale`, fixed here until the next decomposition: stored as the
+    decomposition's ``"eps"`` (``(blocks,)``; "exact", "ekfac"), or folded into the shifts of
+    the damped inverses ("pi": c_A = √ε·π·√m = √ε·tr A/dim A, c_G = √ε·tr G/dim G).
 
     A layer whose eigendecomposition fails even in float64 keeps its previous decomposition
     (warning); without one it stays unpreconditioned until a later decomposition succeeds.
@@ -292,8 +320,11 @@ def decompose(
     diagonal: list[tuple[Layer, str]] = []
     shifts: dict[tuple[int, str], Tensor] = {}
     sqrt_eps = math.sqrt(damping)
+    scales: dict[int, Tensor] = {}
     for layer in ready:
         assert layer.A is not None and layer.G is not None
+        if damping_unit == "relative":
+            scales[id(layer)] = relative_scale(layer)
         for side, spec in (("A", layer.a_spec), ("G", layer.g_spec)):
             mat = getattr(layer, side)
             if not spec.has_basis:
@@ -308,8 +339,9 @@ def decompose(
                 block_traces(layer.G, layer.g_spec, blocks),
                 layer.g_spec.dim,
             )
-            shifts[(id(layer), "A")] = _per_stack(sqrt_eps * pi, layer.a_spec.nb)
-            shifts[(id(layer), "G")] = _per_stack(sqrt_eps / pi, layer.g_spec.nb)
+            root = sqrt_eps * (scales[id(layer)].sqrt() if id(layer) in scales else 1.0)
+            shifts[(id(layer), "A")] = _per_stack(root * pi, layer.a_spec.nb)
+            shifts[(id(layer), "G")] = _per_stack(root / pi, layer.g_spec.nb)
     results: Results = {}
     for items in jobs.values():
         mats = torch.cat([getattr(layer, side) for layer, side in items])
@@ -370,6 +402,8 @@ def decompose(
             new["ca"] = shifts[(id(layer), "A")].to(dtype)
         elif damping_mode == "ekfac":
             new["s"] = carried_scale(layer, new)
+        if damping_mode != "pi" and id(layer) in scales:
+            new["eps"] = (damping * scales[id(layer)]).to(new["lg"].dtype)
         layer.decomposition = new
     return waiting
 

@@ -248,11 +248,13 @@ def precondition_structured_eigen(
     dec: dict[str, Tensor],
     g_spec: FactorSpec,
     a_spec: FactorSpec,
-    damping: float,
+    damping: float | Tensor,
     scale: Tensor | None = None,
     with_form: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """(G⊗A + εI)⁻¹ vec(∇) for block-diagonal (incl. diagonal) factors, in their eigenbases.
+
+    ``damping``: a number, or one ε per Kronecker block, ``(B,)``.
 
     ∇̃ = Q_G [(Q_Gᵀ ∇ Q_A) ⊘ (K + ε)] Q_Aᵀ with K = λ_G λ_Aᵀ, or the EKFAC scale S
     (``scale``, ``(B, g_pad, a_pad)``), and Q's block-diagonal (absent when diagonal: the
@@ -264,6 +266,8 @@ def precondition_structured_eigen(
     ``kernels.precondition_eigen_with_form`` for dense factors).
     """
     b = grads.shape[0]
+    if isinstance(damping, Tensor):
+        damping = damping.view(b, 1, 1)
     qg, qa = dec.get("qg"), dec.get("qa")
     v = rotate_a(rotate_g(grads, qg, g_spec, transpose=True), qa, a_spec, transpose=False)
     if scale is None:

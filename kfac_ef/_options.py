@@ -22,6 +22,7 @@ Backend = Literal["auto", "torch", "triton"]
 FisherType = Literal["empirical", "mc"]
 Constraint = Literal["none", "kronecker", "exact"]
 LossChangeUnit = Literal["absolute", "loss", "spread"]
+DampingUnit = Literal["absolute", "relative"]
 LearningRate = float | Callable[[int], float]
 OtherParams = Literal["ignore", "diagonal"]
 
@@ -32,6 +33,7 @@ BACKENDS = ("auto", "torch", "triton")
 FISHER_TYPES = ("empirical", "mc")
 CONSTRAINTS = ("none", "kronecker", "exact")
 LOSS_CHANGE_UNITS = ("absolute", "loss", "spread")
+DAMPING_UNITS = ("absolute", "relative")
 OTHER_PARAMS = ("ignore", "diagonal")
 FACTOR_DTYPES = (torch.float32, torch.float64)
 
@@ -100,6 +102,9 @@ class KFACOptions:
 
     Attributes:
         damping: ε > 0, added to the Kronecker-factored curvature: (G⊗A + εI)⁻¹.
+        damping_unit: "absolute" (default: ε as given) or "relative" (ε times each Kronecker
+            block's mean curvature eigenvalue (tr G / dim G)(tr A / dim A), set at every
+            decomposition; for a diagonal parameter ε times the mean of its F; docs/math.md).
         factor_decay: β ∈ [0, 1); running average F ← β F + (1-β) F_batch of A and G.
             0 keeps only the latest statistics. The first update sets F = F_batch.
         factor_update_steps: statistics are captured on steps 0, k, 2k, ...
@@ -145,6 +150,7 @@ class KFACOptions:
     """
 
     damping: float = 1e-3
+    damping_unit: DampingUnit = "absolute"
     factor_decay: float = 0.95
     factor_update_steps: int = 1
     inv_update_steps: int = 10
@@ -205,6 +211,7 @@ class KFACOptions:
         _positive_int("max_decomposition_failures", self.max_decomposition_failures)
         _positive_int("warning_interval", self.warning_interval)
         self._check_constraint()
+        _choice("damping_unit", self.damping_unit, DAMPING_UNITS)
 
     def _check_constraint(self) -> None:
         if self.constraint is None:

@@ -181,6 +181,10 @@ class KFACPreconditioner:
     Args:
         model: the model; its supported submodules are hooked at construction.
         damping: ε > 0.
+        damping_unit: "absolute" (default: ε as given) or "relative" (per Kronecker block,
+            ε times the mean eigenvalue of G⊗A, (tr G/dim G)(tr A/dim A), fixed at each
+            decomposition; for a diagonal parameter ε times the mean of its F). Relative ε
+            means the same at every scale of the loss and of the layer's activations.
         factor_decay: β ∈ [0, 1) of the running averages of A and G.
         factor_update_steps: collect statistics every k-th step (steps 0, k, 2k, ...).
         inv_update_steps: recompute decompositions at step 0 and every k-th step.
@@ -265,6 +269,7 @@ class KFACPreconditioner:
         loss_change_unit: str = "spread",
         lr: LearningRate | None = None,
         track_loss_changes: bool = False,
+        damping_unit: str = "absolute",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -296,6 +301,7 @@ class KFACPreconditioner:
             loss_change_unit=loss_change_unit,  # type: ignore[arg-type]
             lr=lr,
             track_loss_changes=track_loss_changes,
+            damping_unit=damping_unit,  # type: ignore[arg-type]
         )
         self._grad_scaler = grad_scaler
         dist_options = resolve(distributed)
@@ -916,7 +922,13 @@ class KFACPreconditioner:
         with record_function("kfac_ef.decompose"):
             if self._dist is not None:
                 self._dist.sync_factors()
-            waiting = decompose(self._layers, opts.damping_mode, opts.damping, share=self._dist)
+            waiting = decompose(
+                self._layers,
+                opts.damping_mode,
+                opts.damping,
+                share=self._dist,
+                damping_unit=opts.damping_unit,
+            )
             if self._dist is not None:
                 self._dist.after_decompose()
             for bucket in self._buckets:
@@ -924,7 +936,7 @@ class KFACPreconditioner:
             self._check_failures()
             names = [layer.name for layer in waiting]
             for entry in self._diagonal:
-                if not entry.decompose(opts.damping):
+                if not entry.decompose(opts.damping, opts.damping_unit == "relative"):
                     names.append(entry.name)
         self._force_decompose = False
         self._report_skipped()
@@ -1026,7 +1038,7 @@ class KFACPreconditioner:
         torch (_factors). ``with_form``: also the ``(B,)`` Kronecker forms ⟨∇̃, G ∇̃ A⟩ of the
         loss-change constraint, computed in the same chain (for "pi" one product more, in
         torch: the kernel's chain does not produce the one-sided products the form needs)."""
-        damping, backend = self.options.damping, self.options.backend
+        eps, backend = self.options.damping, self.options.backend
         dense = bucket.g_spec.dense and bucket.a_spec.dense
         mode = self.options.damping_mode
         if mode == "pi":
@@ -1042,6 +1054,7 @@ class KFACPreconditioner:
 
         def eigen(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Any:
             scale = st.get("s")  # EKFAC
+            damping = st.get("eps", eps)  # per block with damping_unit="relative"
             if dense:
                 args = (grads, st["qg"], st["lg"], st["qa"], st["la"], damping, scale)
                 if with_form:
@@ -1180,7 +1193,7 @@ class KFACPreconditioner:
         o = self.options
         return (
             f"KFACPreconditioner({len(self._layers)} layers, {len(self._diagonal)} diagonal, "
-            f"damping={o.damping}, "
+            f"damping={o.damping}, damping_unit={o.damping_unit!r}, "
             f"damping_mode={o.damping_mode!r}, steps={self._steps})"
         )
 
@@ -1318,9 +1331,13 @@ class KFACPreconditioner:
             raise ValueError("the checkpoint does not fit this model:\n  " + "\n  ".join(problems))
         saved_opts = state.get("options", {})
         opts = self.options
-        # Eigenbases (and the EKFAC scale) do not depend on ε; damped inverses do.
+        # Eigenbases (and the EKFAC scale) do not depend on ε; damped inverses and the
+        # blocks' relative ε do.
+        same_eps = saved_opts.get("damping") == opts.damping and (
+            saved_opts.get("damping_unit", "absolute") == opts.damping_unit
+        )
         keep_decomposition = saved_opts.get("damping_mode") == opts.damping_mode and (
-            opts.damping_mode != "pi" or saved_opts.get("damping") == opts.damping
+            same_eps or (opts.damping_mode != "pi" and opts.damping_unit == "absolute")
         )
         dtype = opts.factor_dtype
         for layer in self._layers:
@@ -1343,7 +1360,7 @@ class KFACPreconditioner:
             if (
                 dec is not None
                 and keep_decomposition
-                and set(dec) == decomposition_keys(layer, opts.damping_mode)
+                and set(dec) == decomposition_keys(layer, opts.damping_mode, opts.damping_unit)
             ):
                 layer.decomposition = {k: v.to(device=device, dtype=dtype) for k, v in dec.items()}
                 if opts.damping_mode == "ekfac":
@@ -1369,10 +1386,10 @@ class KFACPreconditioner:
             self._skipped_seen[d.name] = int(d.skipped.sum())
             inverse = dentry.get("inverse")
             # 1/(F + ε) depends on ε in either damping mode.
-            if inverse is not None and saved_opts.get("damping") == opts.damping:
+            if inverse is not None and same_eps:
                 d.inverse = inverse.to(device=device, dtype=dtype).clone()
             else:
-                d.decompose(opts.damping)
+                d.decompose(opts.damping, opts.damping_unit == "relative")
         if self._dist is not None:
             self._force_decompose = self._dist.after_load(self._force_decompose)
         for bucket in self._buckets:

@@ -33,6 +33,7 @@ from .distributed_workers import (
 ABSOLUTE = {"loss_change_unit": "absolute", "lr": 0.1}
 EXACT_ABS = {"constraint": "exact", "target_loss_change": 0.05} | ABSOLUTE
 EXACT_SPREAD = {"constraint": "exact", "target_loss_change": 0.5, "lr": 0.1}
+RELATIVE = {"damping_unit": "relative", "damping": 0.03}
 KRON_ABS = {"constraint": "kronecker", "target_loss_change": 1e-3} | ABSOLUTE
 
 SCENARIOS: dict[int, list[Scenario]] = {
@@ -84,6 +85,34 @@ SCENARIOS: dict[int, list[Scenario]] = {
             "mean",
             model="tokens",
             kfac=TOKEN_KFAC | TOKEN_DIAG,
+        ),
+        # damping_unit="relative": every rank computes the blocks' ε from the synced factors
+        # (decompositions arrive without it); checkpoints carry it.
+        Scenario(
+            "tokens/mem_opt/exact/mean/relative/resume",
+            "mem_opt",
+            "exact",
+            "mean",
+            resume_at=2,
+            model="tokens",
+            kfac=TOKEN_KFAC | TOKEN_DIAG | RELATIVE,
+        ),
+        Scenario(
+            "tokens/comm_opt/exact/sum/relative/sync_at_decomposition",
+            "comm_opt",
+            "exact",
+            "sum",
+            factor_sync="decomposition",
+            model="tokens",
+            kfac=TOKEN_KFAC | TOKEN_DIAG | RELATIVE,
+        ),
+        Scenario(
+            "tokens/comm_opt/ekfac/mean/relative",
+            "comm_opt",
+            "ekfac",
+            "mean",
+            model="tokens",
+            kfac=TOKEN_KFAC | TOKEN_DIAG | RELATIVE,
         ),
         Scenario(
             "tokens/mem_opt/pi/sum/uneven/diagonal",
@@ -233,6 +262,7 @@ SCENARIOS: dict[int, list[Scenario]] = {
             factor_sync="decomposition",
         ),
         Scenario("hybrid/exact/mean/resume", "hybrid", "exact", "mean", resume_at=2),
+        Scenario("hybrid/pi/mean/relative", "hybrid", "pi", "mean", kfac=RELATIVE),
         Scenario(
             "tokens/hybrid/pi/mean/resume",
             "hybrid",
