@@ -36,7 +36,7 @@ demo: env
 	$(PY) benchmarks/demo.py
 
 docs: env
-	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 # The CPU suite (about 15 minutes on 2 cores): step cost, memory, time to target on the three
 # tasks (3 seeds), then the plots. Progress bars on a terminal; CSVs in benchmarks/results/.
