@@ -1062,11 +1062,19 @@ class KFACPreconditioner:
 
             return factored
 
+        reference = not kernels.use_triton(backend, bucket.key[2])
+
         def eigen(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Any:
             scale = st.get("s")  # EKFAC
             damping = st.get("eps", eps)  # per block with damping_unit="relative"
             if dense:
                 args = (grads, st["qg"], st["lg"], st["qa"], st["la"], damping, scale)
+                if reference:
+                    # What the kernels' dispatch would run, without its checks (the stacks
+                    # fit by construction), the result written over the gathered gradients.
+                    form = grads.new_empty(grads.shape[0]) if with_form else None
+                    out = kernels.precondition_eigen_reference(*args, form=form, out=grads)
+                    return out if form is None else (out, form)
                 if with_form:
                     return kernels.precondition_eigen_with_form(*args, backend=backend)
                 return kernels.precondition_eigen(*args, backend=backend)
@@ -1157,14 +1165,17 @@ class KFACPreconditioner:
             )
             for d in self._diagonal
         ]
-        workspace = 0
+        kept = transient = 0
         # Held calls (EKFAC, the exact constraint) are activations the size of the model's:
         # not counted here, as autograd's own are not.
         for bucket in self._buckets:
             blocks = sum(layer.adapter.blocks for layer in bucket.layers)
-            # Gathered gradients, the products' intermediates and the result.
-            size = 4 * blocks * bucket.g_spec.padded * bucket.a_spec.padded * item
-            workspace = max(workspace, size)
+            size = blocks * bucket.g_spec.padded * bucket.a_spec.padded * item
+            # Gathered gradients (kept between steps by buckets without padding), the
+            # products' intermediates and the result.
+            kept += 0 if bucket.padded else size
+            transient = max(transient, (4 if bucket.padded else 3) * size)
+        workspace = kept + transient
         return Summary(
             tuple(rows),
             tuple(self._unpreconditioned),
