@@ -412,8 +412,8 @@ class KFACPreconditioner:
         # Which backward feeds the factors: the user's loss (empirical) or the sampled one.
         feeds_factors = self._sampling == (opts.fisher_type == "mc")
         call = (saved, grad.detach(), pass_id)
-        with torch.no_grad():
-            if feeds_factors and self._wants_statistics() and (route.layers or route.params):
+        if feeds_factors and self._wants_statistics() and (route.layers or route.params):
+            with torch.no_grad():
                 obs = route.adapter.observe(
                     saved, grad, [i for i, _ in route.layers], [p for p, _ in route.params]
                 )
