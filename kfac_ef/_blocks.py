@@ -419,21 +419,12 @@ the function's to overwrite: it may return its result in that very tensor."""
 
 @dataclass(eq=False)
 class Bucket:
-    """Layers whose blocks share one shape, factor storage and device; decompositions stacked.
-
-    Buckets without zero padding keep the buffer the gradients are gathered into between
-    steps, with its views per gradient part (``_slots``): the steady state (every active
-    member has its gradients) then slices nothing. Padded buckets gather into a fresh
-    zero-filled buffer each step, so that the padding is zero whatever the function did
-    with it.
-    """
+    """Layers whose blocks share one shape, factor storage and device; decompositions stacked."""
 
     key: BucketKey
     layers: list[Layer]
     active: list[Layer] = field(default_factory=list)
     stacked: Decomposition = field(default_factory=dict)
-    _buffer: Tensor | None = None
-    _slots: list[Tensor] = field(default_factory=list)
 
     @property
     def g_spec(self) -> FactorSpec:
@@ -451,7 +442,6 @@ class Bucket:
     def restack(self) -> None:
         """Stack the members' decompositions and point each member at its slice of the stack."""
         self.active = [layer for layer in self.layers if layer.decomposition is not None]
-        self._buffer, self._slots = None, []
         if not self.active:
             self.stacked = {}
             return
@@ -496,16 +486,9 @@ class Bucket:
                 for k in self.stacked
             }
         g_spec, a_spec, device = self.key
-        padded = self.padded
         shape = (sum(layer.adapter.blocks for layer, _ in members), g_spec.padded, a_spec.padded)
-        if stacked is self.stacked and not padded:
-            if self._buffer is None:
-                self._buffer = torch.empty(shape, dtype=dtype, device=device)
-                self._slots = self._part_views(self._buffer, members)
-            grads, slots = self._buffer, self._slots
-        else:
-            grads = (torch.zeros if padded else torch.empty)(shape, dtype=dtype, device=device)
-            slots = self._part_views(grads, members)
+        grads = (torch.zeros if self.padded else torch.empty)(shape, dtype=dtype, device=device)
+        slots = self._part_views(grads, members)
         sources = [view for _, parts in members for view, _ in parts]
         torch._foreach_copy_(slots, sources)
 

@@ -1165,17 +1165,14 @@ class KFACPreconditioner:
             )
             for d in self._diagonal
         ]
-        kept = transient = 0
+        workspace = 0
         # Held calls (EKFAC, the exact constraint) are activations the size of the model's:
         # not counted here, as autograd's own are not.
         for bucket in self._buckets:
             blocks = sum(layer.adapter.blocks for layer in bucket.layers)
-            size = blocks * bucket.g_spec.padded * bucket.a_spec.padded * item
-            # Gathered gradients (kept between steps by buckets without padding), the
-            # products' intermediates and the result.
-            kept += 0 if bucket.padded else size
-            transient = max(transient, (4 if bucket.padded else 3) * size)
-        workspace = kept + transient
+            # Gathered gradients, the products' intermediates and the result.
+            size = 4 * blocks * bucket.g_spec.padded * bucket.a_spec.padded * item
+            workspace = max(workspace, size)
         return Summary(
             tuple(rows),
             tuple(self._unpreconditioned),

@@ -91,10 +91,9 @@ class Summary:
             the preconditioner leaves to the optimizer untouched.
         diagonal: one row per parameter preconditioned by its diagonal empirical Fisher.
         ties: ``(parameter names, decision)`` for parameters shared by several modules.
-        workspace_bytes: estimate of the buffers of one step() (the gradients of the
-            largest bucket of same-shaped layers, in and out of the preconditioning products,
-            and the buffers that buckets without zero padding gather their gradients into,
-            kept from one step to the next); not part of ``total_bytes``.
+        workspace_bytes: estimate of the largest transient buffers of one step() (the
+            gradients of the largest bucket of same-shaped layers, in and out of the
+            preconditioning products); not part of ``total_bytes``.
     """
 
     layers: tuple[LayerSummary, ...]
