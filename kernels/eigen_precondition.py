@@ -396,16 +396,18 @@ def precondition_eigen_reference(
     damping: float | Tensor,
     scale: Tensor | None = None,
     form: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Pure-torch reference: four batched products and one fused division (``form``, when
     given, receives the quadratic form of each block). ``damping``: a number, or one ε per
-    block ``(B,)``."""
+    block ``(B,)``. ``out`` (optional, shaped like ``grad``, may be ``grad`` itself)
+    receives the result. Shapes are not checked here (``precondition_eigen`` does)."""
     eps = damping.view(-1, 1, 1) if isinstance(damping, Tensor) else damping
-    v = qg.transpose(1, 2) @ grad @ qa
+    v = torch.bmm(torch.bmm(qg.transpose(1, 2), grad), qa)
     v.div_((lg.unsqueeze(2) * la.unsqueeze(1)).add_(eps) if scale is None else scale + eps)
     if form is not None:
         form.copy_(_form(v, lg, la, scale))
-    return qg @ v @ qa.transpose(1, 2)
+    return torch.bmm(torch.bmm(qg, v), qa.transpose(1, 2), out=out)
 
 
 # ---------------------------------------------------------------------------------- public

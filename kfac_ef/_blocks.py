@@ -413,7 +413,8 @@ PreconditionFn = Callable[
 ]
 """Maps the stacked gradients ``(B, g_pad, a_pad)`` to the preconditioned ones, optionally with
 a ``(B,)`` tensor of per-block values computed on the way (the Kronecker form of the
-loss-change constraint), which ``Bucket.precondition`` hands back."""
+loss-change constraint), which ``Bucket.precondition`` hands back. The gathered gradients are
+the function's to overwrite: it may return its result in that very tensor."""
 
 
 @dataclass(eq=False)
@@ -432,6 +433,11 @@ class Bucket:
     @property
     def a_spec(self) -> FactorSpec:
         return self.key[1]
+
+    @property
+    def padded(self) -> bool:
+        """Whether the stacked blocks have zero padding (block-diagonal factors)."""
+        return self.g_spec.padded != self.g_spec.dim or self.a_spec.padded != self.a_spec.dim
 
     def restack(self) -> None:
         """Stack the members' decompositions and point each member at its slice of the stack."""
@@ -480,35 +486,34 @@ class Bucket:
                 for k in self.stacked
             }
         g_spec, a_spec, device = self.key
-        total = sum(layer.adapter.blocks for layer, _ in members)
-        shape = (total, g_spec.padded, a_spec.padded)
-        padded = g_spec.padded != g_spec.dim or a_spec.padded != a_spec.dim
-        grads = (torch.zeros if padded else torch.empty)(shape, dtype=dtype, device=device)
-        g_dim = g_spec.dim
-        dst: list[Tensor] = []
-        src: list[Tensor] = []
-        offset = 0
-        for layer, parts in members:
-            sl = slice(offset, offset + layer.adapter.blocks)
-            for view, col in parts:
-                dst.append(grads[sl, :g_dim, col : col + view.shape[-1]])
-                src.append(view)
-            offset += layer.adapter.blocks
-        torch._foreach_copy_(dst, src)
+        shape = (sum(layer.adapter.blocks for layer, _ in members), g_spec.padded, a_spec.padded)
+        grads = (torch.zeros if self.padded else torch.empty)(shape, dtype=dtype, device=device)
+        slots = self._part_views(grads, members)
+        sources = [view for _, parts in members for view, _ in parts]
+        torch._foreach_copy_(slots, sources)
 
         result = fn(grads, stacked, g_spec, a_spec)
         out, extra = result if isinstance(result, tuple) else (result, None)
 
-        dst, src = [], []
+        if out is not grads:  # a new tensor, laid out like the gathered one
+            slots = self._part_views(out, members)
+        torch._foreach_copy_(sources, slots)
+        return [layer for layer, _ in members], extra
+
+    def _part_views(
+        self, stack: Tensor, members: list[tuple[Layer, list[tuple[Tensor, int]]]]
+    ) -> list[Tensor]:
+        """The views of a ``(B, g_pad, a_pad)`` stack that hold the members' gradient parts,
+        in order."""
+        g_dim = self.g_spec.dim
+        views: list[Tensor] = []
         offset = 0
         for layer, parts in members:
             sl = slice(offset, offset + layer.adapter.blocks)
             for view, col in parts:
-                dst.append(view)
-                src.append(out[sl, :g_dim, col : col + view.shape[-1]])
+                views.append(stack[sl, :g_dim, col : col + view.shape[-1]])
             offset += layer.adapter.blocks
-        torch._foreach_copy_(dst, src)
-        return [layer for layer, _ in members], extra
+        return views
 
 
 def make_buckets(layers: list[Layer]) -> list[Bucket]:

@@ -53,38 +53,49 @@ def _layer_directions(
 ) -> Tensor | None:
     """Σ_{t,b} γ_{n,t,b}ᵀ (W̃_b ã_{n,t,b}) per example for one call of a Kronecker layer,
     with W̃ = [∇̃W | ∇̃b] read through the layer's matrix views of the tangents (absent
-    parameters count as 0); None when the layer has no tangent."""
+    parameters count as 0); None when the layer has no tangent.
+
+    Per row (example, position, block): s = ∇̃W a + ∇̃b in one batched product with the bias
+    folded in, then γᵀ s; without a bias and with the output side wider than the input
+    side, (∇̃Wᵀ γ)ᵀ a instead (the same product, a narrower elementwise pass).
+    """
     w = tangents.get(id(ad.weight))
     b = tangents.get(id(ad.bias)) if ad.bias is not None else None
     if w is None and b is None:
         return None
-    d = grads.to(dtype)  # (N, T, blocks, g)
-    u = d.new_zeros(d.shape[0])
-    if w is not None:
-        wm = ad.weight_matrix(w).to(dtype)  # (blocks, g, a0)
-        if isinstance(inputs, OneHotInputs):
-            idx = inputs.indices  # (N, T), -1: a zero input
-            rows = wm[0].t()[idx.clamp_min(0)] * (idx >= 0).unsqueeze(-1).to(dtype)
-            u.add_((rows * d[:, :, 0]).sum(dim=(1, 2)))
-        else:
-            u.add_(_bilinear_rows(d, wm, inputs.to(dtype)))
-    if b is not None:
-        bm = ad.bias_matrix(b).to(dtype)[..., 0]  # (blocks, g)
-        u.add_((d * bm).sum(dim=(1, 2, 3)))
-    return u
-
-
-def _bilinear_rows(d: Tensor, wm: Tensor, a: Tensor) -> Tensor:
-    """Σ_{t,b} d_{n,t,b}ᵀ W_b a_{n,t,b} for d ``(N, T, B, g)``, W ``(B, g, a)``, a
-    ``(N, T, B, a)``: one batched product over the narrower side, then a dot per row."""
-    n, t, blocks, g = d.shape
-    rows_d = d.permute(2, 0, 1, 3).reshape(blocks, n * t, g)
-    rows_a = a.permute(2, 0, 1, 3).reshape(blocks, n * t, a.shape[-1])
-    if g <= a.shape[-1]:
-        per_row = (rows_d * (rows_a @ wm.transpose(1, 2))).sum(-1)  # s = W a, then dᵀ s
+    n, t, blocks, g = grads.shape
+    rows_d = _block_rows(grads.to(dtype))  # (blocks, N·T, g)
+    bias = ad.bias_matrix(b).to(dtype).transpose(1, 2) if b is not None else None  # (B, 1, g)
+    if w is None:
+        assert bias is not None
+        per_row = (rows_d * bias).sum(-1)
+    elif isinstance(inputs, OneHotInputs):
+        wm = ad.weight_matrix(w).to(dtype)  # (1, g, classes)
+        idx = inputs.indices  # (N, T), -1: a zero input
+        s = wm[0].t()[idx.clamp_min(0)] * (idx >= 0).unsqueeze(-1).to(dtype)  # (N, T, g)
+        s = s.reshape(1, n * t, g)
+        per_row = (rows_d * (s if bias is None else s + bias)).sum(-1)
     else:
-        per_row = ((rows_d @ wm) * rows_a).sum(-1)  # Wᵀ d, then its dot with a
+        wm = ad.weight_matrix(w).to(dtype)  # (blocks, g, a0)
+        rows_a = _block_rows(inputs.to(dtype))  # (blocks, N·T, a0)
+        if bias is None and g > rows_a.shape[-1]:
+            per_row = (torch.bmm(rows_d, wm) * rows_a).sum(-1)
+        else:
+            wt = wm.transpose(1, 2)
+            s = torch.bmm(rows_a, wt) if bias is None else torch.baddbmm(bias, rows_a, wt)
+            per_row = (rows_d * s).sum(-1)
+    if blocks == 1 and t == 1:
+        return per_row.view(n)
     return per_row.view(blocks, n, t).sum(dim=(0, 2))
+
+
+def _block_rows(x: Tensor) -> Tensor:
+    """``(N, T, B, d)`` -> ``(B, N·T, d)``: one row per example and position, per block (a
+    view when B = 1)."""
+    n, t, blocks, d = x.shape
+    if blocks == 1:
+        return x.reshape(1, n * t, d)
+    return x.permute(2, 0, 1, 3).reshape(blocks, n * t, d)
 
 
 def per_example_directions(
@@ -216,7 +227,8 @@ def loss_moments(
             f"step(loss=per_example_losses), a 1-d tensor of >= 2 values (got shape "
             f"{tuple(loss.shape)})"
         )
-    values = values * per_example_scale
+    if per_example_scale != 1.0:
+        values = values * per_example_scale
     count = torch.full((), float(values.shape[0]), dtype=torch.float64, device=values.device)
     return torch.stack([values.sum(), values.square().sum(), count])
 

@@ -412,8 +412,8 @@ class KFACPreconditioner:
         # Which backward feeds the factors: the user's loss (empirical) or the sampled one.
         feeds_factors = self._sampling == (opts.fisher_type == "mc")
         call = (saved, grad.detach(), pass_id)
-        with torch.no_grad():
-            if feeds_factors and self._wants_statistics() and (route.layers or route.params):
+        if feeds_factors and self._wants_statistics() and (route.layers or route.params):
+            with torch.no_grad():
                 obs = route.adapter.observe(
                     saved, grad, [i for i, _ in route.layers], [p for p, _ in route.params]
                 )
@@ -603,10 +603,13 @@ class KFACPreconditioner:
         dist = self._dist
         layers = done if dist is None else dist.preconditioned_layers(done)
         params: dict[int, Tensor] = {}
+        every_grad = True  # every parameter of these layers has a gradient
         for layer in layers:
             for p in layer.adapter.parameters():
                 if p.grad is not None:
                     params.setdefault(id(p), p.grad)
+                else:
+                    every_grad = False
         for d in done_diag:
             assert d.param.grad is not None
             params.setdefault(id(d.param), d.param.grad)
@@ -632,7 +635,8 @@ class KFACPreconditioner:
             directions, seen = _constraint.per_example_directions(
                 self._routes, self._loss_calls, params, opts.factor_dtype
             )
-            self._warn_missing(layers, done_diag, seen)
+            if not (every_grad and seen.issuperset(params)):  # else none is missing
+                self._warn_missing(layers, done_diag, seen)
             if directions is not None:
                 directions = directions.to(device)
                 scale: float | Tensor = (
@@ -643,18 +647,25 @@ class KFACPreconditioner:
                 if loss_scale is not None:
                     scale = scale / loss_scale.to(device=device, dtype=directions.dtype)
                 directions = directions * scale
-            # (Σ u², n), with the loss moments when there are some: one reduction.
-            local = torch.zeros(2, dtype=f64, device=device)
-            if directions is not None:
-                local[0] = directions.to(f64).square().sum()
-                local[1] = directions.shape[0]
-            if moments is not None:
-                local = torch.cat([local, moments.to(device)])
-            if dist is not None:
+            if dist is None:
+                count = directions.shape[0] if directions is not None else 0
+                exact = (
+                    directions.to(f64).square().sum()
+                    if directions is not None
+                    else torch.zeros((), dtype=f64, device=device)
+                ) / max(count, 1)
+            else:
+                # (Σ u², n), with the loss moments when there are some: one reduction.
+                local = torch.zeros(2, dtype=f64, device=device)
+                if directions is not None:
+                    local[0] = directions.to(f64).square().sum()
+                    local[1] = directions.shape[0]
+                if moments is not None:
+                    local = torch.cat([local, moments.to(device)])
                 local = dist.sum_over_ranks(local)
-            exact = local[0] / local[1].clamp_min(1.0)
-            if moments is not None:
-                moments = local[2:]
+                exact = local[0] / local[1].clamp_min(1.0)
+                if moments is not None:
+                    moments = local[2:]
         elif moments is not None and dist is not None:
             moments = dist.sum_over_ranks(moments.to(device))
         nu = torch.ones((), dtype=f64, device=device)
@@ -664,11 +675,10 @@ class KFACPreconditioner:
             assert form is not None
             c = opts.target_loss_change or opts.max_loss_change
             assert c is not None
-            target = torch.full((), c, dtype=f64, device=device)
             if moments is not None:
-                target = target * _constraint.loss_reference(
-                    opts.loss_change_unit, moments.to(device)
-                )
+                target = c * _constraint.loss_reference(opts.loss_change_unit, moments.to(device))
+            else:
+                target = torch.full((), c, dtype=f64, device=device)
             nu = _constraint.step_scale(
                 form, target, lr, equality=opts.target_loss_change is not None
             )
@@ -1052,11 +1062,19 @@ class KFACPreconditioner:
 
             return factored
 
+        reference = not kernels.use_triton(backend, bucket.key[2])
+
         def eigen(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Any:
             scale = st.get("s")  # EKFAC
             damping = st.get("eps", eps)  # per block with damping_unit="relative"
             if dense:
                 args = (grads, st["qg"], st["lg"], st["qa"], st["la"], damping, scale)
+                if reference:
+                    # What the kernels' dispatch would run, without its checks (the stacks
+                    # fit by construction), the result written over the gathered gradients.
+                    form = grads.new_empty(grads.shape[0]) if with_form else None
+                    out = kernels.precondition_eigen_reference(*args, form=form, out=grads)
+                    return out if form is None else (out, form)
                 if with_form:
                     return kernels.precondition_eigen_with_form(*args, backend=backend)
                 return kernels.precondition_eigen(*args, backend=backend)
