@@ -26,6 +26,7 @@ import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, read_csv  # noqa: E402
@@ -40,6 +41,13 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _latest(rows: list[dict[str, str]], key: str) -> list[dict[str, str]]:
@@ -90,11 +98,7 @@ def time_to_target(results: Path) -> list[Path]:
             ax.legend()
         axes[1].set_xscale("log")
         fig.suptitle(f"{task}: one line per seed; dotted: AdamW's best per seed ({date[:10]})")
-        fig.tight_layout()
-        path = results / f"time_to_target_{task}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        out.append(path)
+        out.append(_save(plt, fig, results / f"time_to_target_{task}.png"))
     return out
 
 
@@ -134,11 +138,7 @@ def step_cost(results: Path) -> list[Path]:
     axes[0].legend(fontsize=8)
     meta = rows[0]
     fig.suptitle(f"Step cost ({meta['device']}, {meta['threads']} thread(s), {meta['date'][:10]})")
-    fig.tight_layout()
-    path = results / "step_cost.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(plt, fig, results / "step_cost.png")]
 
 
 def memory(results: Path) -> list[Path]:
@@ -165,11 +165,7 @@ def memory(results: Path) -> list[Path]:
     ax.set_ylabel("MiB")
     ax.legend(fontsize=8)
     ax.set_title(f"Memory with AdamW ({rows[0]['device_kind']}, {rows[0]['date'][:10]})")
-    fig.tight_layout()
-    path = results / "memory.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(plt, fig, results / "memory.png")]
 
 
 def autoencoder_damping(results: Path) -> list[Path]:
@@ -204,11 +200,7 @@ def autoencoder_damping(results: Path) -> list[Path]:
     ax.set_title("Digits autoencoder: damping sweep (dashed: every lr diverged)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = results / "autoencoder_damping.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(plt, fig, results / "autoencoder_damping.png")]
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
