@@ -422,6 +422,7 @@ def precondition_eigen(
     *,
     backend: str = "auto",
     input_precision: str | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Precondition a batch of same-shaped blocks in the Kronecker eigenbasis.
 
@@ -435,25 +436,17 @@ def precondition_eigen(
         backend: "auto" (Triton for CUDA tensors when triton imports), "torch" or "triton".
         input_precision: Triton's ``tl.dot`` precision: "tf32x3" (default), "ieee" or
             "tf32".
+        out: optional ``(B, m, n)`` tensor (``grad`` itself allowed) that the torch path
+            writes the result into; the Triton path returns a new tensor.
 
     Returns:
-        A new ``(B, m, n)`` tensor.
+        The ``(B, m, n)`` result: ``out`` when the torch path used it, else a new tensor.
 
     The Triton path takes float32 operands; other dtypes run the reference whatever the
     backend.
     """
-    _check(grad, qg, lg, qa, la, scale, damping)
-    if _takes_triton(backend, grad, qg, lg, qa, la, scale):
-        if isinstance(damping, Tensor):
-            lg, scale, d = _per_block(lg, scale, damping)
-            out = precondition_eigen_triton(
-                grad, qg, lg, qa, la, 1.0, scale, input_precision=input_precision
-            )
-            return out.div_(d)
-        return precondition_eigen_triton(
-            grad, qg, lg, qa, la, damping, scale, input_precision=input_precision
-        )
-    return precondition_eigen_reference(grad, qg, lg, qa, la, damping, scale)
+    args = (grad, qg, lg, qa, la, damping, scale)
+    return _dispatch(*args, backend=backend, input_precision=input_precision, out=out)
 
 
 def precondition_eigen_with_form(
@@ -467,6 +460,7 @@ def precondition_eigen_with_form(
     *,
     backend: str = "auto",
     input_precision: str | None = None,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``precondition_eigen`` and, per block, the quadratic form ∇̃ᵀ C ∇̃ of its result.
 
@@ -477,20 +471,43 @@ def precondition_eigen_with_form(
     Returns:
         The preconditioned ``(B, m, n)`` gradients and the ``(B,)`` forms (dtype of ``grad``).
     """
-    _check(grad, qg, lg, qa, la, scale, damping)
     form = torch.empty(grad.shape[0], dtype=grad.dtype, device=grad.device)
-    if _takes_triton(backend, grad, qg, lg, qa, la, scale):
-        if isinstance(damping, Tensor):
-            lg, scale, d = _per_block(lg, scale, damping)
-            out = precondition_eigen_triton(
-                grad, qg, lg, qa, la, 1.0, scale, input_precision=input_precision, form=form
-            )
-            return out.div_(d), form.div_(d.view(-1))
-        out = precondition_eigen_triton(
+    args = (grad, qg, lg, qa, la, damping, scale)
+    return _dispatch(
+        *args, backend=backend, input_precision=input_precision, out=out, form=form
+    ), form
+
+
+def _dispatch(
+    grad: Tensor,
+    qg: Tensor,
+    lg: Tensor,
+    qa: Tensor,
+    la: Tensor,
+    damping: float | Tensor,
+    scale: Tensor | None,
+    *,
+    backend: str,
+    input_precision: str | None,
+    out: Tensor | None,
+    form: Tensor | None = None,
+) -> Tensor:
+    """Check, then run the Triton kernels or the reference; a per-block ε reaches the
+    scalar-ε kernels through :func:`_per_block`."""
+    _check(grad, qg, lg, qa, la, scale, damping)
+    if not _takes_triton(backend, grad, qg, lg, qa, la, scale):
+        return precondition_eigen_reference(grad, qg, lg, qa, la, damping, scale, form, out)
+    if not isinstance(damping, Tensor):
+        return precondition_eigen_triton(
             grad, qg, lg, qa, la, damping, scale, input_precision=input_precision, form=form
         )
-        return out, form
-    return precondition_eigen_reference(grad, qg, lg, qa, la, damping, scale, form), form
+    lg, scale, d = _per_block(lg, scale, damping)
+    result = precondition_eigen_triton(
+        grad, qg, lg, qa, la, 1.0, scale, input_precision=input_precision, form=form
+    )
+    if form is not None:
+        form.div_(d.view(-1))
+    return result.div_(d)
 
 
 def _per_block(

@@ -184,8 +184,26 @@ def _eager_when_compiling(
     return dispatch
 
 
-def _call(hook: Callable[..., None], args: tuple[Any, ...]) -> None:
+def _call(hook: Callable[..., None], *args: Any) -> None:
     return hook(*args)
+
+
+# One compiler-disabled caller for every hook, made on first use: making it imports
+# torch._dynamo (and with it triton), which an eager-only program never needs. Shared, it is
+# made once, so the frames that torch.compile resumes after it hold no per-hook object (a
+# per-hook wrapper made while tracing invalidates the resumed frame's cache at every call).
+_EAGER: list[Callable[..., None]] = []
+
+
+def _eager() -> Callable[..., None]:
+    if not _EAGER:
+        _EAGER.append(torch.compiler.disable(_call, recursive=True))
+    return _EAGER[0]
+
+
+def call_eagerly(hook: Callable[..., None], args: tuple[Any, ...]) -> None:
+    """``hook(*args)`` with the compiler disabled (for calls made while compiling)."""
+    return _eager()(hook, *args)
 
 
 def _tensor_hook(hook: Callable[[Tensor], None]) -> Callable[[Tensor], None]:
@@ -196,26 +214,4 @@ def _tensor_hook(hook: Callable[[Tensor], None]) -> Callable[[Tensor], None]:
     closure (a recompilation per backward pass)."""
     if "torch._dynamo" not in sys.modules:
         return hook
-    if not _EAGER_ONE:
-        _EAGER_ONE.append(torch.compiler.disable(_call_one, recursive=True))
-    return functools.partial(_EAGER_ONE[0], hook)
-
-
-def _call_one(hook: Callable[[Tensor], None], grad: Tensor) -> None:
-    return hook(grad)
-
-
-_EAGER_ONE: list[Callable[[Callable[[Tensor], None], Tensor], None]] = []
-
-
-# One compiler-disabled caller for every hook, made on first use: making it imports
-# torch._dynamo (and with it triton), which an eager-only program never needs. Shared, it is
-# made once, so the frames that torch.compile resumes after it hold no per-hook object (a
-# per-hook wrapper made while tracing invalidates the resumed frame's cache at every call).
-_EAGER: list[Callable[[Callable[..., None], tuple[Any, ...]], None]] = []
-
-
-def call_eagerly(hook: Callable[..., None], args: tuple[Any, ...]) -> None:
-    if not _EAGER:
-        _EAGER.append(torch.compiler.disable(_call, recursive=True))
-    return _EAGER[0](hook, args)
+    return functools.partial(_eager(), hook)

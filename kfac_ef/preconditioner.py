@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.amp.grad_scaler import OptState
 from torch.autograd.profiler import record_function
 
 from . import _constraint, _ekfac, _warn, kernels, linalg
@@ -725,15 +726,11 @@ class KFACPreconditioner:
         non-finite gradients, failed decompositions (see :class:`Faults`). Reads device
         counters on the host (synchronizes)."""
         entries: list[Layer | DiagonalParam] = [*self._layers, *self._diagonal]
-        skipped = {
-            e.name: int(e.skipped.sum())
-            for e in entries
-            if e.skipped is not None and bool(e.skipped.any())
-        }
+        counts = {e.name: int(e.skipped.sum()) for e in entries if e.skipped is not None}
         return Faults(
             steps=self._steps,
             skipped_steps=int(self._skipped_steps) if self._skipped_steps is not None else 0,
-            skipped_updates=skipped,
+            skipped_updates={name: n for name, n in counts.items() if n},
             decomposition_failures={
                 la.name: la.failures_total for la in self._layers if la.failures_total
             },
@@ -778,7 +775,7 @@ class KFACPreconditioner:
         states = getattr(scaler, "_per_optimizer_states", None)
         if not isinstance(states, Mapping):
             return  # a GradScaler without the attribute: nothing to check against
-        if not any(str(st.get("stage")).endswith("UNSCALED") for st in states.values()):
+        if not any(st.get("stage") is OptState.UNSCALED for st in states.values()):
             raise RuntimeError(
                 "step() with a GradScaler and a loss-change constraint (or "
                 "track_loss_changes) needs unscaled gradients: call scaler.unscale_(optimizer) "
@@ -1062,22 +1059,15 @@ class KFACPreconditioner:
 
             return factored
 
-        reference = not kernels.use_triton(backend, bucket.key[2])
-
         def eigen(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Any:
             scale = st.get("s")  # EKFAC
             damping = st.get("eps", eps)  # per block with damping_unit="relative"
             if dense:
                 args = (grads, st["qg"], st["lg"], st["qa"], st["la"], damping, scale)
-                if reference:
-                    # What the kernels' dispatch would run, without its checks (the stacks
-                    # fit by construction), the result written over the gathered gradients.
-                    form = grads.new_empty(grads.shape[0]) if with_form else None
-                    out = kernels.precondition_eigen_reference(*args, form=form, out=grads)
-                    return out if form is None else (out, form)
+                # out=grads: the torch path writes over the gathered gradients.
                 if with_form:
-                    return kernels.precondition_eigen_with_form(*args, backend=backend)
-                return kernels.precondition_eigen(*args, backend=backend)
+                    return kernels.precondition_eigen_with_form(*args, backend=backend, out=grads)
+                return kernels.precondition_eigen(*args, backend=backend, out=grads)
             return precondition_structured_eigen(grads, st, gs, as_, damping, scale, with_form)
 
         return eigen
