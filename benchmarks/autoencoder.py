@@ -22,11 +22,16 @@ this library's:
 - EKFAC (``damping_mode="ekfac"``) and π-damping (``"pi"``) on top.
 
 ``--damping``: for each damping rule (fixed ε without and with the trust region; relative ε
-with the trust region and the cadence above) and each
+with the trust region and the cadence above, at c = 1 and at c = 0.5) and each
 ε in 1e-4 ... 1e-1, the learning rate grid on seed 0 for ``--sweep-steps`` steps; the best
 rate is then run on every seed. A run is "diverged" when its MSE becomes non-finite or 100x
 its initial value, "crashed" when step() raises. Appends to results/autoencoder_damping.csv
 (plot: benchmarks/plot.py).
+
+``--radius``: the trust region's size c (``max_loss_change``, spread units) over ``--radii``
+with the rest of the recipe fixed, ``--steps`` steps on ``--seeds`` seeds: the steps each needs
+to reach ``--reference``. With the trust region binding on nearly every step, c (not the
+learning rate) sets the step length. Appends to results/autoencoder_radius.csv.
 
 ``--cost``: milliseconds per step of AdamW, SGD and the recipe taken apart (no trust region,
 the Kronecker-form trust region, the exact form, the exact form without statistics or
@@ -35,7 +40,7 @@ interleaved over ``--rounds`` rounds; the fastest round's time. Appends to
 results/autoencoder_cost.csv.
 
 Results: results/autoencoder_levers.csv, results/autoencoder_damping.csv,
-results/autoencoder_cost.csv.
+results/autoencoder_radius.csv, results/autoencoder_cost.csv.
 """
 
 from __future__ import annotations
@@ -104,18 +109,28 @@ RULES: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
         {"damping_unit": "relative", **TRUST, **CADENCE},
         (0.1, 0.3, 1.0),
     ),
+    # The trust-region size time_to_target.py uses on this task (see --radius).
+    "relative ε + trust region c=0.5": (
+        {"damping_unit": "relative", **TRUST, "max_loss_change": 0.5, **CADENCE},
+        (0.1, 0.3, 1.0),
+    ),
 }
 DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1)
+RADII = (0.25, 0.5, 1.0, 2.0)
 
 
 _NO_TR = {k: v for k, v in RECIPE.items() if k not in TRUST}
+# Without the trust region, or with it on the Kronecker form, relative ε diverges at any
+# useful learning rate (levers table); these two are timed at 1e-7, where they stay finite
+# (their work per step does not depend on the rate; a diverged run would time NaN steps,
+# whose statistics are skipped).
 COSTS: list[tuple[str, Method]] = [
     ("AdamW", Method("AdamW", "adamw", 3e-3)),
     ("SGD", Method("SGD", "sgd", 1.0, momentum=0.0)),
-    ("K-FAC, relative ε, no trust region", Method("no TR", "sgd", 1.0, momentum=0.0, kfac=_NO_TR)),
+    ("K-FAC, relative ε, no trust region", Method("no TR", "sgd", 1e-7, momentum=0.0, kfac=_NO_TR)),
     (
         "K-FAC recipe, Kronecker-form trust region",
-        Method("kron TR", "sgd", 1.0, momentum=0.0, kfac={**RECIPE, "constraint": "kronecker"}),
+        Method("kron TR", "sgd", 1e-7, momentum=0.0, kfac={**RECIPE, "constraint": "kronecker"}),
     ),
     (
         "K-FAC recipe (exact-form trust region)",
@@ -140,6 +155,7 @@ def cost(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(0)
     batches = [TASK.sample(data, TASK.batch, gen, i) for i in range(100 + args.cost_steps)]
     times: dict[str, list[float]] = {name: [] for name, _ in COSTS}
+    finite: dict[str, bool] = {name: True for name, _ in COSTS}
     with tqdm(total=args.rounds * len(COSTS), desc="cost", unit="run", disable=None) as bar:
         for _ in range(args.rounds):
             for name, method in COSTS:
@@ -151,19 +167,23 @@ def cost(args: argparse.Namespace) -> None:
                 for x, y in batches[100:]:
                     stepper.step(x, y)
                 times[name].append((time.perf_counter() - t0) / args.cost_steps * 1e3)
+                # A run that diverged timed steps unlike training ones: flagged in the CSV.
+                finite[name] &= all(bool(p.isfinite().all()) for p in stepper.params)
                 stepper.close()
                 bar.update()
     meta = machine()
     rows, cells = [], []
     for name, method in COSTS:
         best = min(times[name])
-        cells.append([name, f"{best:.2f}", f"{max(times[name]) / best:.2f}"])
+        flag = "" if finite[name] else " (diverged)"
+        cells.append([name + flag, f"{best:.2f}", f"{max(times[name]) / best:.2f}"])
         rows.append(
             {
                 "configuration": name,
                 "config": method.describe(),
                 "ms_per_step": best,
                 "slowest_over_fastest": max(times[name]) / best,
+                "finite": finite[name],
                 "steps": args.cost_steps,
                 "rounds": args.rounds,
                 **meta,
@@ -263,12 +283,73 @@ def levers(args: argparse.Namespace) -> None:
     print(f"\nappended to {args.out_dir / 'autoencoder_levers.csv'}")
 
 
+def radius_sweep(args: argparse.Namespace) -> None:
+    """The recipe at each trust-region size c: steps to the reference on every seed."""
+    runs: dict[float, list[Run]] = {c: [] for c in args.radii}
+    total = len(args.radii) * len(args.seeds)
+    with tqdm(total=total, desc="trust-region size", unit="run", disable=None) as bar:
+        for seed in args.seeds:
+            for c in args.radii:
+                bar.set_postfix_str(f"c={c:g}, seed {seed}")
+                method = Method(
+                    f"c={c:g}", "sgd", 3.0, momentum=0.0, kfac={**RECIPE, "max_loss_change": c}
+                )
+                run = train(TASK, method, seed, budget_s=math.inf, max_steps=args.steps)
+                run.extra["load1"] = load1()
+                runs[c].append(run)
+                bar.update()
+    meta = machine()
+    rows, cells = [], []
+    for c, mine in runs.items():
+        hits = [r.reach(args.reference) for r in mine]
+        steps = [h[1] for h in hits if h is not None]
+        per_seed = " ".join(str(h[1]) if h else "-" for h in hits)
+        cells.append(
+            [
+                f"{c:g}",
+                _ms([r.final for r in mine]),
+                f"{_ms(steps, '.0f')} ({len(steps)}/{len(mine)})",
+                str(max(steps)) if len(steps) == len(mine) else "-",
+                per_seed,
+            ]
+        )
+        for r, h in zip(mine, hits):
+            rows.append(
+                {
+                    "max_loss_change": c,
+                    "config": r.method.describe(),
+                    "seed": r.seed,
+                    "steps": r.steps,
+                    "status": _status(r),
+                    "error": r.error,
+                    "final": r.final,
+                    "best": r.best,
+                    "reference": args.reference,
+                    "reference_steps": h[1] if h else "",
+                    "steps_per_s": r.steps_per_s,
+                    **meta,
+                    "load1": f"{r.extra['load1']:.2f}",
+                }
+            )
+    header = [
+        "c",
+        f"MSE @{args.steps}",
+        f"steps to {args.reference:g}",
+        "worst seed",
+        "per seed (" + ", ".join(str(s) for s in args.seeds) + ")",
+    ]
+    print("\n".join(table(header, cells)))
+    append_csv(args.out_dir / "autoencoder_radius.csv", rows)
+    print(f"\nappended to {args.out_dir / 'autoencoder_radius.csv'}")
+
+
 def damping_sweep(args: argparse.Namespace) -> None:
     rows, cells = [], []
-    total = sum(len(lrs) + len(args.seeds) - 1 for _, lrs in RULES.values()) * len(args.dampings)
+    rules = {k: v for k, v in RULES.items() if not args.rules or k in args.rules}
+    total = sum(len(lrs) + len(args.seeds) - 1 for _, lrs in rules.values()) * len(args.dampings)
     meta_date = machine()["date"]
     with tqdm(total=total, desc="damping sweep", unit="run", disable=None) as bar:
-        for rule, (extra, lrs) in RULES.items():
+        for rule, (extra, lrs) in rules.items():
             for damping in args.dampings:
                 kfac = {"damping": damping, **extra}
                 results: dict[float, Run] = {}
@@ -331,6 +412,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--levers", action="store_true", help="the levers table (default)")
     parser.add_argument("--damping", action="store_true", help="the damping sweep")
+    parser.add_argument("--radius", action="store_true", help="the trust region's size")
+    parser.add_argument("--radii", type=float, nargs="*", default=list(RADII))
     parser.add_argument("--cost", action="store_true", help="the step cost taken apart")
     parser.add_argument("--cost-steps", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3)
@@ -340,15 +423,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dampings", type=float, nargs="*", default=list(DAMPINGS))
     parser.add_argument("--reference", type=float, default=0.0022)
     parser.add_argument("--only", nargs="*", help="only these levers (by name)")
+    parser.add_argument("--rules", nargs="*", help="only these damping rules (by name)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
     print(f"threads {threads}, load {load1():.2f}")
-    if args.levers or not (args.damping or args.cost):
+    if args.levers or not (args.damping or args.cost or args.radius):
         levers(args)
     if args.damping:
         damping_sweep(args)
+    if args.radius:
+        radius_sweep(args)
     if args.cost:
         cost(args)
 

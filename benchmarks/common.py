@@ -10,6 +10,7 @@ import csv
 import datetime as _dt
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -136,7 +137,27 @@ def machine() -> dict[str, str]:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "host_cpus": str(os.cpu_count()),
         "load1": f"{load1():.2f}",
+        "revision": revision(),
     }
+
+
+def revision() -> str:
+    """The commit of the measured code (short hash), with "+changes" when the package, the
+    kernels or the benchmark scripts differ from it; empty outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise OSError(proc.stderr)
+        return proc.stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--", "kfac_ef", "kernels", "benchmarks/*.py")
+    except OSError:
+        return ""
+    return head + ("+changes" if changed else "")
 
 
 def append_csv(path: Path, rows: list[dict[str, object]]) -> None:

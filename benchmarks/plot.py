@@ -1,7 +1,7 @@
 """Plots of the benchmark CSVs (benchmarks/results/*.csv -> PNGs beside them).
 
 Each plot shows the most recent run recorded in its CSV (rows sharing the latest date of a
-task or model):
+task, model or damping rule):
 
 - time_to_target_<task>.png: the metric against training wall time and against steps, one
   line per seed, per method, with the target (AdamW's best within the budget) as dotted lines;
@@ -72,7 +72,7 @@ def time_to_target(results: Path) -> list[Path]:
     plt = _plt()
     for task, rows in by_task.items():
         date = rows[0]["date"]
-        mine = [r for r in summary if r["task"] == task]
+        mine = [r for r in summary if r["task"] == task and r["date"] == date]
         targets = sorted({float(r["target"]) for r in mine if r["method"] == "AdamW"})
         metric = next((r.get("metric_name", "") for r in mine), "")
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -172,8 +172,7 @@ def autoencoder_damping(results: Path) -> list[Path]:
     rows = read_csv(results / "autoencoder_damping.csv")
     if not rows:
         return []
-    latest = max(r["date"] for r in rows)
-    rows = [r for r in rows if r["date"] == latest]
+    rows = _latest(rows, "rule")  # each rule's most recent sweep
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     rules = list(dict.fromkeys(r["rule"] for r in rows))

@@ -1,0 +1,84 @@
+"""The autoencoder and time-to-target benchmark scripts run end to end on tiny budgets.
+
+Each runs in a subprocess, as `make bench` runs it (the scripts put benchmarks/ on sys.path
+and fix torch's thread count), and writes into a temporary results folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+pytest.importorskip("sklearn")
+pytest.importorskip("tqdm")
+
+
+def _run(script: str, *args: str, out: Path) -> None:
+    cmd = [sys.executable, str(BENCH / script), *args, "--out-dir", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_autoencoder_radius_sweep(tmp_path):
+    _run(
+        "autoencoder.py",
+        *("--radius", "--steps", "30", "--seeds", "0", "1", "--radii", "0.5", "2"),
+        out=tmp_path,
+    )
+    rows = _rows(tmp_path / "autoencoder_radius.csv")
+    assert sorted((float(r["max_loss_change"]), int(r["seed"])) for r in rows) == [
+        (0.5, 0),
+        (0.5, 1),
+        (2.0, 0),
+        (2.0, 1),
+    ]
+    for r in rows:
+        assert r["status"] == "ok" and int(r["steps"]) == 30
+        assert f"max_loss_change={float(r['max_loss_change'])}" in r["config"]
+        assert math.isfinite(float(r["final"])) and float(r["final"]) < 0.1
+        assert r["reference_steps"] == ""  # 30 steps are far from MSE 0.0022
+
+
+def test_autoencoder_cost_runs_stay_finite(tmp_path):
+    # Every configuration is timed on training steps, not on a run that diverged during
+    # the 100 warm-up steps (whose statistics would be skipped).
+    _run("autoencoder.py", "--cost", "--cost-steps", "5", "--rounds", "1", out=tmp_path)
+    rows = _rows(tmp_path / "autoencoder_cost.csv")
+    assert len(rows) == 6
+    for r in rows:
+        assert r["finite"] == "True", r["configuration"]
+        assert float(r["ms_per_step"]) > 0
+
+
+def test_time_to_target_autoencoder(tmp_path):
+    _run(
+        "time_to_target.py",
+        *("--tasks", "autoencoder", "--seeds", "1", "--budget-scale", "0.02"),
+        *("--methods", "SGD + K-FAC"),
+        out=tmp_path,
+    )
+    summary = _rows(tmp_path / "time_to_target.csv")
+    rows = {r["method"]: r for r in summary}
+    assert set(rows) == {"AdamW", "SGD + K-FAC"}
+    kfac = rows["SGD + K-FAC"]
+    assert kfac["status"] == "ok"
+    assert "max_loss_change=0.5" in kfac["config"]
+    assert float(rows["AdamW"]["time_over_baseline"]) == 1.0
+    for r in rows.values():
+        assert int(r["steps"]) > 0 and math.isfinite(float(r["final"]))
+    # plot.py pairs a run's curves with its targets by the date of the rows.
+    curves = _rows(tmp_path / "time_to_target_curves.csv")
+    assert {r["date"] for r in curves} == {r["date"] for r in summary}
+    assert {r["method"] for r in curves} == set(rows)
