@@ -217,6 +217,26 @@ def _ms(values: list[float], fmt: str = ".4g") -> str:
     return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):.2g}"
 
 
+def _run_row(
+    r: Run, hit: tuple[float, int] | None, reference: float, meta: dict[str, str]
+) -> dict[str, Any]:
+    """The CSV fields every run of --levers and --radius has (``hit``: its reach of the
+    reference)."""
+    return {
+        "config": r.method.describe(),
+        "seed": r.seed,
+        "steps": r.steps,
+        "status": _status(r),
+        "error": r.error,
+        "final": r.final,
+        "reference": reference,
+        "reference_steps": hit[1] if hit else "",
+        "steps_per_s": r.steps_per_s,
+        **meta,
+        "load1": f"{r.extra['load1']:.2f}",
+    }
+
+
 def levers(args: argparse.Namespace) -> None:
     runs: list[tuple[str, Run]] = []
     chosen = [(n, m) for n, m in LEVERS if not args.only or n in args.only]
@@ -255,18 +275,8 @@ def levers(args: argparse.Namespace) -> None:
                 {
                     "lever": name,
                     "method": method.name,
-                    "config": method.describe(),
-                    "seed": r.seed,
-                    "steps": r.steps,
-                    "status": _status(r),
-                    "error": r.error,
+                    **_run_row(r, h, args.reference, meta),
                     "mse_1000": _at(r, 1000),
-                    "final": r.final,
-                    "reference": args.reference,
-                    "reference_steps": h[1] if h else "",
-                    "steps_per_s": r.steps_per_s,
-                    **meta,
-                    "load1": f"{r.extra['load1']:.2f}",
                 }
             )
     header = [
@@ -317,18 +327,8 @@ def radius_sweep(args: argparse.Namespace) -> None:
             rows.append(
                 {
                     "max_loss_change": c,
-                    "config": r.method.describe(),
-                    "seed": r.seed,
-                    "steps": r.steps,
-                    "status": _status(r),
-                    "error": r.error,
-                    "final": r.final,
+                    **_run_row(r, h, args.reference, meta),
                     "best": r.best,
-                    "reference": args.reference,
-                    "reference_steps": h[1] if h else "",
-                    "steps_per_s": r.steps_per_s,
-                    **meta,
-                    "load1": f"{r.extra['load1']:.2f}",
                 }
             )
     header = [
