@@ -112,6 +112,20 @@ def _check_not_sharded(model: nn.Module) -> None:
         )
 
 
+def _unique_parameters(
+    layers: Iterable[Layer], diagonal: Iterable[DiagonalParam]
+) -> list[nn.Parameter]:
+    """The parameters of these Kronecker layers and diagonal entries, each once (a tied
+    weight belongs to several layers)."""
+    out: dict[int, nn.Parameter] = {}
+    for layer in layers:
+        for p in layer.adapter.parameters():
+            out.setdefault(id(p), p)
+    for d in diagonal:
+        out.setdefault(id(d.param), d.param)
+    return list(out.values())
+
+
 def _uncompiled(model: nn.Module) -> nn.Module:
     """The module inside a torch.compile wrapper (so that layer names carry no
     ``_orig_mod.``; the wrapper's forward runs the inner modules, whose hooks fire)."""
@@ -446,13 +460,7 @@ class KFACPreconditioner:
     def parameters(self) -> list[nn.Parameter]:
         """The preconditioned parameters: those of the Kronecker layers (tied weights once)
         and the diagonally preconditioned ones."""
-        out: dict[int, nn.Parameter] = {}
-        for layer in self._layers:
-            for p in layer.adapter.parameters():
-                out.setdefault(id(p), p)
-        for d in self._diagonal:
-            out.setdefault(id(d.param), d.param)
-        return list(out.values())
+        return _unique_parameters(self._layers, self._diagonal)
 
     @property
     def collects_statistics(self) -> bool:
@@ -603,17 +611,10 @@ class KFACPreconditioner:
         opts = self.options
         dist = self._dist
         layers = done if dist is None else dist.preconditioned_layers(done)
-        params: dict[int, Tensor] = {}
-        every_grad = True  # every parameter of these layers has a gradient
-        for layer in layers:
-            for p in layer.adapter.parameters():
-                if p.grad is not None:
-                    params.setdefault(id(p), p.grad)
-                else:
-                    every_grad = False
-        for d in done_diag:
-            assert d.param.grad is not None
-            params.setdefault(id(d.param), d.param.grad)
+        # Preconditioned parameters with their gradients (diagonal ones always have one).
+        unique = _unique_parameters(layers, done_diag)
+        params = {id(p): g for p in unique if (g := p.grad) is not None}
+        every_grad = len(params) == len(unique)
         grads = list(params.values())
         device = grads[0].device if grads else self._device()
         f64 = torch.float64
@@ -919,9 +920,11 @@ class KFACPreconditioner:
                 scale = g_scale(n, opts.loss_reduction, sigma, opts.fisher_type == "mc")
                 items.append((layer, raw, scale, None))
         for layer, raw, scale, present in items:
-            ok = torch.ones((), dtype=torch.bool, device=raw.device)
-            if self._grads_ok is not None:
-                ok = self._grads_ok.to(raw.device)
+            ok = (
+                self._grads_ok.to(raw.device)
+                if self._grads_ok is not None
+                else torch.ones((), dtype=torch.bool, device=raw.device)
+            )
             layer.fold_scale(raw, scale, opts.factor_decay, ok, present)
 
     def _decompose(self) -> None:
