@@ -35,6 +35,7 @@ from . import _ekfac, _warn, linalg
 from ._factors import FactorSpec, block_traces
 from ._stats import DiagonalStatistics, LayerStatistics, Scale
 from .layers import LayerAdapter
+from .layers.base import GradientParts
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,12 @@ def _accepted(ok: Tensor, present: Tensor | None) -> tuple[Tensor, Tensor]:
 
 
 def _fold_weight(updates: Tensor, decay: float, keep: Tensor, dtype: torch.dtype) -> Tensor:
-    """w = 1-β per kept block (1 for its first accepted update), 0 where not kept."""
-    return torch.where(updates > 0, 1.0 - decay, 1.0).to(dtype) * keep
+    """w = 1-β per kept block (1 for its first accepted update), 0 where not kept.
+
+    Built in ``dtype`` from the start: a float32 intermediate would round 1-β (float64
+    factors would then average with a weight off by ~1e-9 relative)."""
+    one = torch.ones((), dtype=dtype, device=updates.device)
+    return torch.where(updates > 0, one * (1.0 - decay), one) * keep
 
 
 @dataclass(eq=False)
@@ -191,7 +196,10 @@ class DiagonalParam:
     """A parameter preconditioned by its diagonal empirical Fisher: p.grad ← p.grad / (F + ε).
 
     ``F`` is the running average (same cadence, decay and reduction scaling as the Kronecker
-    factors), ``inverse`` = 1 / (F + ε) as of the last decomposition step, shaped like p.
+    factors), ``inverse`` = 1 / (F + ε) as of the last decomposition step, shaped like p, and
+    ``curvature`` the F (clipped at 0) it was computed from: the constraint's Kronecker form
+    measures the step with the same curvature that made it, as the Kronecker layers do with
+    their decompositions' eigenvalues.
     """
 
     name: str
@@ -201,6 +209,7 @@ class DiagonalParam:
     updates: Tensor | None = None
     skipped: Tensor | None = None
     inverse: Tensor | None = None
+    curvature: Tensor | None = None
 
     def take(self, loss_reduction: str, loss_scale: Tensor | None = None) -> tuple[Tensor, Scale]:
         return self.stats.take(loss_reduction, loss_scale)
@@ -244,6 +253,7 @@ class DiagonalParam:
             mean = f.mean()
             eps = damping * torch.where((mean > 0) & torch.isfinite(mean), mean, 1.0)
         self.inverse = (f + eps).reciprocal_().view(self.param.shape)
+        self.curvature = f
         return True
 
 
@@ -471,7 +481,7 @@ class Bucket:
             The layers whose gradients were rewritten, and the ``(B,)`` per-block values
             ``fn`` returned beside the gradients (None if it returned none).
         """
-        members: list[tuple[Layer, list[tuple[Tensor, int]]]] = []
+        members: list[tuple[Layer, GradientParts]] = []
         for layer in self.active:
             parts = layer.adapter.gradient_parts()
             if parts is not None:
@@ -498,10 +508,12 @@ class Bucket:
         if out is not grads:  # a new tensor, laid out like the gathered one
             slots = self._part_views(out, members)
         torch._foreach_copy_(sources, slots)
+        for _, parts in members:
+            parts.flush()
         return [layer for layer, _ in members], extra
 
     def _part_views(
-        self, stack: Tensor, members: list[tuple[Layer, list[tuple[Tensor, int]]]]
+        self, stack: Tensor, members: list[tuple[Layer, GradientParts]]
     ) -> list[Tensor]:
         """The views of a ``(B, g_pad, a_pad)`` stack that hold the members' gradient parts,
         in order."""
@@ -530,8 +542,9 @@ def precondition_diagonal(
 
     Returns:
         The parameters rewritten and, with ``with_form``, Σ F ∇̃² over them (0-d, in the
-        factor dtype; None without a rewritten parameter): ∇̃ᵀ diag(F) ∇̃, the diagonal
-        empirical Fisher's share of the constraint's Kronecker form (damping excluded).
+        factor dtype; None without a rewritten parameter): ∇̃ᵀ diag(F) ∇̃ with the F of the
+        last decomposition step (``curvature``), the diagonal empirical Fisher's share of
+        the constraint's Kronecker form (damping excluded).
     """
     done, grads, inverses = [], [], []
     for d in params:
@@ -547,7 +560,8 @@ def precondition_diagonal(
     parts = []
     device = grads[0].device
     for d, g in zip(done, grads):
-        assert d.F is not None
-        gf = g.reshape(-1).to(d.F.dtype)
-        parts.append((d.F.clamp_min(0.0) * gf * gf).sum().to(device))
+        f = d.curvature
+        assert f is not None
+        gf = g.reshape(-1).to(f.dtype)
+        parts.append((f * gf * gf).sum().to(device))
     return done, torch.stack(parts).sum()

@@ -283,9 +283,15 @@ class KFACOptions:
             raise RuntimeError("no lr was given")  # guarded at construction
         if callable(lr):
             value = lr(step)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
                 raise ValueError(
-                    f"lr({step}) returned {value!r}: the lr callable must return a number > 0"
+                    f"lr({step}) returned {value!r}: the lr callable must return a finite "
+                    "number > 0"
                 )
             return float(value)
         return lr

@@ -13,6 +13,16 @@ Nothing is captured in eval mode, when grad mode is off, or inside torch.func tr
 keep no calls (no statistics, and no per-example loss changes for the constraint), and in
 eval mode, the tensor hook only reports that a backward pass happened.
 
+Which backward passes count: those that accumulate into the ``.grad`` of the module's
+parameters (``loss.backward()``), since ``p.grad`` is what step() preconditions and the
+optimizer steps on. A ``torch.autograd.grad`` call or a ``backward(inputs=...)`` that leaves
+the module's parameters alone (saliency maps, input-gradient penalties, gradient-norm logging)
+passes the layer unrecorded and leaves its call for the backward that does. A second backward
+that reaches the same call (two losses through a retained graph) and one with
+``create_graph=True`` (a gradient penalty, whose second-order terms reach the weights without
+passing through the module's output) cannot be expressed in the factors: they raise, unless
+run inside the owner's ``ignored()`` block (see ``Capture.ignoring``).
+
 Calls are grouped into *passes*: all forward calls between two backward passes belong to one
 pass, so a module applied several times in one forward pass (shared weights across depth or
 time) is recognised as such, while micro-batches of gradient accumulation (forward, backward,
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +47,58 @@ from .layers import ModuleAdapter
 def _in_functorch_transform() -> bool:
     """Inside torch.func's vmap/grad/jacrev, tensors are wrapped: leave those calls alone."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+_will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+
+
+def _accumulators(params: list[nn.Parameter]) -> list[Any]:
+    """The autograd nodes that accumulate into these parameters' ``.grad`` (grad mode on).
+
+    Holding them keeps them alive, so the engine reuses the same node for every graph."""
+    nodes: list[Any] = []
+    for p in params:
+        view: Any = p.view_as(p)
+        nodes.append(view.grad_fn.next_functions[0][0])
+    return nodes
+
+
+def _reaches_grads(accumulators: list[Any]) -> bool:
+    """Inside a backward pass: whether it accumulates into any of these parameters' ``.grad``.
+
+    False for ``torch.autograd.grad`` (whose results are returned, not accumulated) and for
+    ``backward(inputs=...)`` that leaves them out.
+    """
+    if _will_execute is None or not accumulators:
+        return True
+    for node in accumulators:
+        try:
+            if _will_execute(node):
+                return True
+        except RuntimeError:
+            # torch.autograd.grad with the parameter among its inputs: its gradient is
+            # returned to the caller, never accumulated into .grad.
+            return False
+    return False
+
+
+class _Holder:
+    """What one forward call saved, until the gradient that feeds the factors arrives.
+
+    Attributes:
+        saved: what the adapter saved (None once released, or when the call keeps nothing).
+        fed: gradients of the user's backward passes (not sampled ones) recorded so far.
+    """
+
+    __slots__ = ("__weakref__", "fed", "saved")
+
+    def __init__(self, saved: Any) -> None:
+        self.saved = saved
+        self.fed = 0
+
+
+class BackwardError(RuntimeError):
+    """A backward pass whose gradient the factors cannot hold (raised inside ``backward()``)."""
 
 
 class Capture:
@@ -53,10 +116,12 @@ class Capture:
         on_call: optional ``on_call(name, pass_id)``, told in the forward pass of every call
             whose statistics will be recorded (so that a listener knows when a module's
             statistics of a pass are complete: one ``record`` per announced call).
-        hold_inputs: hand what a call saved to ``record`` on *every* gradient that reaches its
-            output (several backward passes through a retained graph, as the sampled-target
-            backward of ``fisher_type="mc"`` does) and keep it until ``release()``, instead
-            of releasing it at the first gradient.
+        hold_inputs: hand what a call saved to ``record`` on the sampled-target backward
+            of ``fisher_type="mc"`` *and* on the user's backward through the retained graph,
+            and keep it until ``release()`` (or until the call's graph is freed), instead of
+            releasing it at the first gradient.
+        sampling: tells whether the backward pass running now is the sampled-target one
+            (``torch.autograd.grad`` by design: it feeds the factors all the same).
     """
 
     def __init__(
@@ -68,10 +133,20 @@ class Capture:
         record: Callable[[str, Any, Tensor, int], None],
         on_call: Callable[[str, int], None] | None = None,
         hold_inputs: bool = False,
+        sampling: Callable[[], bool] | None = None,
     ) -> None:
         self._wants_calls = wants_calls
         self._hold_inputs = hold_inputs
-        self._held: list[list[Any]] = []
+        self._sampling = sampling if sampling is not None else lambda: False
+        # Weak: a call whose graph was freed without a backward (a forward never
+        # backpropagated) must not keep its inputs alive until release().
+        self._held: weakref.WeakSet[_Holder] = weakref.WeakSet()
+        self._ignoring = 0
+        self._accumulators: dict[str, list[Any]] = {}
+        self._params = {
+            name: [p for p in adapter.module.parameters() if p.requires_grad]
+            for name, adapter in adapters.items()
+        }
         self._on_call = on_call
         self._on_backward = on_backward
         self._record = record
@@ -99,9 +174,22 @@ class Capture:
 
     def release(self) -> None:
         """Drop what calls saved for further backward passes (``hold_inputs``)."""
-        for holder in self._held:
-            holder[0] = None
+        for holder in list(self._held):
+            holder.saved = None
         self._held.clear()
+
+    def ignoring(self) -> Any:
+        """A context in which backward passes reaching watched outputs are not recorded,
+        do not count as a backward pass, and raise nothing: for gradients the caller
+        knowingly leaves out of the factors (a gradient penalty's ``create_graph``
+        backward, an auxiliary loss)."""
+        return _Ignoring(self)
+
+    def _accumulators_of(self, name: str) -> list[Any]:
+        nodes = self._accumulators.get(name)
+        if nodes is None:
+            nodes = self._accumulators[name] = _accumulators(self._params[name])
+        return nodes
 
     def _keeps(self, module: nn.Module) -> bool:
         return (
@@ -137,30 +225,76 @@ class Capture:
                 self._pass_id += 1
                 self._backward_since_forward = False
             keep = module.training and self._wants_calls()
-            # What the call saved lives in a one-slot holder released when the gradient
-            # arrives (with hold_inputs: at release()), so a caller that keeps the output
-            # alive does not keep the input alive through us.
-            holder: list[Any] = [adapter.save(args, kwargs, before) if keep else None]
+            # What the call saved lives in a holder released when the gradient arrives
+            # (with hold_inputs: at release()), so a caller that keeps the output alive does
+            # not keep the input alive through us.
+            holder = _Holder(adapter.save(args, kwargs, before) if keep else None)
+            kept = holder.saved is not None
             pass_id = self._pass_id
             hold = self._hold_inputs
-            if holder[0] is not None:
+            nodes = self._accumulators_of(name)
+            if kept:
                 if hold:
-                    self._held.append(holder)
+                    self._held.add(holder)
                 if self._on_call is not None:
                     self._on_call(name, pass_id)
 
             def on_grad(grad: Tensor) -> None:
+                if self._ignoring:
+                    return
+                sampling = self._sampling()
+                if not sampling:
+                    if kept and torch.is_grad_enabled():
+                        raise BackwardError(_create_graph_message(name))
+                    if not _reaches_grads(nodes):
+                        return  # leaves p.grad alone: the call waits for the backward that doesn't
+                    if kept and holder.fed:
+                        raise BackwardError(_second_backward_message(name))
+                    holder.fed += 1
                 self._backward_since_forward = True
                 self._on_backward()
-                saved = holder[0]
+                saved = holder.saved
                 if not hold:
-                    holder[0] = None
-                if saved is not None:
+                    holder.saved = None
+                if saved is not None and grad.numel() > 0:  # an empty batch adds nothing
                     self._record(name, saved, grad, pass_id)
 
             watched.register_hook(_tensor_hook(on_grad))
 
         return _eager_when_compiling(hook)
+
+
+class _Ignoring:
+    def __init__(self, capture: Capture) -> None:
+        self._capture = capture
+
+    def __enter__(self) -> None:
+        self._capture._ignoring += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._capture._ignoring -= 1
+
+
+def _create_graph_message(name: str) -> str:
+    return (
+        f"kfac_ef: a backward pass with create_graph=True reached the output of {name!r} "
+        "(a gradient penalty or another higher-order gradient). Terms built from such "
+        "gradients reach the weights' .grad without passing through the layer's output, so "
+        "the factors could not hold the gradient the optimizer steps on. Run that "
+        "torch.autograd.grad(..., create_graph=True) inside `with precond.ignored():` to leave "
+        "those terms out of the factors knowingly (their gradient still reaches p.grad and is "
+        "preconditioned), or leave the layer out with skip_layers."
+    )
+
+
+def _second_backward_message(name: str) -> str:
+    return (
+        f"kfac_ef: a second backward pass reached the output of {name!r} from the same forward "
+        "call (several losses through a retained graph). p.grad holds the sum of their "
+        "gradients, but the factors need each example's summed gradient, which the separate "
+        "passes do not give: add the losses and call backward() once, or run the extra "
+        "backward inside `with precond.ignored():` to leave its gradient out of the factors."
+    )
 
 
 def _eager_when_compiling(

@@ -61,6 +61,7 @@ or stopped calling ``step()``) is re-raised as a RuntimeError that says so.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -80,6 +81,7 @@ from ._blocks import DiagonalParam, Layer, Results, Taken
 from ._factors import FactorSpec
 from ._options import KFACOptions
 from ._stats import Scale
+from .layers.base import GradientParts
 
 if TYPE_CHECKING:
     from ._discovery import Plan as Discovered
@@ -391,8 +393,9 @@ def _group_timeout(group: Any) -> timedelta | None:
 
 # Groups made by this module, by (parent group, global ranks): every preconditioner of a
 # program reuses them instead of opening new connections each time. Forgotten when the
-# default group changes (destroy_process_group, then a new init_process_group).
-_GROUPS: dict[tuple[int, tuple[int, ...]], Any] = {}
+# default group changes (destroy_process_group, then a new init_process_group). Each entry
+# holds its parent too, so that the parent's id cannot be reused by another group.
+_GROUPS: dict[tuple[int, tuple[int, ...]], tuple[Any, Any]] = {}
 _GROUPS_WORLD: list[Any] = [None]
 
 
@@ -414,8 +417,8 @@ def _new_group(parent: Any, ranks: list[int], everyone: bool) -> Any:
             group = dist.new_group(ranks, timeout=timeout, use_local_synchronization=True)
         else:
             group = None
-        _GROUPS[key] = group
-    return _GROUPS[key]
+        _GROUPS[key] = (parent, group)
+    return _GROUPS[key][1]
 
 
 class Distributor:
@@ -550,8 +553,8 @@ class Distributor:
             [int.from_bytes(digest[:7], "big")], dtype=torch.int64, device=self._control_device
         )
         gathered = [torch.empty_like(local) for _ in range(self.world)]
-        self._wait(
-            dist.all_gather(gathered, local, group=self.group, async_op=True),
+        self._run(
+            lambda: dist.all_gather(gathered, local, group=self.group, async_op=True),
             "the check that all ranks have the same layers",
         )
         if len({int(t.item()) for t in gathered}) == 1:
@@ -591,16 +594,31 @@ class Distributor:
         return buckets
 
     # ------------------------------------------------------------------ plumbing
+    def _failure(self, what: str, exc: Exception) -> RuntimeError:
+        return RuntimeError(
+            f"kfac_ef: {what} failed on rank {self.rank} of {self.world} — another rank "
+            "probably died, hung, or stopped calling step() in step with the others "
+            "(every rank must run the same number of backward passes and step() calls). "
+            f"Cause: {exc}"
+        )
+
+    def _start(self, launch: Callable[[], Any], what: str) -> Any:
+        """Launch a collective (``async_op=True``); a failure to launch (a peer already gone)
+        raises the same error as a failed wait."""
+        try:
+            return launch()
+        except Exception as exc:  # noqa: BLE001 (gloo/NCCL raise RuntimeError subclasses)
+            raise self._failure(what, exc) from exc
+
     def _wait(self, work: Any, what: str) -> None:
         try:
             work.wait()
         except Exception as exc:  # noqa: BLE001 (gloo/NCCL raise RuntimeError subclasses)
-            raise RuntimeError(
-                f"kfac_ef: {what} failed on rank {self.rank} of {self.world} — another rank "
-                "probably died, hung, or stopped calling step() in step with the others "
-                "(every rank must run the same number of backward passes and step() calls). "
-                f"Cause: {exc}"
-            ) from exc
+            raise self._failure(what, exc) from exc
+
+    def _run(self, launch: Callable[[], Any], what: str) -> None:
+        """Launch a collective and wait for it."""
+        self._wait(self._start(launch, what), what)
 
     def _count(self, kind: str, t: Tensor, source: bool = False) -> None:
         if not source:
@@ -717,7 +735,10 @@ class Distributor:
                 g_part.mul_(float(examples) ** 2)
             counts += [float(rows), float(examples)]
         buf[bucket.counts :].copy_(torch.tensor(counts, dtype=buf.dtype), non_blocking=True)
-        bucket.work = dist.all_reduce(buf, group=self.group, async_op=True)
+        bucket.work = self._start(
+            lambda: dist.all_reduce(buf, group=self.group, async_op=True),
+            "the all-reduce of factor statistics",
+        )
         bucket.dirty = False
         self._count("statistics", buf)
 
@@ -843,8 +864,8 @@ class Distributor:
             tail[:b] = has
             tail[b:] = entry.updates.to(dtype)
         self._count("factors", buf)
-        self._wait(
-            dist.all_reduce(buf, group=self.group, async_op=True),
+        self._run(
+            lambda: dist.all_reduce(buf, group=self.group, async_op=True),
             "the all-reduce of running factors",
         )
         pos = 0
@@ -944,8 +965,9 @@ class Distributor:
                     if got is not None and got[1]:
                         flags[k] = 1.0
             self._count("decompositions", buf, source=src == self.rank)
-            self._wait(
-                dist.broadcast(
+            self._run(
+                functools.partial(
+                    dist.broadcast,
                     buf,
                     src=self.ranks[src],
                     group=self._column_group,
@@ -996,12 +1018,14 @@ class Distributor:
         for c in range(self.grid.columns):
             src = self._my_row * self.grid.columns + c
             views: list[Tensor] = []
+            written: list[GradientParts] = []
             for layer in self._layers:
                 if self.plan.column[layer.name] != c:
                     continue
                 parts = layer.adapter.gradient_parts()
                 if parts is not None:
                     views += [view for view, _ in parts]
+                    written.append(parts)
             if not views:
                 continue
             dtype = views[0].dtype
@@ -1016,13 +1040,20 @@ class Distributor:
             else:
                 buf = torch.empty(sum(v.numel() for v in views), dtype=dtype, device=self.device)
             self._count("gradients", buf, source=src == self.rank)
-            work = dist.broadcast(buf, src=self.ranks[src], group=self._row_group, async_op=True)
-            pending.append((work, buf, views, src == self.rank))
-        for work, buf, views, mine in pending:
+            work = self._start(
+                functools.partial(
+                    dist.broadcast, buf, src=self.ranks[src], group=self._row_group, async_op=True
+                ),
+                "the broadcast of preconditioned gradients",
+            )
+            pending.append((work, buf, views, written, src == self.rank))
+        for work, buf, views, written, mine in pending:
             self._wait(work, "the broadcast of preconditioned gradients")
             if not mine:
                 pieces = buf.split([v.numel() for v in views])
                 torch._foreach_copy_(views, [p.view_as(v) for p, v in zip(pieces, views)])
+                for parts in written:
+                    parts.flush()
 
     # ------------------------------------------------------------------ lifecycle
     def after_load(self, missing: bool) -> bool:
@@ -1033,8 +1064,8 @@ class Distributor:
             if not self.preconditions(layer):
                 layer.decomposition = None
         flag = torch.tensor([1.0 if missing else 0.0], device=self._control_device)
-        self._wait(
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
+        self._run(
+            lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
             "the agreement on checkpointed decompositions",
         )
         self._active = None
@@ -1063,8 +1094,10 @@ class Distributor:
                 ],
                 device=self._control_device,
             )
-            self._wait(
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
+            self._run(
+                lambda: dist.all_reduce(
+                    flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True
+                ),
                 "the agreement on preconditioned layers",
             )
             self._active = {
@@ -1089,8 +1122,8 @@ class Distributor:
     def _sum(self, t: Tensor, group: Any) -> Tensor:
         t = t.clone()
         self._count("constraint", t)
-        self._wait(
-            dist.all_reduce(t, group=group, async_op=True),
+        self._run(
+            lambda: dist.all_reduce(t, group=group, async_op=True),
             "the reduction of the loss-change constraint",
         )
         return t
@@ -1128,8 +1161,8 @@ class Distributor:
             pos += size
         buf[total:].copy_(torch.tensor(counts, dtype=dtype), non_blocking=True)
         self._count("statistics", buf)
-        self._wait(
-            dist.all_reduce(buf, group=self.group, async_op=True),
+        self._run(
+            lambda: dist.all_reduce(buf, group=self.group, async_op=True),
             "the all-reduce of EKFAC statistics",
         )
         inv_sigma2 = None if sigma is None else 1.0 / sigma.to(self.device, dtype).square()

@@ -117,8 +117,12 @@ def damped_inverses(mats: Tensor, shift: Tensor) -> tuple[Tensor, list[bool]]:
     eye = torch.eye(mats.shape[-1], dtype=mats.dtype, device=mats.device)
     damped = mats + shift.to(mats.dtype).view(-1, 1, 1) * eye
     chol, info = torch.linalg.cholesky_ex(damped)
-    inv = torch.cholesky_inverse(chol)
-    failed = (info != 0) | ~torch.isfinite(inv.sum(dim=(1, 2)))
+    factored = (info == 0).view(-1, 1, 1)
+    # A failed factorization leaves a partial factor with a zero or NaN pivot, on which
+    # cholesky_inverse raises for the whole stack: invert the identity there instead, and
+    # take those matrices by the eigenvalue route below.
+    inv = torch.cholesky_inverse(torch.where(factored, chol, eye))
+    failed = ~factored.view(-1) | ~torch.isfinite(inv.sum(dim=(1, 2)))
     ok = [True] * mats.shape[0]
     for i in failed.nonzero().flatten().tolist():
         eig = eigh_psd(mats[i : i + 1])

@@ -8,7 +8,9 @@ and, every ``inv_update_steps``, decompositions (_blocks.py, linalg.py) -> step(
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import math
 import sys
 import weakref
 from collections import defaultdict
@@ -164,6 +166,90 @@ def _structure(model: nn.Module) -> list[tuple[str, str, int, tuple[int, ...], t
                 )
             )
     return out
+
+
+# Backward passes whose calls may be held until step() before a warning (gradient
+# accumulation over more micro-batches than this is unusual; a loop without step() is a bug).
+_HELD_PASSES_WARNING = 64
+
+
+def _weak(method: Any, default: Any) -> Any:
+    """``method`` called through a weak reference to its object (``default`` once the object
+    is gone): the hooks must not keep the preconditioner alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> Any:
+        bound = ref()
+        return default if bound is None else bound(*args)
+
+    return call
+
+
+def _snapshot(saved: Any) -> Any:
+    """A copy of the tensors in what a call saved (tuples, lists, dicts and dataclasses of
+    them walked through; other values kept as they are)."""
+    if isinstance(saved, Tensor):
+        return saved.clone()
+    if isinstance(saved, tuple | list):
+        return type(saved)(_snapshot(x) for x in saved)
+    if isinstance(saved, dict):
+        return {k: _snapshot(v) for k, v in saved.items()}
+    if dataclasses.is_dataclass(saved) and not isinstance(saved, type):
+        changes = {
+            f.name: _snapshot(getattr(saved, f.name)) for f in dataclasses.fields(saved) if f.init
+        }
+        return dataclasses.replace(saved, **changes)
+    return saved
+
+
+def _value_problems(
+    state: Mapping[str, Any], layers: Mapping[str, Any], diagonal: Mapping[str, Any]
+) -> list[str]:
+    """What in a checkpoint's values cannot be loaded: non-finite factors, decompositions
+    or inverses (they would turn every gradient into NaN), negative counters."""
+    problems: list[str] = []
+
+    def count(where: str, value: Any) -> None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        if not ok and isinstance(value, Tensor):
+            ok = not value.is_floating_point() and bool((value >= 0).all())
+        if not ok:
+            problems.append(f"{where} must be a non-negative integer count, got {value!r}")
+
+    def finite(where: str, value: Any, minimum: float | None = None) -> None:
+        if not isinstance(value, Tensor):
+            problems.append(f"{where} must be a tensor, got {type(value).__name__}")
+        elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            problems.append(f"{where} has {bad} non-finite entries")
+        elif minimum is not None and value.numel() and float(value.min()) < minimum:
+            problems.append(f"{where} has entries below {minimum}")
+
+    count("steps", state.get("steps"))
+    if state.get("skipped_steps") is not None:
+        count("skipped_steps", state["skipped_steps"])
+    examples = state.get("stats_examples", 1.0)
+    if not (isinstance(examples, int | float) and math.isfinite(examples) and examples > 0):
+        problems.append(f"stats_examples must be a finite number > 0, got {examples!r}")
+    for name, entry in layers.items():
+        for key in ("A", "G"):
+            finite(f"{name}: {key}", entry.get(key))
+        for key in ("updates", "skipped", "scale_updates"):
+            if entry.get(key) is not None:
+                count(f"{name}: {key}", entry[key])
+        for n in entry.get("failures", (0, 0)):
+            count(f"{name}: failures", n)
+        for key, value in (entry.get("decomposition") or {}).items():
+            finite(f"{name}: decomposition {key!r}", value)
+    for name, entry in diagonal.items():
+        finite(f"{name}: F", entry.get("F"))
+        for key in ("updates", "skipped"):
+            count(f"{name}: {key}", entry.get(key))
+        if entry.get("inverse") is not None:
+            finite(f"{name}: inverse", entry["inverse"], minimum=0.0)
+        if entry.get("curvature") is not None:
+            finite(f"{name}: curvature", entry["curvature"], minimum=0.0)
+    return problems
 
 
 class KFACPreconditioner:
@@ -379,14 +465,21 @@ class KFACPreconditioner:
         self._stats_examples: float | Tensor = 1.0  # examples of the last statistics step
         self._warned_missing: set[str] = set()
         self._record_last: StepRecord | None = None
+        self._passes_held = 0  # backward passes whose calls are held until step()
+        self._last_held_pass = -1
+        self._warned_held = False
+        # The hooks call back through weak references: a preconditioner dropped without
+        # remove() is collected, and its finalizer detaches the hooks.
         self._capture = Capture(
             {name: route.adapter for name, route in self._routes.items()},
-            wants_calls=self._wants_calls,
-            on_backward=self._on_backward,
-            record=self._record,
-            on_call=self._on_call if self._dist is not None else None,
+            wants_calls=_weak(self._wants_calls, False),
+            on_backward=_weak(self._on_backward, None),
+            record=_weak(self._record, None),
+            on_call=_weak(self._on_call, None) if self._dist is not None else None,
             hold_inputs=self.options.fisher_type == "mc",
+            sampling=_weak(self._is_sampling, False),
         )
+        weakref.finalize(self, self._capture.remove)
 
     def _hooked_modules(self) -> list[tuple[str, nn.Module]]:
         return [(name, route.adapter.module) for name, route in self._routes.items()]
@@ -412,6 +505,9 @@ class KFACPreconditioner:
         """Whether this step keeps what calls save: for statistics, or for the exact form."""
         return self._wants_statistics() or self.options.needs_loss_records
 
+    def _is_sampling(self) -> bool:
+        return self._sampling
+
     def _on_backward(self) -> None:
         if not self._sampling:
             self._backward_seen = True
@@ -426,7 +522,18 @@ class KFACPreconditioner:
         opts = self.options
         # Which backward feeds the factors: the user's loss (empirical) or the sampled one.
         feeds_factors = self._sampling == (opts.fisher_type == "mc")
-        call = (saved, grad.detach(), pass_id)
+        held: Held | None = None
+
+        def call() -> Held:
+            # Calls held until step() are copied: an input buffer the caller overwrites in
+            # place between backward() and step() (a reused batch buffer) must not change
+            # what step() computes from them.
+            nonlocal held
+            if held is None:
+                held = (_snapshot(saved), grad.detach(), pass_id)
+                self._note_held(pass_id)
+            return held
+
         if feeds_factors and self._wants_statistics() and (route.layers or route.params):
             with torch.no_grad():
                 obs = route.adapter.observe(
@@ -440,11 +547,49 @@ class KFACPreconditioner:
                     if per_example is not None:
                         entry.stats.add(per_example, pass_id)
                 if opts.damping_mode == "ekfac" and route.layers:
-                    self._fisher_calls[name].append(call)
+                    self._fisher_calls[name].append(call())
                 if self._dist is not None:
                     self._dist.on_record(name, pass_id)
         if not self._sampling and opts.needs_loss_records:
-            self._loss_calls[name].append(call)
+            self._loss_calls[name].append(call())
+
+    def _note_held(self, pass_id: int) -> None:
+        """Count the passes whose calls are held until step(); warn once when they pile up
+        (backward passes without step(): each pass's layer inputs stay in memory)."""
+        if pass_id == self._last_held_pass:
+            return
+        self._last_held_pass = pass_id
+        self._passes_held += 1
+        if self._passes_held > _HELD_PASSES_WARNING and not self._warned_held:
+            self._warned_held = True
+            _warn.warn(
+                f"{self._passes_held} backward passes since the last step(): with "
+                f"{self._held_reason()} the preconditioner keeps every pass's layer inputs "
+                "and output gradients until step(), so memory grows with each pass. Call "
+                "precond.step() once per optimizer step (or per accumulated batch)."
+            )
+
+    def _held_reason(self) -> str:
+        opts = self.options
+        if opts.damping_mode == "ekfac":
+            return 'damping_mode="ekfac"'
+        if opts.constraint == "exact":
+            return 'constraint="exact"'
+        return "track_loss_changes=True"
+
+    @contextlib.contextmanager
+    def ignored(self) -> Iterator[None]:
+        """Backward passes inside this block are left out of the factors.
+
+        Their gradients still accumulate into ``p.grad`` as usual (and step() preconditions
+        them), but they feed no statistics, do not count as the step's backward pass, and
+        raise nothing. For gradients you knowingly keep out of the curvature estimate: a
+        gradient penalty's ``torch.autograd.grad(..., create_graph=True)``, an auxiliary
+        loss backpropagated separately through a retained graph.
+        """
+        self._check_live()
+        with self._capture.ignoring():
+            yield
 
     @contextlib.contextmanager
     def _sampled_backward(self) -> Iterator[None]:
@@ -584,6 +729,8 @@ class KFACPreconditioner:
         self._loss_calls.clear()
         self._capture.release()
         self._sampled = False
+        self._passes_held = 0
+        self._last_held_pass = -1
 
     def _per_example_scale(self) -> float:
         """From the observed gradients (and losses) of this process to the per-example ones
@@ -1154,7 +1301,7 @@ class KFACPreconditioner:
                 name=d.name,
                 kind=self._kind_of(d),
                 numel=d.param.numel(),
-                state_bytes=3 * d.stats.nbytes(),  # running F, accumulator, 1/(F + ε)
+                state_bytes=4 * d.stats.nbytes(),  # running F, accumulator, 1/(F + ε), its F
             )
             for d in self._diagonal
         ]
@@ -1252,6 +1399,9 @@ class KFACPreconditioner:
                 "inverse": (
                     d.inverse.clone() if d.inverse is not None and decompositions else None
                 ),
+                "curvature": (
+                    d.curvature.clone() if d.curvature is not None and decompositions else None
+                ),
             }
         return {
             "format": STATE_FORMAT,
@@ -1260,6 +1410,9 @@ class KFACPreconditioner:
                 self._skipped_steps.clone() if self._skipped_steps is not None else None
             ),
             "options": self.options.to_dict(),
+            # Examples of the last statistics step: the "sum" Kronecker form divides by it
+            # on the steps until the next statistics step.
+            "stats_examples": float(self._stats_examples),
             "names": {
                 "layers": [layer.name for layer in self._layers],
                 "diagonal": [d.name for d in self._diagonal],
@@ -1338,6 +1491,7 @@ class KFACPreconditioner:
                     f"{name}: F has {entry['F'].numel()} entries, this model needs "
                     f"{d.param.numel()}"
                 )
+        problems += _value_problems(state, saved, saved_diag)
         if problems:
             raise ValueError("the checkpoint does not fit this model:\n  " + "\n  ".join(problems))
         saved_opts = state.get("options", {})
@@ -1388,7 +1542,7 @@ class KFACPreconditioner:
             d.stats.discard()
             dentry = saved_diag.get(d.name)
             if dentry is None:
-                d.F = d.updates = d.skipped = d.inverse = None
+                d.F = d.updates = d.skipped = d.inverse = d.curvature = None
                 continue
             device = d.param.device
             d.F = dentry["F"].to(device=device, dtype=dtype).clone()
@@ -1396,16 +1550,22 @@ class KFACPreconditioner:
             d.skipped = dentry["skipped"].to(device).clone()
             self._skipped_seen[d.name] = int(d.skipped.sum())
             inverse = dentry.get("inverse")
-            # 1/(F + ε) depends on ε in either damping mode.
-            if inverse is not None and same_eps:
+            curvature = dentry.get("curvature")
+            # 1/(F + ε) depends on ε in either damping mode. Checkpoints without the F it
+            # was computed from (older versions) recompute both from the running F.
+            if inverse is not None and curvature is not None and same_eps:
                 d.inverse = inverse.to(device=device, dtype=dtype).clone()
+                d.curvature = curvature.to(device=device, dtype=dtype).clone()
             else:
+                d.inverse = d.curvature = None
                 d.decompose(opts.damping, opts.damping_unit == "relative")
         if self._dist is not None:
             self._force_decompose = self._dist.after_load(self._force_decompose)
         for bucket in self._buckets:
             bucket.restack()
         self._steps = int(state["steps"])
+        # Older checkpoints lack it: the statistics step that follows sets it again.
+        self._stats_examples = float(state.get("stats_examples", 1.0))
         skipped_steps = state.get("skipped_steps")
         self._skipped_steps = (
             skipped_steps.to(self._device()).clone() if skipped_steps is not None else None

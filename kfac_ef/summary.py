@@ -59,7 +59,7 @@ class DiagonalSummary:
         name: parameter name.
         kind: kind of the module it belongs to.
         numel: its number of entries.
-        state_bytes: running F, accumulator and 1/(F + ε).
+        state_bytes: running F, accumulator, 1/(F + ε) and the F it was computed from.
     """
 
     name: str

@@ -1,11 +1,22 @@
 """Test configuration: Triton kernels run through Triton's interpreter on the CPU.
 
 TRITON_INTERPRET must be set before triton is imported anywhere, hence here, first.
+
+torch.compile's tests compile into a cache of this run's own: inductor's shared cache
+(/tmp/torchinductor_<user>) may hold kernels built by another process under other CPU
+settings (e.g. ATEN_CPU_CAPABILITY), which this run must not load.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="kfac_ef_inductor_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -32,6 +32,21 @@ class Pool(nn.Module):
         return x.reshape(x.shape[0], x.shape[1], -1).mean(-1)
 
 
+class SeqFirst(nn.Module):
+    """A sequence-first encoder layer (inputs (T, N, d)) with a PReLU activation module: its
+    per-example gradients sum over positions along the batch at dim 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(
+            6, 2, dim_feedforward=8, dropout=0.0, activation=nn.PReLU(), batch_first=False
+        )
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.enc(x.transpose(0, 1)).transpose(0, 1).mean(dim=1))
+
+
 def _frozen_weight_linear():
     lin = nn.Linear(4, 6)
     lin.weight.requires_grad_(False)
@@ -76,6 +91,14 @@ MODELS = {
         lambda: nn.Sequential(nn.Linear(4, 5), nn.PReLU(), nn.Linear(5, 2)),
         (4,),
         ["1.weight"],
+    ),
+    "prelu-seq-first": (
+        SeqFirst,
+        (3, 6),
+        [
+            "enc.activation.weight",
+            *(f"enc.norm{i}.{p}" for i in (1, 2) for p in ("weight", "bias")),
+        ],
     ),
     "lone-bias": (_frozen_weight_linear, (4,), ["0.bias"]),
     "called-twice": (Twice, (5, 6), ["norm.weight", "norm.bias"]),

@@ -72,12 +72,14 @@ def test_backward_after_remove_then_step_is_a_clear_error():
 
 def test_two_preconditioners_on_one_model_is_a_clear_error():
     model = _model()
-    KFACPreconditioner(model)
+    first = KFACPreconditioner(model)
     with pytest.raises(RuntimeError, match="already hooked by another KFACPreconditioner"):
         KFACPreconditioner(model)
     # A different model that shares a submodule is the same conflict.
     with pytest.raises(RuntimeError, match="already hooked"):
         KFACPreconditioner(nn.Sequential(model[0], nn.Linear(5, 1)))
+    first.remove()
+    KFACPreconditioner(model)
 
 
 def _untie(m: nn.Module) -> None:

@@ -226,33 +226,55 @@ class LayerAdapter(ModuleAdapter):
         """A bias-shaped tensor as ``(blocks, g_dim, 1)``."""
         return t.reshape(self.blocks, self.g_dim, 1)
 
-    def gradient_parts(self) -> list[tuple[Tensor, int]] | None:
-        """Views into the parameters' ``.grad`` as ``(blocks, g_dim, width)`` matrices, each
-        with its first column in [∇W | ∇b]; None when a gradient is missing.
+    def gradient_parts(self) -> GradientParts | None:
+        """The parameters' ``.grad`` as ``(blocks, g_dim, width)`` matrices, each with its
+        first column in [∇W | ∇b]; None when a gradient is missing.
 
-        Writing into the views writes the gradients (the preconditioner's only write).
+        Writing into the matrices and then calling ``flush()`` writes the gradients (the
+        preconditioner's only write). They are views into ``.grad`` when it is contiguous;
+        a gradient in another layout (a channels_last conv) is copied, and ``flush()`` copies
+        the result back into it, so ``p.grad`` keeps its identity and its strides.
         """
-        gw = _grad(self.weight)
+        parts = GradientParts()
+        gw = parts.matrix(self.weight, self.weight_matrix)
         if gw is None:
             return None
-        parts = [(self.weight_matrix(gw), 0)]
+        parts.append((gw, 0))
         if self.bias is not None:
-            gb = _grad(self.bias)
+            gb = parts.matrix(self.bias, self.bias_matrix)
             if gb is None:
                 return None
-            parts.append((self.bias_matrix(gb), self.a_dim0))
+            parts.append((gb, self.a_dim0))
         return parts
 
     def describe(self) -> str:
         return self.kind
 
 
-def _grad(p: nn.Parameter) -> Tensor | None:
-    """``p.grad``, made contiguous in place if needed, so that reshapes of it are views."""
-    g = p.grad
-    if g is not None and not g.is_contiguous():
-        p.grad = g = g.contiguous()
-    return g
+class GradientParts(list[tuple[Tensor, int]]):
+    """``(matrix, first column)`` pairs of one layer's gradient (see
+    :meth:`LayerAdapter.gradient_parts`), with the copies to write back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._writeback: list[tuple[Tensor, Tensor]] = []
+
+    def matrix(self, p: nn.Parameter, as_matrix: Any) -> Tensor | None:
+        """``as_matrix(p.grad)``: a view when ``p.grad`` is contiguous, else a copy that
+        :meth:`flush` writes back. None without a gradient."""
+        g = p.grad
+        if g is None:
+            return None
+        if g.is_contiguous():
+            return as_matrix(g)
+        m = as_matrix(g.contiguous())
+        self._writeback.append((g, m))
+        return m
+
+    def flush(self) -> None:
+        """Write the copied matrices back into the gradients they came from."""
+        for g, m in self._writeback:
+            g.copy_(m.reshape(g.shape))
 
 
 def _prod(xs: tuple[int, ...]) -> int:
@@ -286,6 +308,7 @@ def flatten_positions(t: Tensor, batched: bool, channels_last: bool, batch_dim: 
 
 
 __all__ = [
+    "GradientParts",
     "Inputs",
     "LayerAdapter",
     "ModuleAdapter",

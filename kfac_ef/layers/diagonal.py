@@ -145,9 +145,14 @@ class PReLUAdapter(ModuleAdapter):
         t = grad.to(dtype) * x.to(dtype).clamp(max=0)
         if t.dim() == 0:
             t = t.reshape(1, 1)
-        n = t.shape[0]
+        bd = self.batch_dim if t.dim() > 2 else 0  # sequence-first (T, N, ...) inputs
+        n = t.shape[bd]
         if w.numel() == 1:
-            per = t.reshape(n, -1).sum(dim=1, keepdim=True)
+            per = t.movedim(bd, 0).reshape(n, -1).sum(dim=1, keepdim=True)
+        elif bd == 1:
+            # torch applies the weights along dim 1, here the batch: example n meets only
+            # w[n] (the module requires as many examples as weights).
+            per = torch.diag_embed(t.movedim(1, 0).reshape(n, -1).sum(dim=1))
         else:
             per = t.reshape(n, t.shape[1], -1).sum(dim=2)
         obs.per_example[id(w)] = per.reshape(n, *w.shape)
