@@ -369,6 +369,31 @@ def dead_peer(rank: int, world: int, how: str) -> dict[str, Any]:
     return {"error": None, "seconds": time.monotonic() - start}
 
 
+def dead_before_backward(rank: int, world: int, ddp: bool) -> dict[str, Any]:
+    """One step together, then rank 1 exits before its next backward; rank 0's next
+    backward and step() (K-FAC's collectives launch during the backward) must fail with an
+    error that says what happened."""
+    model: nn.Module = make_model()
+    if ddp:  # no buffers to broadcast: the next forward sends nothing
+        model = DistributedDataParallel(model, broadcast_buffers=False)
+    pre = KFACPreconditioner(model, distributed=True, **Scenario("x").kfac_options())
+    x, y = batch(0, 4)
+    for _ in range(2):  # DDP rebuilds its buckets after the first iteration (a broadcast)
+        model.zero_grad()
+        losses(model, x, y).mean().backward()
+        pre.step()
+    if rank == 1:
+        os._exit(3)
+    time.sleep(0.5)  # let the peer's exit reach the connections
+    model.zero_grad()
+    try:
+        losses(model, x, y).mean().backward()
+        pre.step()
+    except RuntimeError as exc:
+        return {"error": str(exc)}
+    return {"error": None}
+
+
 class Branchy(nn.Module):
     """A trunk, a head, a branch used only when asked, and a layer never used."""
 

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from kfac_ef import DistributedOptions, KFACOptions, KFACPreconditioner
+from kfac_ef import distributed as kfac_dist
 from kfac_ef.distributed import Grid, Plan, _check_supported, grad_workers, lpt, resolve
 
 from . import distributed_harness as harness
@@ -20,6 +21,7 @@ from .distributed_workers import (
     TOKEN_KFAC,
     Scenario,
     TokenNet,
+    dead_before_backward,
     dead_peer,
     identical_training,
     make_model,
@@ -481,7 +483,36 @@ def test_a_dead_or_hung_rank_fails_the_others_within_the_timeout(how):
     assert res["seconds"] < timeout + 20
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("ddp", [False, True], ids=["kfac-only", "ddp"])
+def test_a_rank_dead_before_its_backward_is_named(ddp):
+    """The survivor's error names kfac_ef and the likely cause whenever K-FAC's own
+    collectives meet the dead peer. With DDP, DDP's gradient all-reduce meets it first and
+    raises gloo's own error from backward(), K-FAC's launched collectives still in flight."""
+    (res,) = harness.run(
+        dead_before_backward, 2, ddp, time_limit_s=90.0, pg_timeout_s=4.0, wait_for=[0]
+    )
+    assert res["error"] is not None
+    if not ddp or "kfac_ef" in res["error"]:
+        assert "kfac_ef:" in res["error"] and "another rank" in res["error"], res["error"]
+
+
 # ---------------------------------------------------------------------- no processes
+
+
+def test_group_cache_keeps_the_parent_its_key_names(tmp_path):
+    """Cached groups are keyed by id(parent): the entry holds the parent, so that the id
+    cannot be reused by another group while the entry lives."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        parent = dist.new_group([0])
+        group = kfac_dist._new_group(parent, [0], everyone=True)
+        key = (id(parent), (0,))
+        assert kfac_dist._GROUPS[key] == (parent, group)
+    finally:
+        kfac_dist._GROUPS.clear()
+        dist.destroy_process_group()
 
 
 def test_lpt_balances_and_is_deterministic():
