@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfac_ef import KFACPreconditioner
-from kfac_ef.linalg import damped_inverses
+from kfac_ef.linalg import damped_inverse, damped_inverses, eigh_psd
 
 from .helpers import grads, step_once
 from .reference import mse_per_example, per_example_grads
@@ -138,15 +138,40 @@ def test_statistics_free_steps_do_not_mind_extra_backward_passes():
 
 
 def test_pi_damped_inverse_falls_back_when_cholesky_fails():
-    inv, ok = damped_inverses(torch.ones(1, 2, 2), torch.tensor([1e-9]))
-    assert ok == [True]
-    expected = torch.linalg.inv(torch.ones(2, 2, dtype=torch.float64) + 1e-9 * torch.eye(2))
-    torch.testing.assert_close(inv[0].double(), expected, rtol=1e-3, atol=0.0)
-    # One failing matrix does not spoil the others of the stack.
-    mats = torch.stack([torch.ones(2, 2), torch.eye(2)])
+    """A failed Cholesky factorization takes the documented eigenvalue route (it used to
+    raise from cholesky_inverse). Which one fails depends on the CPU's last bits, so a
+    singular M with a tiny shift is compared with that route itself, and a well-posed
+    matrix of the same stack must come out exact."""
+    singular = torch.ones(1, 2, 2)
+    shift = torch.tensor([1e-9])
+    inv, ok = damped_inverses(singular, shift)
+    assert ok == [True] and torch.isfinite(inv).all()
+    chol_ok = torch.linalg.cholesky_ex(singular + 1e-9 * torch.eye(2))[1] == 0
+    if not bool(chol_ok):  # this CPU takes the fallback: it is the eigenvalue route
+        torch.testing.assert_close(inv, damped_inverse(eigh_psd(singular), shift))
+    mats = torch.stack([singular[0], torch.eye(2)])
     inv, ok = damped_inverses(mats, torch.tensor([1e-9, 1.0]))
     assert ok == [True, True]
     torch.testing.assert_close(inv[1], 0.5 * torch.eye(2))
+
+
+def test_pi_damped_inverse_fallback_path_is_taken_when_the_factorization_fails(monkeypatch):
+    """Force every factorization to fail: each matrix goes the eigenvalue route."""
+    mats = torch.stack([torch.ones(2, 2), 2 * torch.eye(2)])
+    shift = torch.tensor([0.5, 1.0])
+    real = torch.linalg.cholesky_ex
+
+    def failing(m, **kwargs):
+        chol, info = real(m, **kwargs)
+        return chol.zero_(), torch.ones_like(info)  # a zero pivot, as a failed one leaves
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+    inv, ok = damped_inverses(mats, shift)
+    assert ok == [True, True]
+    eye = torch.eye(2, dtype=torch.float64)
+    for i in range(2):
+        expected = torch.linalg.inv(mats[i].double() + shift[i].item() * eye)
+        torch.testing.assert_close(inv[i].double(), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
