@@ -1,36 +1,47 @@
 """Triton kernels against torch eager and torch.compile, side by side in one run.
 
-Three kernels (docs/kernels.md):
+Three kernels (docs/kernels.md), and the whole ``step()``:
 
 - ``factor_stats``: F ← β F + α X̃ᵀX̃ with the ones column (a layer with a bias), X of shape
   (rows, d) in float32 or bfloat16, F float32. Variants: ``triton``; ``eager`` (the torch
   reference: upcast copy, full-square baddbmm, border); ``compiled`` (torch.compile of the
   reference); ``addmm`` (torch.addmm on the full (d+1)² matrix from a float32 X̃ prepared
-  outside the timing: the GEMM alone, the baseline of the 1.6x target).
+  outside the timing: the GEMM alone, the baseline of the 1.6x target); ``gemm_aligned``
+  (torch.mm of X's d columns in X's dtype: a d² product with aligned leading dimensions,
+  the cuBLAS ceiling beside the unaligned (d+1)² products; d = 2048 shows the Triton
+  triangle's wave quantization, 136 tiles of 128 on 132 SMs).
 - ``precondition_eigen``: 8 same-shaped blocks (d × (d+1)), float32. Variants: ``triton``
   (default precision tf32x3), ``triton_ieee``, ``eager`` (four bmm and the division),
   ``compiled``.
 - ``precondition_factored`` (the "pi" chain): ``eager`` (two bmm, the dispatch's choice for
   blocks over 64) and ``compiled``; for small blocks (64 blocks of 32 × 33) also ``triton``.
+- ``step`` (``--only step``): a steady-state ``KFACPreconditioner.step()`` with its
+  statistics hooks (an MLP, decompositions amortized away) for backend "torch" and "auto",
+  beside the optimizer step alone, timed on CUDA under
+  ``torch.cuda.set_sync_debug_mode("error")``: a host-device synchronization fails the row.
+  The first-use checks of "auto" run in the warm-up steps; their verdicts are printed.
 
 CSV columns ``m``, ``n``: rows and columns of X for factor_stats (F is (n+1)²), the block
 shape m × n for preconditioning. Each shape also times a plain GEMM of the kernel's operand
 dtype and size (``gemm`` rows: torch.mm / torch.bmm) so that ``frac_gemm`` (executed FLOP/s
 over the GEMM's FLOP/s) is measured in the same run. ``tflops`` counts the FLOPs each
 variant executes: the triangle rows·d'(d'+1) for the Triton factor statistics, 2·rows·d'²
-for the full products.
+for the full products. ``programs``: the Triton factor-statistics launch's programs
+(tiles × row splits) beside ``sms``, the device's multiprocessors.
 
 Timings: ``triton.testing.do_bench`` median on CUDA; on the CPU (``--smoke``: tiny shapes
 through Triton's interpreter, to keep this script runnable in CI) a median of wall times,
 which says nothing about speed. Results are appended to a CSV with the machine's details.
 
     python benchmarks/kernels.py                        # CUDA: full set
+    python benchmarks/kernels.py --only stats --no-compile
     python benchmarks/kernels.py --smoke --out /tmp/k.csv
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import statistics
 import sys
@@ -44,12 +55,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, append_csv, machine  # noqa: E402
 
 FULL = {
-    "stats_d": [256, 1024, 4096],
-    "stats_rows": [4096, 32768],
+    "stats_d": [1024, 2048, 4096],
+    "stats_rows": [16384],
     "stats_dtypes": [torch.float32, torch.bfloat16],
-    "precond_d": [256, 1024, 4096],
+    "precond_d": [1024, 4096],
     "precond_blocks": 8,
     "small": (64, 32, 33),  # (blocks, m, n) for the one-program-per-block kernels
+    "step": {"width": 2048, "layers": 4, "batch": 1024, "steps": 20},
 }
 SMOKE = {
     "stats_d": [20, 40],
@@ -58,6 +70,7 @@ SMOKE = {
     "precond_d": [20, 70],
     "precond_blocks": 2,
     "small": (3, 7, 9),
+    "step": {"width": 24, "layers": 2, "batch": 16, "steps": 2},
 }
 
 
@@ -150,22 +163,36 @@ def _stats_shape(b: Bench, dtype: torch.dtype, rows: int, d: int) -> None:
     xt = torch.cat([x.float(), torch.ones(1, rows, 1, device=dev)], dim=2)[0]
     full = 2.0 * rows * dim * dim
     kw = dict(alpha=0.05, beta=0.95, append_ones=True)
+    xa = x[0]  # X's d columns in its own dtype: the aligned d² product
     variants = {
         "triton": b.time(lambda: factor_stats(x, out, backend="triton", **kw)),
         "eager": b.time(lambda: factor_stats_reference(x, out, **kw)),
         "addmm": b.time(lambda: out[0].addmm_(xt.T, xt, beta=0.95, alpha=0.05)),
+        "gemm_aligned": b.time(lambda: torch.mm(xa.T, xa)),
     }
     comp = b.compiled(f"stats-{dtype}", factor_stats_reference)
     if comp is not None:
         variants["compiled"] = b.time(lambda: comp(x, out, **kw))
     flops = {k: full for k in variants}
     flops["triton"] = float(rows) * dim * (dim + 1)  # the triangle
+    flops["gemm_aligned"] = 2.0 * rows * d * d
     # The GEMM rate of the kernel's operand dtype: X̃ᵀX̃ as a plain matrix product.
     xg = xt.to(dtype)
     gemm_ms = b.time(lambda: torch.mm(xg.T, xg))
     shape = {"dtype": str(dtype).removeprefix("torch."), "blocks": 1, "m": rows, "n": d,
-             "path": "triangle"}  # fmt: skip
+             "path": "triangle", **_stats_programs(x)}  # fmt: skip
     b.report("factor_stats", shape, variants, flops, gemm_ms, full)
+
+
+def _stats_programs(x: torch.Tensor) -> dict[str, object]:
+    """Programs of the Triton factor-statistics launch and the device's multiprocessors."""
+    if x.device.type != "cuda":
+        return {"programs": "", "sms": ""}
+    stats = importlib.import_module("kfac_ef.kernels.factor_stats")
+    blk, _, _, _, splits, _ = stats._plan(x)
+    n_tiles = -(-x.shape[2] // blk)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    return {"programs": n_tiles * (n_tiles + 1) // 2 * splits * x.shape[0], "sms": sms}
 
 
 def bench_factor_stats(b: Bench, cfg: dict) -> None:
@@ -232,6 +259,82 @@ def bench_precondition(b: Bench, cfg: dict) -> None:
             torch.cuda.empty_cache()
 
 
+def bench_step(b: Bench, cfg: dict) -> bool:
+    """Steady-state step() per backend, under sync debug mode "error" on CUDA; returns
+    False when a step synchronized (or failed)."""
+    from torch import nn
+
+    from kfac_ef import KFACPreconditioner
+    from kfac_ef.kernels import disabled_kernels, verified_kernels
+
+    c, dev = cfg["step"], b.device
+    sizes = [c["width"]] * (c["layers"] + 1) + [10]
+    torch.manual_seed(0)
+    x = torch.randn(c["batch"], c["width"], device=dev)
+    y = torch.randint(0, 10, (c["batch"],), device=dev)
+    ok = True
+    for backend in ("none", "torch", "auto"):
+        layers: list[nn.Module] = []
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers += [nn.Linear(fan_in, fan_out)] + ([nn.Tanh()] if i < len(sizes) - 2 else [])
+        model = nn.Sequential(*layers).to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        pre = None
+        if backend != "none":
+            # Decompositions on step 0 only: the timed steps are statistics + preconditioning.
+            pre = KFACPreconditioner(model, inv_update_steps=10_000, backend=backend)
+
+        def one_step(model=model, opt=opt, pre=pre) -> None:
+            opt.zero_grad(set_to_none=False)
+            nn.functional.cross_entropy(model(x), y).backward()
+            if pre is not None:
+                pre.step()
+            opt.step()
+
+        for _ in range(3):  # step 0 decomposes; compilation and first-use checks
+            one_step()
+        row = {"kernel": "step", "dtype": "float32", "blocks": c["layers"] + 1,
+               "m": c["batch"], "n": c["width"], "path": "steady", "variant": backend}  # fmt: skip
+        try:
+            row["ms"] = round(_time_steps(one_step, c["steps"], dev), 4)
+        except RuntimeError as exc:  # e.g. "called a synchronizing CUDA operation"
+            ok = False
+            row["ms"] = ""
+            row["error"] = str(exc).splitlines()[0][:200]
+        append_csv(b.out, [{**row, **b.meta}])
+        print(f"step {backend:6s} {row['ms']} ms {row.get('error', '')}", flush=True)
+        if pre is not None:
+            pre.remove()
+    verified, disabled = verified_kernels(), disabled_kernels()
+    print(f"first-use checks passed: {len(verified)}", *verified, sep="\n  ", flush=True)
+    if disabled:
+        ok = False
+        print("DISABLED kernel variants:", *disabled.items(), sep="\n  ", flush=True)
+    return ok
+
+
+def _time_steps(step: Callable[[], None], n: int, device: torch.device) -> float:
+    """Mean milliseconds per step over ``n`` steps; on CUDA under sync debug mode "error"
+    (events are recorded, not waited for, inside the timed region)."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        return (time.perf_counter() - t0) * 1e3 / n
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        start.record()
+        for _ in range(n):
+            step()
+        end.record()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -243,7 +346,9 @@ def main(argv: list[str] | None = None) -> Path:
         "--out", type=Path, default=RESULTS / "kernels.csv", help="CSV to append to"
     )
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile variants")
-    parser.add_argument("--only", choices=["stats", "precond"], help="run one group")
+    parser.add_argument(
+        "--only", choices=["stats", "precond", "step"], help="run one group (default: all)"
+    )
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
@@ -259,11 +364,17 @@ def main(argv: list[str] | None = None) -> Path:
     bench = Bench(args.out, device, compile_=not args.no_compile)
     print(f"device: {bench.meta['device']}  torch {torch.__version__}  -> {args.out}", flush=True)
     torch.manual_seed(0)
+    ok = True
     with torch.no_grad():
         if args.only in (None, "stats"):
             bench_factor_stats(bench, cfg)
         if args.only in (None, "precond"):
             bench_precondition(bench, cfg)
+    if args.only in (None, "step"):
+        ok = bench_step(bench, cfg)
+    if not ok:
+        raise SystemExit(f"step(): a timed step synchronized or failed, or a kernel variant "
+                         f"was disabled (see above; rows in {args.out})")  # fmt: skip
     return args.out
 
 

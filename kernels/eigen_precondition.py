@@ -37,7 +37,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._dispatch import device_guard, interpreter_enabled, multiprocessors, use_triton
+from ._dispatch import (
+    batch_chunks,
+    device_guard,
+    interpreter_enabled,
+    multiprocessors,
+    triton_mode,
+)
+from ._guard import TF32_EPS, Job, pick, run
 
 DEFAULT_PRECISION = "tf32x3"
 # Largest padded block side handled by the one-program-per-block kernel (its four operand
@@ -231,25 +238,28 @@ def _gemm(
     scale: Tensor | None = None,
     damping: float = 0.0,
 ) -> None:
-    """c[i] = a[i] @ b[i] (+ the division epilogue) for every i, in one launch."""
+    """c[i] = a[i] @ b[i] (+ the division epilogue) for every i: one launch, or one per
+    chunk of ``GRID_YZ_LIMIT`` blocks (the batch sits on grid axis 1)."""
     nb, m, k = a.shape
     n = b.shape[2]
     cfg = _gemm_config(m, n, nb, a.device)
-    grid = (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]), nb)
+    tiles = _cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"])
     lg_ = lg if lg is not None else c
     la_ = la if la is not None else c
     s_ = scale if scale is not None else c
     lg_strides = lg.stride() if lg is not None else (0, 0)
     la_strides = la.stride() if la is not None else (0, 0)
     s_strides = scale.stride() if scale is not None else (0, 0, 0)
-    kern[grid](
-        a, b, c, lg_, la_, s_,
-        m, n, k,
-        *a.stride(), *b.stride(), *c.stride(),
-        *lg_strides, *la_strides, *s_strides,
-        float(damping),
-        EPILOGUE=epilogue, INPUT_PRECISION=precision, **cfg,
-    )  # fmt: skip
+    for start, stop in batch_chunks(nb):
+        sl = slice(start, stop)
+        kern[(tiles, stop - start)](
+            a[sl], b[sl], c[sl], lg_[sl], la_[sl], s_[sl],
+            m, n, k,
+            *a.stride(), *b.stride(), *c.stride(),
+            *lg_strides, *la_strides, *s_strides,
+            float(damping),
+            EPILOGUE=epilogue, INPUT_PRECISION=precision, **cfg,
+        )  # fmt: skip
 
 
 def precondition_eigen_triton(
@@ -443,7 +453,8 @@ def precondition_eigen(
         The ``(B, m, n)`` result: ``out`` when the torch path used it, else a new tensor.
 
     The Triton path takes float32 operands; other dtypes run the reference whatever the
-    backend.
+    backend. It runs under the safety net of ``_guard`` (fallback to the reference on
+    failure, a first-use check with "auto"); ``KFAC_EF_BACKEND`` overrides ``backend``.
     """
     args = (grad, qg, lg, qa, la, damping, scale)
     return _dispatch(*args, backend=backend, input_precision=input_precision, out=out)
@@ -492,11 +503,29 @@ def _dispatch(
     out: Tensor | None,
     form: Tensor | None = None,
 ) -> Tensor:
-    """Check, then run the Triton kernels or the reference; a per-block ε reaches the
-    scalar-ε kernels through :func:`_per_block`."""
+    """Check, then run the reference, or the Triton kernels under the safety net of
+    ``_guard`` (``KFAC_EF_BACKEND`` overrides ``backend``)."""
     _check(grad, qg, lg, qa, la, scale, damping)
-    if not _takes_triton(backend, grad, qg, lg, qa, la, scale):
+    mode = triton_mode(backend, grad.device)
+    if mode is None or not _triton_takes(grad, qg, lg, qa, la, scale):
         return precondition_eigen_reference(grad, qg, lg, qa, la, damping, scale, form, out)
+    job = _EigenJob(grad, qg, lg, qa, la, damping, scale, input_precision, out, form)
+    return run(job, mode, grad.device)
+
+
+def _triton_path(
+    grad: Tensor,
+    qg: Tensor,
+    lg: Tensor,
+    qa: Tensor,
+    la: Tensor,
+    damping: float | Tensor,
+    scale: Tensor | None,
+    input_precision: str | None,
+    form: Tensor | None,
+) -> Tensor:
+    """The Triton kernels, a per-block ε reaching the scalar-ε kernels through
+    :func:`_per_block`; returns a new tensor."""
     if not isinstance(damping, Tensor):
         return precondition_eigen_triton(
             grad, qg, lg, qa, la, damping, scale, input_precision=input_precision, form=form
@@ -508,6 +537,90 @@ def _dispatch(
     if form is not None:
         form.div_(d.view(-1))
     return result.div_(d)
+
+
+class _EigenJob(Job):
+    """One ``precondition_eigen(_with_form)`` call for the safety net (kernels/_guard.py)."""
+
+    kernel = "precondition_eigen"
+
+    def __init__(
+        self,
+        grad: Tensor,
+        qg: Tensor,
+        lg: Tensor,
+        qa: Tensor,
+        la: Tensor,
+        damping: float | Tensor,
+        scale: Tensor | None,
+        precision: str | None,
+        out: Tensor | None,
+        form: Tensor | None,
+    ) -> None:
+        self.args = (grad, qg, lg, qa, la)
+        self.damping, self.scale, self.precision = damping, scale, precision
+        self.out, self.form, self.batch = out, form, grad.shape[0]
+
+    def variant(self) -> tuple[tuple[str, object], ...]:
+        grad = self.args[0]
+        nb, m, n = grad.shape
+        bm, bn = _pad(m), _pad(n)
+        if max(bm, bn) <= FUSED_MAX:
+            path: tuple[tuple[str, object], ...] = (("path", "fused"), ("BM", bm), ("BN", bn))
+        else:
+            cfg = _gemm_config(m, n, nb, grad.device)
+            path = (("path", "tiled"), ("BLOCK_M", cfg["BLOCK_M"]), ("BLOCK_N", cfg["BLOCK_N"]))
+        return (
+            *path,
+            ("scale", self.scale is not None),
+            ("form", self.form is not None),
+            ("per_block_damping", isinstance(self.damping, Tensor)),
+            ("precision", self.precision or DEFAULT_PRECISION),
+        )
+
+    def describe(self) -> str:
+        names = ("grad", "qg", "lg", "qa", "la", "scale")
+        tensors = (*self.args, self.scale)
+        shapes = ", ".join(
+            f"{k} {tuple(t.shape)} {t.dtype}" for k, t in zip(names, tensors) if t is not None
+        )
+        eps = f"({self.damping.shape[0]},)" if isinstance(self.damping, Tensor) else self.damping
+        return f"{shapes}, damping {eps}"
+
+    def _triton(self, form: Tensor | None) -> Tensor:
+        return _triton_path(*self.args, self.damping, self.scale, self.precision, form)
+
+    def launch(self) -> Tensor:
+        return self._triton(self.form)
+
+    def launch_scratch(self) -> tuple[Tensor, ...]:
+        if self.form is None:
+            return (self._triton(None),)
+        form = torch.full_like(self.form, float("nan"))
+        return self._triton(form), form
+
+    def truth(self, blocks: list[int]) -> tuple[Tensor, ...]:
+        grad, qg, lg, qa, la = (pick(t, blocks).double() for t in self.args)
+        eps = self.damping
+        if isinstance(eps, Tensor):
+            eps = pick(eps, blocks).double()
+        scale = pick(self.scale, blocks).double() if self.scale is not None else None
+        form = None
+        if self.form is not None:
+            form = torch.empty(len(blocks), dtype=torch.float64, device=self.form.device)
+        result = precondition_eigen_reference(grad, qg, lg, qa, la, eps, scale, form)
+        return (result,) if form is None else (result, form)
+
+    def reference(self) -> Tensor:
+        return precondition_eigen_reference(
+            *self.args, self.damping, self.scale, self.form, self.out
+        )
+
+    def arithmetic_eps(self) -> float | None:
+        return TF32_EPS if self.precision == "tf32" else None
+
+    def outputs(self, result: Tensor) -> tuple[Tensor, ...]:
+        return (result,) if self.form is None else (result, self.form)
 
 
 def _per_block(
@@ -524,17 +637,9 @@ def _per_block(
     return lg / d.view(-1, 1), None, d
 
 
-def _takes_triton(
-    backend: str,
-    grad: Tensor,
-    qg: Tensor,
-    lg: Tensor,
-    qa: Tensor,
-    la: Tensor,
-    scale: Tensor | None,
+def _triton_takes(
+    grad: Tensor, qg: Tensor, lg: Tensor, qa: Tensor, la: Tensor, scale: Tensor | None
 ) -> bool:
-    return (
-        use_triton(backend, grad.device)
-        and triton_supports(grad, qg, lg, qa, la) is None
-        and (scale is None or scale.dtype == torch.float32)
+    return triton_supports(grad, qg, lg, qa, la) is None and (
+        scale is None or scale.dtype == torch.float32
     )

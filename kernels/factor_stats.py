@@ -29,7 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._dispatch import device_guard, interpreter_enabled, multiprocessors, use_triton
+from . import _dispatch
+from ._dispatch import batch_chunks, device_guard, interpreter_enabled, multiprocessors, triton_mode
+from ._guard import TF32_EPS, Job, PartialLaunchError, pick, run
 
 # ---------------------------------------------------------------------------------- kernel
 # The jitted functions are built on first use so that importing kfac_ef never imports
@@ -318,6 +320,29 @@ def _splits(tiles: int, rows: int, block_k: int, device: torch.device) -> int:
     return max(1, min(sms // tiles, by_rows, 64))
 
 
+def _plan(
+    x: Tensor, block: int | None = None, splits: int | None = None
+) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK, BLOCK_K, num_warps, num_stages, row splits, rows per split) of a launch on
+    ``x`` (host arithmetic only)."""
+    nb, rows, d = x.shape
+    blk, block_k, warps, stages = _config(d, x.dtype)
+    if block is not None:
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"factor_stats: block={block} must be a power of 2 >= 16")
+        blk = block
+    n_tiles = math.ceil(d / blk)
+    tiles = n_tiles * (n_tiles + 1) // 2
+    if splits is None:
+        splits = _splits(max(1, tiles * nb), rows, block_k, x.device)
+    # The splits sit on grid axis 2 (at most GRID_YZ_LIMIT programs).
+    n_splits = max(1, min(splits, max(1, math.ceil(rows / block_k)), _dispatch.GRID_YZ_LIMIT))
+    rows_per_split = math.ceil(rows / n_splits / block_k) * block_k if rows else 0
+    if rows_per_split:
+        n_splits = math.ceil(rows / rows_per_split)  # no split without rows
+    return blk, block_k, warps, stages, n_splits, rows_per_split
+
+
 def factor_stats_triton(
     x: Tensor,
     out: Tensor,
@@ -332,54 +357,63 @@ def factor_stats_triton(
     """Launch the Triton kernel (checked inputs: see ``factor_stats``); in place on ``out``.
 
     ``block`` (tile side, a power of 2 >= 16) and ``splits`` (row splits per tile) override
-    the heuristics; tests use them to reach every code path on small shapes.
+    the heuristics; tests use them to reach every code path on small shapes. The batch sits
+    on grid axis 1, limited to ``GRID_YZ_LIMIT`` programs: larger batches take one launch
+    per chunk, and a failure after the first chunk raises ``PartialLaunchError`` (the blocks
+    before it are complete, the others untouched).
     """
     reason = triton_supports(x, out)
     if reason is not None:
         raise ValueError(f"factor_stats: the Triton kernel cannot run: {reason}")
     kernels = _build()
     nb, rows, d = x.shape
-    blk, block_k, warps, stages = _config(d, x.dtype)
-    if block is not None:
-        if block < 16 or block & (block - 1):
-            raise ValueError(f"factor_stats: block={block} must be a power of 2 >= 16")
-        blk = block
+    blk, block_k, warps, stages, n_splits, rows_per_split = _plan(x, block, splits)
     if nb == 0:
         return out
     n_tiles = math.ceil(d / blk)
     tiles = n_tiles * (n_tiles + 1) // 2
-    n_splits = splits if splits is not None else _splits(tiles * nb, rows, block_k, x.device)
-    n_splits = max(1, min(n_splits, max(1, math.ceil(rows / block_k))))
-    rows_per_split = math.ceil(rows / n_splits / block_k) * block_k if rows else 0
-    if rows_per_split:
-        n_splits = math.ceil(rows / rows_per_split)  # no split without rows
     precision = input_precision or DEFAULT_PRECISION
     flags = dict(
         APPEND_ONES=append_ones,
         BETA_ZERO=beta == 0.0,
         BLOCK=blk,
     )
+    chunks = list(batch_chunks(nb))
     if n_splits > 1:
-        part = torch.empty(n_splits * nb * tiles * blk * blk, dtype=torch.float32, device=x.device)
-        psum = torch.empty(n_splits * nb * n_tiles * blk, dtype=torch.float32, device=x.device)
+        # One workspace for the largest chunk, reused by the next ones (stream order).
+        width = chunks[0][1]
+        part = torch.empty(
+            n_splits * width * tiles * blk * blk, dtype=torch.float32, device=x.device
+        )
+        psum = torch.empty(n_splits * width * n_tiles * blk, dtype=torch.float32, device=x.device)
     else:
         part = psum = out  # unused
     with device_guard(x.device):
-        kernels.main[(tiles, nb, n_splits)](
-            x, out, part, psum,
-            rows, d, rows_per_split,
-            *x.stride(), *out.stride(),
-            float(alpha), float(beta),
-            PARTIAL=n_splits > 1, BLOCK_K=block_k,
-            DOT_FP32=interpreter_enabled() and x.dtype == torch.bfloat16,
-            INPUT_PRECISION=precision if x.dtype == torch.float32 else "tf32",  # unused for 16-bit
-            num_warps=warps, num_stages=stages, **flags,
-        )  # fmt: skip
-        if n_splits > 1:
-            kernels.reduce[(tiles, nb)](
-                out, part, psum, rows, d, n_splits, *out.stride(), float(alpha), float(beta),
-                num_warps=warps, **flags,
-            )  # fmt: skip
+        for start, stop in chunks:
+            # Each chunk writes its blocks of out in its last launch only: a failure leaves
+            # the chunk's blocks untouched.
+            xc, oc = x[start:stop], out[start:stop]
+            try:
+                kernels.main[(tiles, stop - start, n_splits)](
+                    xc, oc, part, psum,
+                    rows, d, rows_per_split,
+                    *xc.stride(), *oc.stride(),
+                    float(alpha), float(beta),
+                    PARTIAL=n_splits > 1, BLOCK_K=block_k,
+                    DOT_FP32=interpreter_enabled() and x.dtype == torch.bfloat16,
+                    # unused for 16-bit x
+                    INPUT_PRECISION=precision if x.dtype == torch.float32 else "tf32",
+                    num_warps=warps, num_stages=stages, **flags,
+                )  # fmt: skip
+                if n_splits > 1:
+                    kernels.reduce[(tiles, stop - start)](
+                        oc, part, psum, rows, d, n_splits, *oc.stride(), float(alpha),
+                        float(beta), num_warps=warps, **flags,
+                    )  # fmt: skip
+            except Exception as exc:
+                if start == 0:
+                    raise
+                raise PartialLaunchError(start, exc) from exc
     return out
 
 
@@ -453,11 +487,104 @@ def factor_stats(
             about float32 accuracy on tensor cores), "ieee" (float32 FMA) or "tf32".
 
     The Triton path takes float32 ``out`` and float32/bfloat16/float16 ``x``; other cases
-    (float64 factors) run the reference whatever the backend.
+    (float64 factors) run the reference whatever the backend. It runs under the safety net
+    of ``_guard`` (fallback to the reference on failure, a first-use check with "auto").
+    ``KFAC_EF_BACKEND`` overrides ``backend``.
     """
     _check(x, out, append_ones)
-    if use_triton(backend, x.device) and triton_supports(x, out) is None:
+    mode = triton_mode(backend, x.device)
+    if mode is None or triton_supports(x, out) is not None:
+        return factor_stats_reference(x, out, alpha=alpha, beta=beta, append_ones=append_ones)
+    job = _FactorStatsJob(x, out, alpha, beta, append_ones, input_precision)
+    return run(job, mode, x.device)
+
+
+# Rows per float64 chunk of the first-use check's ground truth (bounds its memory).
+_TRUTH_ELEMENTS = 1 << 22
+
+
+class _FactorStatsJob(Job):
+    """One ``factor_stats`` call for the safety net (kernels/_guard.py)."""
+
+    kernel = "factor_stats"
+
+    def __init__(
+        self,
+        x: Tensor,
+        out: Tensor,
+        alpha: float,
+        beta: float,
+        append_ones: bool,
+        precision: str | None,
+    ) -> None:
+        self.x, self.out, self.batch = x, out, x.shape[0]
+        self.alpha, self.beta, self.append_ones = alpha, beta, append_ones
+        self.precision = precision
+
+    def _triton(self, out: Tensor) -> Tensor:
+        # The launcher is looked up per call (tests count and replace it).
         return factor_stats_triton(
-            x, out, alpha=alpha, beta=beta, append_ones=append_ones, input_precision=input_precision
+            self.x, out, alpha=self.alpha, beta=self.beta, append_ones=self.append_ones,
+            input_precision=self.precision,
+        )  # fmt: skip
+
+    def _reference(self, x: Tensor, out: Tensor, beta: float | None = None) -> Tensor:
+        beta = self.beta if beta is None else beta
+        return factor_stats_reference(
+            x, out, alpha=self.alpha, beta=beta, append_ones=self.append_ones
         )
-    return factor_stats_reference(x, out, alpha=alpha, beta=beta, append_ones=append_ones)
+
+    def variant(self) -> tuple[tuple[str, object], ...]:
+        blk, _, _, _, n_splits, _ = _plan(self.x)
+        is_fp32 = self.x.dtype == torch.float32
+        return (
+            ("x", str(self.x.dtype).removeprefix("torch.")),
+            ("append_ones", self.append_ones),
+            ("beta_zero", self.beta == 0.0),
+            ("BLOCK", blk),
+            ("split_rows", n_splits > 1),
+            ("precision", (self.precision or DEFAULT_PRECISION) if is_fp32 else "-"),
+        )
+
+    def describe(self) -> str:
+        x, out = self.x, self.out
+        return (
+            f"x {tuple(x.shape)} {x.dtype}, out {tuple(out.shape)} {out.dtype}, "
+            f"alpha={self.alpha}, beta={self.beta}, append_ones={self.append_ones}"
+        )
+
+    def launch(self) -> Tensor:
+        return self._triton(self.out)
+
+    def launch_scratch(self) -> tuple[Tensor, ...]:
+        # β = 0 must write every element: poison the scratch so that a gap shows.
+        scratch = self.out.clone() if self.beta != 0.0 else torch.full_like(self.out, float("nan"))
+        return (self._triton(scratch),)
+
+    def truth(self, blocks: list[int]) -> tuple[Tensor, ...]:
+        # Rows in chunks (the reference upcasts its input): F is linear in the rows, the
+        # first chunk applies β and the next ones add with β = 1.
+        f = pick(self.out, blocks).double()
+        rows, d = self.x.shape[1], self.x.shape[2]
+        step = max(1, _TRUTH_ELEMENTS // max(1, d))
+        for i, b in enumerate(blocks):
+            for start in range(0, max(rows, 1), step):
+                xs = self.x[b : b + 1, start : start + step]
+                self._reference(xs, f[i : i + 1], beta=None if start == 0 else 1.0)
+        return (f,)
+
+    def reference(self) -> Tensor:
+        return self._reference(self.x, self.out)
+
+    def arithmetic_eps(self) -> float | None:
+        return TF32_EPS if self.precision == "tf32" and self.x.dtype == torch.float32 else None
+
+    def outputs(self, result: Tensor) -> tuple[Tensor, ...]:
+        return (result,)
+
+    def recover(self, exc: BaseException) -> Tensor:
+        # A chunked launch may have completed its first blocks: finish the others only
+        # (with β ≠ 0 the done blocks must not be folded twice).
+        done = exc.done if isinstance(exc, PartialLaunchError) else 0
+        self._reference(self.x[done:], self.out[done:])
+        return self.out

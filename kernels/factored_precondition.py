@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._dispatch import device_guard, use_triton
+from ._dispatch import device_guard, triton_mode
+from ._guard import TF32_EPS, Job, pick, run
 
 DEFAULT_PRECISION = "tf32x3"
 FUSED_MAX = 64  # largest padded block side of the one-program-per-block kernel
@@ -178,8 +179,51 @@ def precondition_factored(
 
     The Triton kernel takes float32 blocks with both padded sides ≤ 64; other blocks and
     dtypes run the reference (two batched cuBLAS products on a GPU) whatever the backend.
+    The kernel runs under the safety net of ``_guard`` (fallback to the reference on failure,
+    a first-use check with "auto"); ``KFAC_EF_BACKEND`` overrides ``backend``.
     """
     _check(grad, ig, ia)
-    if use_triton(backend, grad.device) and triton_supports(grad, ig, ia) is None:
-        return precondition_factored_triton(grad, ig, ia, input_precision=input_precision)
-    return precondition_factored_reference(grad, ig, ia)
+    mode = triton_mode(backend, grad.device)
+    if mode is None or triton_supports(grad, ig, ia) is not None:
+        return precondition_factored_reference(grad, ig, ia)
+    return run(_FactoredJob(grad, ig, ia, input_precision), mode, grad.device)
+
+
+class _FactoredJob(Job):
+    """One ``precondition_factored`` call for the safety net (kernels/_guard.py)."""
+
+    kernel = "precondition_factored"
+
+    def __init__(self, grad: Tensor, ig: Tensor, ia: Tensor, precision: str | None) -> None:
+        self.args = (grad, ig, ia)
+        self.precision, self.batch = precision, grad.shape[0]
+
+    def variant(self) -> tuple[tuple[str, object], ...]:
+        m, n = self.args[0].shape[1:]
+        return (
+            ("BM", _pad(m)),
+            ("BN", _pad(n)),
+            ("precision", self.precision or DEFAULT_PRECISION),
+        )
+
+    def describe(self) -> str:
+        names = ("grad", "ig", "ia")
+        return ", ".join(f"{k} {tuple(t.shape)} {t.dtype}" for k, t in zip(names, self.args))
+
+    def launch(self) -> Tensor:
+        return precondition_factored_triton(*self.args, input_precision=self.precision)
+
+    def launch_scratch(self) -> tuple[Tensor, ...]:
+        return (self.launch(),)
+
+    def truth(self, blocks: list[int]) -> tuple[Tensor, ...]:
+        return (precondition_factored_reference(*(pick(t, blocks).double() for t in self.args)),)
+
+    def reference(self) -> Tensor:
+        return precondition_factored_reference(*self.args)
+
+    def arithmetic_eps(self) -> float | None:
+        return TF32_EPS if self.precision == "tf32" else None
+
+    def outputs(self, result: Tensor) -> tuple[Tensor, ...]:
+        return (result,)

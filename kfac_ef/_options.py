@@ -118,7 +118,7 @@ class KFACOptions:
         skip_layers: module names / regexes (full match) / module types to leave alone.
         factor_dtype: float32 (default) or float64 for factors and decompositions.
         backend: "auto", "torch" or "triton" for the factor-statistics and preconditioning
-            kernels.
+            kernels; the environment variable KFAC_EF_BACKEND overrides it (docs/kernels.md).
         fisher_type: "empirical" (G from the gradients of the user's loss) or "mc" (G from
             targets sampled from the model's predictive distribution, see ``kfac_ef.mc``).
         constraint: "none", "kronecker" or "exact": which form of E[(Δℓ)²] step() scales the

@@ -296,7 +296,10 @@ class KFACPreconditioner:
         kfac_approx: "expand" or "reduce", for layers with shared positions.
         skip_layers: module names, full-match regexes or module types to leave alone.
         factor_dtype: torch.float32 or torch.float64 for factors and decompositions.
-        backend: "auto", "torch" or "triton" kernels.
+        backend: "auto", "torch" or "triton" kernels (the environment variable
+            KFAC_EF_BACKEND overrides it). "auto" checks each Triton kernel variant once
+            against its torch reference; any Triton failure falls back to the reference
+            with a warning (docs/kernels.md).
         other_params: "ignore" or "diagonal", for parameters outside the Kronecker form.
         max_factor_dim: widest dense factor (None: no limit); default 4096.
         large_factor_block: block size of wider factors; 1 (default) keeps them diagonal.

@@ -394,6 +394,30 @@ def dead_before_backward(rank: int, world: int, ddp: bool) -> dict[str, Any]:
     return {"error": None}
 
 
+def launch_fails(rank: int, world: int) -> dict[str, Any]:
+    """Rank 0's next statistics all-reduce fails to launch (as gloo does when a peer's
+    connection is already closed): the error from its backward pass names kfac_ef."""
+    model = make_model()
+    pre = KFACPreconditioner(model, distributed=True, **Scenario("x").kfac_options())
+    x, y = batch(0, 4)
+    losses(model, x, y).mean().backward()
+    pre.step()
+    if rank == 1:
+        return {"error": None}
+
+    def closed(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("Connection closed by peer")
+
+    dist.all_reduce = closed  # this process only
+    model.zero_grad()
+    try:
+        losses(model, x, y).mean().backward()
+        pre.step()
+    except RuntimeError as exc:
+        return {"error": str(exc)}
+    return {"error": None}
+
+
 class Branchy(nn.Module):
     """A trunk, a head, a branch used only when asked, and a layer never used."""
 

@@ -7,6 +7,8 @@ of plain torch at the kernel's precision, plus a small absolute slack.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -54,6 +56,20 @@ def eigenbasis(
     x = torch.randn(b, n, 2 * n + 1, generator=generator, dtype=torch.float64)
     lam, q = torch.linalg.eigh(x @ x.transpose(1, 2) / (2 * n + 1))
     return q.float(), lam.clamp_min(0).float()
+
+
+def ill_conditioned_eigenbasis(
+    b: int, n: int, lo: float = 1e-8, hi: float = 1e2, *, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Eigenvectors and eigenvalues of b factors Q diag(λ) Qᵀ (float32): Q random orthogonal
+    (QR of a Gaussian matrix, in float64), λ spread log-uniformly over [lo, hi] in a random
+    order. Their eigenbasis is (Q, λ), up to the rounding of Q to float32 (the ground truth is
+    computed from the rounded values, so it does not matter)."""
+    x = torch.randn(b, n, n, generator=generator, dtype=torch.float64)
+    q = torch.linalg.qr(x)[0]
+    lam = torch.logspace(math.log10(lo), math.log10(hi), n, dtype=torch.float64)
+    order = torch.argsort(torch.rand(b, n, generator=generator), dim=1)
+    return q.float(), lam[order].float()
 
 
 def assert_within_bound(got: Tensor, torch_result: Tensor, truth: Tensor, rel_atol: float) -> None:

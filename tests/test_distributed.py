@@ -24,6 +24,7 @@ from .distributed_workers import (
     dead_before_backward,
     dead_peer,
     identical_training,
+    launch_fails,
     make_model,
     mismatched_layers,
     partly_used_layers,
@@ -495,6 +496,13 @@ def test_a_rank_dead_before_its_backward_is_named(ddp):
     assert res["error"] is not None
     if not ddp or "kfac_ef" in res["error"]:
         assert "kfac_ef:" in res["error"] and "another rank" in res["error"], res["error"]
+
+
+@pytest.mark.distributed
+def test_a_collective_that_fails_to_launch_is_named():
+    (res,) = harness.run(launch_fails, 2, time_limit_s=90.0, pg_timeout_s=4.0, wait_for=[0])
+    assert res["error"] is not None and res["error"].startswith("kfac_ef:"), res["error"]
+    assert "Connection closed by peer" in res["error"]
 
 
 # ---------------------------------------------------------------------- no processes

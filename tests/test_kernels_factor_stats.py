@@ -10,6 +10,8 @@ from kfac_ef.kernels.factor_stats import factor_stats_triton
 
 from .kernel_checks import assert_within_bound, gram_torch, gram_truth
 
+# Kernel failures fall back to the reference with this warning: here it would hide the bug.
+pytestmark = pytest.mark.filterwarnings("error::kfac_ef.kernels.KernelFallbackWarning")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (batch, rows, d): sides 1, 7, 33, 129, 257 and rows that are not multiples of any tile.
 SHAPES = [(1, 1, 1), (3, 7, 7), (2, 45, 33), (1, 130, 129), (1, 67, 257), (2, 300, 20)]
