@@ -25,9 +25,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import RESULTS, append_csv, machine  # noqa: E402
 
 from kfac_ef import KFACPreconditioner  # noqa: E402
+from tests import internals  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -95,7 +97,7 @@ def vocab_head(
         t_step = _best_time(step, reps, device)
 
         def decompose(pre=pre) -> None:
-            pre._decompose()
+            internals.decompose_now(pre)
 
         t_dec = _best_time(decompose, max(1, reps // 2), device)
         print(

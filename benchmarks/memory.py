@@ -34,6 +34,8 @@ sys.path.insert(0, str(ROOT.parent))
 from common import RESULTS, append_csv, machine, set_threads, table  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from tests import internals  # noqa: E402
+
 MiB = 2**20
 
 
@@ -91,7 +93,7 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     held = 0
     if pre is not None:
         held = _tensor_bytes(pre.state_dict())
-        held += sum(layer.stats.nbytes() for layer in pre._layers)  # accumulators
+        held += sum(layer.stats.nbytes() for layer in internals.layers(pre))  # accumulators
         pre.remove()
     return {
         "params_mib": params / MiB,

@@ -24,9 +24,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -34,8 +34,9 @@ from torch import Tensor, nn
 from . import _ekfac, _warn, linalg
 from ._factors import FactorSpec, block_traces
 from ._stats import DiagonalStatistics, LayerStatistics, Scale
-from .layers import LayerAdapter
-from .layers.base import GradientParts
+
+if TYPE_CHECKING:
+    from .layers import LayerAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,62 @@ class Layer:
         linalg.running_average_(dec["s"], raw, scale, weight, keep)
         self.scale_updates.add_(keep)
 
+    def state(self, decompositions: bool) -> dict[str, Any] | None:
+        """This layer's checkpoint entry (tensors cloned); None without statistics yet."""
+        if self.A is None:
+            return None
+        assert self.G is not None and self.updates is not None and self.skipped is not None
+        entry: dict[str, Any] = {
+            "A": self.A.clone(),
+            "G": self.G.clone(),
+            "updates": self.updates.clone(),
+            "skipped": self.skipped.clone(),
+            "decomposition": (
+                {k: v.clone() for k, v in self.decomposition.items()}
+                if self.decomposition is not None and decompositions
+                else None
+            ),
+            "failures": (self.failures, self.failures_total),
+        }
+        if self.scale_updates is not None:
+            entry["scale_updates"] = self.scale_updates.clone()
+        return entry
+
+    def load_state(
+        self, entry: Mapping[str, Any] | None, keys: set[str] | None, dtype: torch.dtype
+    ) -> bool:
+        """Restore a checkpoint entry (None: start afresh, as at construction), on this
+        layer's device in ``dtype``. ``keys``: the decomposition's keys under the current
+        options when a saved decomposition can be reused, None when it cannot.
+
+        Returns:
+            Whether the decomposition must be recomputed at the next step.
+        """
+        self.stats.discard()
+        self.scale_updates = None
+        if entry is None:
+            self.A = self.G = self.updates = self.skipped = None
+            self.decomposition = None
+            self.failures = self.failures_total = 0
+            return False
+        device = self.adapter.weight.device
+        self.A = entry["A"].to(device=device, dtype=dtype).clone()
+        self.G = entry["G"].to(device=device, dtype=dtype).clone()
+        self.updates = entry["updates"].to(device).clone()
+        self.skipped = entry["skipped"].to(device).clone()
+        self.failures, self.failures_total = entry.get("failures", (0, 0))
+        dec = entry.get("decomposition")
+        if dec is None or keys is None or set(dec) != keys:
+            self.decomposition = None
+            return True
+        self.decomposition = {k: v.to(device=device, dtype=dtype) for k, v in dec.items()}
+        if "s" in keys:
+            counts = entry.get("scale_updates")
+            self.scale_updates = (
+                counts.to(device).clone() if counts is not None else torch.zeros_like(self.updates)
+            )
+        return False
+
 
 def carried_scale(layer: Layer, new: Decomposition) -> Tensor:
     """The EKFAC scale of a layer's new eigenbasis: the previous S carried over, or λ_G λ_Aᵀ.
@@ -256,13 +313,54 @@ class DiagonalParam:
         self.curvature = f
         return True
 
+    def state(self, decompositions: bool) -> dict[str, Any] | None:
+        """This parameter's checkpoint entry (tensors cloned); None without statistics."""
+        if self.F is None:
+            return None
+        assert self.updates is not None and self.skipped is not None
+        keep = decompositions and self.inverse is not None and self.curvature is not None
+        return {
+            "F": self.F.clone(),
+            "updates": self.updates.clone(),
+            "skipped": self.skipped.clone(),
+            "inverse": self.inverse.clone() if keep and self.inverse is not None else None,
+            "curvature": (self.curvature.clone() if keep and self.curvature is not None else None),
+        }
+
+    def load_state(
+        self,
+        entry: Mapping[str, Any] | None,
+        reuse: bool,
+        damping: float,
+        relative: bool,
+        dtype: torch.dtype,
+    ) -> None:
+        """Restore a checkpoint entry (None: start afresh). ``reuse``: the saved 1/(F + ε)
+        holds under the current damping; otherwise (or in checkpoints without the F it
+        was computed from) it is recomputed from the running F."""
+        self.stats.discard()
+        if entry is None:
+            self.F = self.updates = self.skipped = self.inverse = self.curvature = None
+            return
+        device = self.param.device
+        self.F = entry["F"].to(device=device, dtype=dtype).clone()
+        self.updates = entry["updates"].to(device).clone()
+        self.skipped = entry["skipped"].to(device).clone()
+        inverse, curvature = entry.get("inverse"), entry.get("curvature")
+        if inverse is not None and curvature is not None and reuse:
+            self.inverse = inverse.to(device=device, dtype=dtype).clone()
+            self.curvature = curvature.to(device=device, dtype=dtype).clone()
+        else:
+            self.inverse = self.curvature = None
+            self.decompose(damping, relative)
+
 
 # (id(layer), "A" | "G") -> (parts of the decomposition, whether it succeeded)
 Results = dict[tuple[int, str], tuple[dict[str, Tensor], bool]]
 
 
 class DecompositionShare(Protocol):
-    """How decompositions are split between processes (see kfac_ef/distributed.py).
+    """How decompositions are split between processes (see kfac_ef/_distributed/).
 
     ``owns(layer, side)`` says whether this process computes the decomposition of factor
     ``side`` ("A" or "G") of ``layer`` (asked for factors with an eigenbasis only: diagonal
@@ -323,6 +421,29 @@ def decompose(
             continue
         (ready if min(layer.updates.tolist()) > 0 else waiting).append(layer)
 
+    jobs, diagonal, shifts, scales = _plan_jobs(ready, damping_mode, damping, share, damping_unit)
+    results = _run_jobs(jobs, diagonal, shifts, damping_mode)
+    if share is not None:
+        results = share.exchange(results, ready)
+
+    for layer in ready:
+        if (id(layer), "A") in results:  # else preconditioned by other processes
+            _install(layer, results, shifts, scales.get(id(layer)), damping_mode, damping)
+    return waiting
+
+
+Jobs = dict[tuple[int, torch.device], list[tuple[Layer, str]]]
+
+
+def _plan_jobs(
+    ready: list[Layer],
+    damping_mode: str,
+    damping: float,
+    share: DecompositionShare | None,
+    damping_unit: str,
+) -> tuple[Jobs, list[tuple[Layer, str]], dict[tuple[int, str], Tensor], dict[int, Tensor]]:
+    """The batched calls to make (by block size and device), the diagonal factors, π's
+    shifts and the relative-damping scales of the layers ready for a decomposition."""
     # One batched call per block size and device: eigendecompositions ("exact", "ekfac") or
     # damped inverses ("pi", whose shifts √ε·π and √ε/π depend on each layer's traces).
     # Diagonal factors need no call: their eigenvalues are their entries.
@@ -352,6 +473,16 @@ def decompose(
             root = sqrt_eps * (scales[id(layer)].sqrt() if id(layer) in scales else 1.0)
             shifts[(id(layer), "A")] = _per_stack(root * pi, layer.a_spec.nb)
             shifts[(id(layer), "G")] = _per_stack(root / pi, layer.g_spec.nb)
+    return jobs, diagonal, shifts, scales
+
+
+def _run_jobs(
+    jobs: Jobs,
+    diagonal: list[tuple[Layer, str]],
+    shifts: dict[tuple[int, str], Tensor],
+    damping_mode: str,
+) -> Results:
+    """Decompose (or invert) each job's stacked factors in one call, and the diagonal ones."""
     results: Results = {}
     for items in jobs.values():
         mats = torch.cat([getattr(layer, side) for layer, side in items])
@@ -375,193 +506,47 @@ def decompose(
         else:
             shift = shifts[(id(layer), side)].to(entries.dtype).unsqueeze(1)
             results[(id(layer), side)] = ({"i": (entries + shift).reciprocal_()}, True)
-    if share is not None:
-        results = share.exchange(results, ready)
-
-    for layer in ready:
-        if (id(layer), "A") not in results:
-            continue  # preconditioned by other processes (distributed)
-        part_a, ok_a = results[(id(layer), "A")]
-        part_g, ok_g = results[(id(layer), "G")]
-        if not (ok_a and ok_g):
-            layer.failures += 1
-            layer.failures_total += 1
-            layer.failed_sides = tuple(s for s, ok in (("A", ok_a), ("G", ok_g)) if not ok)
-            what = (
-                "keeps its previous decomposition"
-                if layer.decomposition
-                else ("stays unpreconditioned until a decomposition succeeds")
-            )
-            _warn.warn(
-                f"layer {layer.name!r}: decomposition of {' and '.join(layer.failed_sides)} "
-                f"failed even in float64 ({layer.failures} in a row); it {what}",
-            )
-            continue
-        # Keys: eigenbases/eigenvalues ("qg", "lg", "qa", "la"; no "q" for a diagonal factor)
-        # or damped inverses ("ig", "ia") with their shifts ("cg", "ca", per stored block);
-        # "ekfac" adds the scale "s".
-        layer.failures = 0
-        new = {
-            f"{k}{side}": v
-            for side, part in (("g", part_g), ("a", part_a))
-            for k, v in part.items()
-        }
-        if damping_mode == "pi":
-            dtype = new["ig"].dtype
-            new["cg"] = shifts[(id(layer), "G")].to(dtype)
-            new["ca"] = shifts[(id(layer), "A")].to(dtype)
-        elif damping_mode == "ekfac":
-            new["s"] = carried_scale(layer, new)
-        if damping_mode != "pi" and id(layer) in scales:
-            new["eps"] = (damping * scales[id(layer)]).to(new["lg"].dtype)
-        layer.decomposition = new
-    return waiting
+    return results
 
 
-PreconditionFn = Callable[
-    [Tensor, Decomposition, FactorSpec, FactorSpec], "Tensor | tuple[Tensor, Tensor]"
-]
-"""Maps the stacked gradients ``(B, g_pad, a_pad)`` to the preconditioned ones, optionally with
-a ``(B,)`` tensor of per-block values computed on the way (the Kronecker form of the
-loss-change constraint), which ``Bucket.precondition`` hands back. The gathered gradients are
-the function's to overwrite: it may return its result in that very tensor."""
-
-
-@dataclass(eq=False)
-class Bucket:
-    """Layers whose blocks share one shape, factor storage and device; decompositions stacked."""
-
-    key: BucketKey
-    layers: list[Layer]
-    active: list[Layer] = field(default_factory=list)
-    stacked: Decomposition = field(default_factory=dict)
-
-    @property
-    def g_spec(self) -> FactorSpec:
-        return self.key[0]
-
-    @property
-    def a_spec(self) -> FactorSpec:
-        return self.key[1]
-
-    @property
-    def padded(self) -> bool:
-        """Whether the stacked blocks have zero padding (block-diagonal factors)."""
-        return self.g_spec.padded != self.g_spec.dim or self.a_spec.padded != self.a_spec.dim
-
-    def restack(self) -> None:
-        """Stack the members' decompositions and point each member at its slice of the stack."""
-        self.active = [layer for layer in self.layers if layer.decomposition is not None]
-        if not self.active:
-            self.stacked = {}
-            return
-        names = list(self.active[0].decomposition or {})
-        self.stacked = {
-            k: torch.cat([layer.decomposition[k] for layer in self.active])  # type: ignore[index]
-            for k in names
-        }
-        offset = {k: 0 for k in names}
-        for layer in self.active:
-            views = {}
-            for k, v in self.stacked.items():
-                n = layer.decomposition[k].shape[0]  # type: ignore[index]
-                views[k] = v[offset[k] : offset[k] + n]
-                offset[k] += n
-            layer.decomposition = views
-
-    def precondition(
-        self, fn: PreconditionFn, dtype: torch.dtype
-    ) -> tuple[list[Layer], Tensor | None]:
-        """Rewrite the gradients of every member that has them, in one batched call.
-
-        Gradients are gathered into one ``(B, g_pad, a_pad)`` buffer (zero padding beyond
-        the layers' widths), preconditioned, and written back through views into p.grad.
-
-        Returns:
-            The layers whose gradients were rewritten, and the ``(B,)`` per-block values
-            ``fn`` returned beside the gradients (None if it returned none).
-        """
-        members: list[tuple[Layer, GradientParts]] = []
-        for layer in self.active:
-            parts = layer.adapter.gradient_parts()
-            if parts is not None:
-                members.append((layer, parts))
-        if not members:
-            return [], None
-        if len(members) == len(self.active):
-            stacked = self.stacked
-        else:
-            stacked = {
-                k: torch.cat([layer.decomposition[k] for layer, _ in members])  # type: ignore[index]
-                for k in self.stacked
-            }
-        g_spec, a_spec, device = self.key
-        shape = (sum(layer.adapter.blocks for layer, _ in members), g_spec.padded, a_spec.padded)
-        grads = (torch.zeros if self.padded else torch.empty)(shape, dtype=dtype, device=device)
-        slots = self._part_views(grads, members)
-        sources = [view for _, parts in members for view, _ in parts]
-        torch._foreach_copy_(slots, sources)
-
-        result = fn(grads, stacked, g_spec, a_spec)
-        out, extra = result if isinstance(result, tuple) else (result, None)
-
-        if out is not grads:  # a new tensor, laid out like the gathered one
-            slots = self._part_views(out, members)
-        torch._foreach_copy_(sources, slots)
-        for _, parts in members:
-            parts.flush()
-        return [layer for layer, _ in members], extra
-
-    def _part_views(
-        self, stack: Tensor, members: list[tuple[Layer, GradientParts]]
-    ) -> list[Tensor]:
-        """The views of a ``(B, g_pad, a_pad)`` stack that hold the members' gradient parts,
-        in order."""
-        g_dim = self.g_spec.dim
-        views: list[Tensor] = []
-        offset = 0
-        for layer, parts in members:
-            sl = slice(offset, offset + layer.adapter.blocks)
-            for view, col in parts:
-                views.append(stack[sl, :g_dim, col : col + view.shape[-1]])
-            offset += layer.adapter.blocks
-        return views
-
-
-def make_buckets(layers: list[Layer]) -> list[Bucket]:
-    groups: dict[BucketKey, list[Layer]] = defaultdict(list)
-    for layer in layers:
-        groups[layer.shape_key].append(layer)
-    return [Bucket(key, members) for key, members in groups.items()]
-
-
-def precondition_diagonal(
-    params: list[DiagonalParam], with_form: bool = False
-) -> tuple[list[DiagonalParam], Tensor | None]:
-    """p.grad ← p.grad · 1/(F + ε) for every diagonal parameter with a gradient, in one call.
-
-    Returns:
-        The parameters rewritten and, with ``with_form``, Σ F ∇̃² over them (0-d, in the
-        factor dtype; None without a rewritten parameter): ∇̃ᵀ diag(F) ∇̃ with the F of the
-        last decomposition step (``curvature``), the diagonal empirical Fisher's share of
-        the constraint's Kronecker form (damping excluded).
-    """
-    done, grads, inverses = [], [], []
-    for d in params:
-        if d.inverse is not None and d.param.grad is not None:
-            done.append(d)
-            grads.append(d.param.grad)
-            inverses.append(d.inverse)
-    if not grads:
-        return [], None
-    torch._foreach_mul_(grads, inverses)
-    if not with_form:
-        return done, None
-    parts = []
-    device = grads[0].device
-    for d, g in zip(done, grads):
-        f = d.curvature
-        assert f is not None
-        gf = g.reshape(-1).to(f.dtype)
-        parts.append((f * gf * gf).sum().to(device))
-    return done, torch.stack(parts).sum()
+def _install(
+    layer: Layer,
+    results: Results,
+    shifts: dict[tuple[int, str], Tensor],
+    scale: Tensor | None,
+    damping_mode: str,
+    damping: float,
+) -> None:
+    """Make a layer's new decomposition current, or count and report its failure."""
+    part_a, ok_a = results[(id(layer), "A")]
+    part_g, ok_g = results[(id(layer), "G")]
+    if not (ok_a and ok_g):
+        layer.failures += 1
+        layer.failures_total += 1
+        layer.failed_sides = tuple(s for s, ok in (("A", ok_a), ("G", ok_g)) if not ok)
+        what = (
+            "keeps its previous decomposition"
+            if layer.decomposition
+            else ("stays unpreconditioned until a decomposition succeeds")
+        )
+        _warn.warn(
+            f"layer {layer.name!r}: decomposition of {' and '.join(layer.failed_sides)} "
+            f"failed even in float64 ({layer.failures} in a row); it {what}",
+        )
+        return
+    # Keys: eigenbases/eigenvalues ("qg", "lg", "qa", "la"; no "q" for a diagonal factor)
+    # or damped inverses ("ig", "ia") with their shifts ("cg", "ca", per stored block);
+    # "ekfac" adds the scale "s".
+    layer.failures = 0
+    new = {
+        f"{k}{side}": v for side, part in (("g", part_g), ("a", part_a)) for k, v in part.items()
+    }
+    if damping_mode == "pi":
+        dtype = new["ig"].dtype
+        new["cg"] = shifts[(id(layer), "G")].to(dtype)
+        new["ca"] = shifts[(id(layer), "A")].to(dtype)
+    elif damping_mode == "ekfac":
+        new["s"] = carried_scale(layer, new)
+    if damping_mode != "pi" and scale is not None:
+        new["eps"] = (damping * scale).to(new["lg"].dtype)
+    layer.decomposition = new

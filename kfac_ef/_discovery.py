@@ -110,8 +110,55 @@ def _same_use(a: LayerAdapter, b: LayerAdapter) -> bool:
     )
 
 
+@dataclass
+class _Scan:
+    """What discovery learns as it goes (see :func:`discover`)."""
+
+    names: dict[int, str]  # id(parameter) -> qualified name (its first registration)
+    order: list[nn.Parameter]  # parameters in module order, each once
+    left: dict[int, str] = field(default_factory=dict)  # id(parameter) -> why it is left out
+    adapters: dict[str, ModuleAdapter] = field(default_factory=dict)
+    # Kronecker layers in module order: (module name, index in adapter.layers, layer).
+    kron: list[tuple[str, int, LayerAdapter]] = field(default_factory=list)
+    diag_claims: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
+    ties: list[tuple[str, str]] = field(default_factory=list)
+    covered: set[int] = field(default_factory=set)
+    routes: dict[str, Route] = field(default_factory=dict)
+
+    def route(self, mname: str) -> Route:
+        return self.routes.setdefault(mname, Route(self.adapters[mname]))
+
+
 def discover(model: nn.Module, opts: KFACOptions) -> Plan:
-    """Build the layers, diagonal parameters and hook routes of ``model`` under ``opts``."""
+    """Build the layers, diagonal parameters and hook routes of ``model`` under ``opts``:
+    adapters for the modules, tied weights grouped, Kronecker layers, diagonal parameters,
+    and every other parameter with the reason it is left to the optimizer."""
+    scan = _scan_modules(model, opts)
+    groups, feeds = _tie_groups(scan)
+    layers = _kronecker_layers(scan, opts, groups, feeds)
+    diagonal = _diagonal_params(scan, opts)
+    for adapter in scan.adapters.values():
+        module = adapter.module
+        for p in module.parameters(recurse=isinstance(module, _ABSORBING)):
+            if id(p) not in scan.covered and p.requires_grad:
+                scan.left.setdefault(id(p), adapter.unsupported_reason(p))
+    for p in scan.order:
+        if id(p) not in scan.covered and id(p) not in scan.left:
+            scan.left[id(p)] = (
+                "frozen (requires_grad is False)"
+                if not p.requires_grad
+                else "not owned by a module kind with a Kronecker or diagonal rule (a custom "
+                "parameter)"
+            )
+    unpre = [(scan.names[id(p)], scan.left[id(p)]) for p in scan.order if id(p) not in scan.covered]
+    routes = {m: scan.routes[m] for m in scan.adapters if m in scan.routes}  # module order
+    trainable = [p for p in scan.order if p.requires_grad]
+    return Plan(layers, diagonal, routes, unpre, scan.ties, trainable)
+
+
+def _scan_modules(model: nn.Module, opts: KFACOptions) -> _Scan:
+    """An adapter for every module with parameters that a rule covers (the reason for the
+    others), in module order."""
     names: dict[int, str] = {}
     order: list[nn.Parameter] = []
     for mname, module in model.named_modules():
@@ -119,15 +166,9 @@ def discover(model: nn.Module, opts: KFACOptions) -> Plan:
             if id(p) not in names:
                 names[id(p)] = f"{mname}.{pname}" if mname else pname
                 order.append(p)
-
+    scan = _Scan(names, order)
     seq_first = _seq_first_modules(model)
-    left: dict[int, str] = {}
-    adapters: dict[str, ModuleAdapter] = {}
     absorbed: set[int] = set()  # modules whose parameters an ancestor's adapter handles
-    # Kronecker layers in module order: (module name, index in adapter.layers, layer).
-    kron: list[tuple[str, int, LayerAdapter]] = []
-    diag_claims: dict[int, list[str]] = defaultdict(list)
-
     for mname, module in model.named_modules():
         if id(module) in absorbed:
             continue
@@ -139,24 +180,30 @@ def discover(model: nn.Module, opts: KFACOptions) -> Plan:
             continue
         if opts.skips(mname, module):
             for p in params:
-                left.setdefault(id(p), "skipped by skip_layers")
+                scan.left.setdefault(id(p), "skipped by skip_layers")
             continue
         made = make_adapter(module)
         if isinstance(made, str):
             for p in params:
-                left.setdefault(id(p), made)
+                scan.left.setdefault(id(p), made)
             continue
         made.batch_dim = 1 if id(module) in seq_first else 0
-        adapters[mname] = made
+        scan.adapters[mname] = made
         for i, layer in enumerate(made.layers):
-            kron.append((mname, i, layer))
+            scan.kron.append((mname, i, layer))
         for p in made.diagonal_candidates():
-            diag_claims[id(p)].append(mname)
+            scan.diag_claims[id(p)].append(mname)
         for p in params:
             if not p.requires_grad:
-                left.setdefault(id(p), "frozen (requires_grad is False)")
+                scan.left.setdefault(id(p), "frozen (requires_grad is False)")
+    return scan
 
-    # ---- tied weights: group Kronecker layers that share a parameter (union-find).
+
+def _tie_groups(scan: _Scan) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """Group the Kronecker layers that share a parameter (union-find) and decide who feeds
+    which factors: ``(groups, feeds)``, ``feeds[i]`` the index of the layer whose Layer
+    object layer i feeds (absent: it feeds none)."""
+    kron = scan.kron
     parent = list(range(len(kron)))
 
     def find(i: int) -> int:
@@ -173,65 +220,71 @@ def discover(model: nn.Module, opts: KFACOptions) -> Plan:
     groups: dict[int, list[int]] = defaultdict(list)
     for i in range(len(kron)):
         groups[find(i)].append(i)
-
-    ties: list[tuple[str, str]] = []
-    # Kronecker layer index -> index of the layer whose Layer object it feeds.
     feeds: dict[int, int] = {}
     for members in groups.values():
         if len(members) == 1:
             feeds[members[0]] = members[0]
-            continue
-        lead = kron[members[0]][2]
-        users = ", ".join(_layer_name(kron[i][0], kron[i][2]) for i in members)
-        uses: dict[tuple[int, object], int] = defaultdict(int)
-        for i in members:
-            for p, region in kron[i][2].regions():
-                uses[(id(p), region)] += 1
-        shared = ", ".join(sorted({names[pid] for (pid, _), n in uses.items() if n > 1}))
-        if all(_same_use(lead, kron[i][2]) for i in members):
-            for i in members:
-                feeds[i] = members[0]
-            ties.append(
-                (shared, f"one Kronecker block fed by {users} (their calls are positions of "
-                 "the same examples)")
-            )  # fmt: skip
-            continue
-        dense_inputs = [i for i in members if not kron[i][2].one_hot_inputs]
-        owner = (dense_inputs or members)[-1]
-        feeds[owner] = owner
-        owner_name = _layer_name(kron[owner][0], kron[owner][2])
-        others = [i for i in members if i != owner]
-        ties.append(
-            (
-                shared,
-                f"preconditioned by {owner_name} alone; the other use(s) ("
-                + ", ".join(_layer_name(kron[i][0], kron[i][2]) for i in others)
-                + ") contribute nothing to its factors, their share of the gradient is "
-                "preconditioned with the owner's curvature",
-            )
-        )
-        owned = {id(p) for p in kron[owner][2].parameters()}
-        for i in others:
-            for p in kron[i][2].parameters():
-                if id(p) not in owned:
-                    left.setdefault(
-                        id(p),
-                        f"its layer {_layer_name(kron[i][0], kron[i][2])} shares a tied weight "
-                        f"preconditioned by {owner_name}",
-                    )
+        else:
+            _tie(scan, members, feeds)
+    return groups, feeds
 
-    # ---- Kronecker layers.
+
+def _tie(scan: _Scan, members: list[int], feeds: dict[int, int]) -> None:
+    """One group of layers sharing a weight: one block for all (same use), or one owner."""
+    kron, names = scan.kron, scan.names
+    lead = kron[members[0]][2]
+    users = ", ".join(_layer_name(kron[i][0], kron[i][2]) for i in members)
+    uses: dict[tuple[int, object], int] = defaultdict(int)
+    for i in members:
+        for p, region in kron[i][2].regions():
+            uses[(id(p), region)] += 1
+    shared = ", ".join(sorted({names[pid] for (pid, _), n in uses.items() if n > 1}))
+    if all(_same_use(lead, kron[i][2]) for i in members):
+        for i in members:
+            feeds[i] = members[0]
+        scan.ties.append(
+            (shared, f"one Kronecker block fed by {users} (their calls are positions of "
+             "the same examples)")
+        )  # fmt: skip
+        return
+    dense_inputs = [i for i in members if not kron[i][2].one_hot_inputs]
+    owner = (dense_inputs or members)[-1]
+    feeds[owner] = owner
+    owner_name = _layer_name(kron[owner][0], kron[owner][2])
+    others = [i for i in members if i != owner]
+    scan.ties.append(
+        (
+            shared,
+            f"preconditioned by {owner_name} alone; the other use(s) ("
+            + ", ".join(_layer_name(kron[i][0], kron[i][2]) for i in others)
+            + ") contribute nothing to its factors, their share of the gradient is "
+            "preconditioned with the owner's curvature",
+        )
+    )
+    owned = {id(p) for p in kron[owner][2].parameters()}
+    for i in others:
+        for p in kron[i][2].parameters():
+            if id(p) not in owned:
+                scan.left.setdefault(
+                    id(p),
+                    f"its layer {_layer_name(kron[i][0], kron[i][2])} shares a tied weight "
+                    f"preconditioned by {owner_name}",
+                )
+
+
+def _kronecker_layers(
+    scan: _Scan, opts: KFACOptions, groups: dict[int, list[int]], feeds: dict[int, int]
+) -> list[Layer]:
+    """A Layer (statistics, factor plan) per feeding layer, and the routes to it."""
     layers: list[Layer] = []
     by_index: dict[int, Layer] = {}
-    routes: dict[str, Route] = {}
-    covered: set[int] = set()
     owner_of: dict[int, int] = {}  # member of a tie group (not feeding) -> its owner
     for members in groups.values():
         owners = [i for i in members if feeds.get(i) == i]
         for i in members:
             if i not in feeds and owners:
                 owner_of[i] = owners[0]
-    for i, (mname, idx, la) in enumerate(kron):
+    for i, (mname, idx, la) in enumerate(scan.kron):
         target = feeds.get(i)
         if target is None:
             continue
@@ -251,59 +304,44 @@ def discover(model: nn.Module, opts: KFACOptions) -> Plan:
             )
             by_index[i] = Layer(_layer_name(mname, la), la, stats)
             layers.append(by_index[i])
-            covered.update(id(p) for p in la.parameters())
-        route = routes.setdefault(mname, Route(adapters[mname]))
-        route.layers.append((idx, by_index[target]))
+            scan.covered.update(id(p) for p in la.parameters())
+        scan.route(mname).layers.append((idx, by_index[target]))
     if opts.needs_loss_records:
         for i, owner in owner_of.items():
-            mname, idx, _ = kron[i]
-            routes.setdefault(mname, Route(adapters[mname])).tied.append((idx, by_index[owner]))
+            mname, idx, _ = scan.kron[i]
+            scan.route(mname).tied.append((idx, by_index[owner]))
+    return layers
 
-    # ---- parameters outside the Kronecker form.
+
+def _diagonal_params(scan: _Scan, opts: KFACOptions) -> list[DiagonalParam]:
+    """Parameters outside the Kronecker form with a per-example rule: diagonal (or left)."""
     diagonal: list[DiagonalParam] = []
-    param_by_id = {id(p): p for p in order}
-    for pid, claimants in diag_claims.items():
+    param_by_id = {id(p): p for p in scan.order}
+    for pid, claimants in scan.diag_claims.items():
         p = param_by_id[pid]
-        if pid in covered or not p.requires_grad:
+        if pid in scan.covered or not p.requires_grad:
             continue
         if opts.other_params != "diagonal":
-            left.setdefault(
+            scan.left.setdefault(
                 pid,
-                f"{adapters[claimants[0]].kind}: other_params='ignore' leaves it to the "
+                f"{scan.adapters[claimants[0]].kind}: other_params='ignore' leaves it to the "
                 "optimizer (other_params='diagonal' preconditions it with its diagonal "
                 "empirical Fisher)",
             )
             continue
+        name = scan.names[pid]
         dstats = DiagonalStatistics(
-            names[pid], p.numel(), opts.factor_dtype, p.device, opts.fisher_type == "mc"
+            name, p.numel(), opts.factor_dtype, p.device, opts.fisher_type == "mc"
         )
-        entry = DiagonalParam(names[pid], p, dstats)
+        entry = DiagonalParam(name, p, dstats)
         diagonal.append(entry)
-        covered.add(pid)
-        left.pop(pid, None)
+        scan.covered.add(pid)
+        scan.left.pop(pid, None)
         for mname in claimants:
-            routes.setdefault(mname, Route(adapters[mname])).params.append((p, entry))
+            scan.route(mname).params.append((p, entry))
         if len(claimants) > 1:
-            ties.append((names[pid], "one diagonal Fisher fed by " + ", ".join(claimants)))
-
-    # ---- everything else, with its reason.
-    for adapter in adapters.values():
-        module = adapter.module
-        for p in module.parameters(recurse=isinstance(module, _ABSORBING)):
-            if id(p) not in covered and p.requires_grad:
-                left.setdefault(id(p), adapter.unsupported_reason(p))
-    for p in order:
-        if id(p) not in covered and id(p) not in left:
-            left[id(p)] = (
-                "frozen (requires_grad is False)"
-                if not p.requires_grad
-                else "not owned by a module kind with a Kronecker or diagonal rule (a custom "
-                "parameter)"
-            )
-    unpre = [(names[id(p)], left[id(p)]) for p in order if id(p) not in covered]
-    routes = {m: routes[m] for m in adapters if m in routes}  # module order
-    trainable = [p for p in order if p.requires_grad]
-    return Plan(layers, diagonal, routes, unpre, ties, trainable)
+            scan.ties.append((name, "one diagonal Fisher fed by " + ", ".join(claimants)))
+    return diagonal
 
 
 def check_devices(plan: Plan) -> set[torch.device]:

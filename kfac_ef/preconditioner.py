@@ -1,8 +1,8 @@
-"""KFACPreconditioner: orchestration of capture, statistics, decompositions and step().
+"""KFACPreconditioner: the façade users hold; it wires the pieces and owns the cadence.
 
-Data flows one way: hooks (capture.py) -> per-layer statistics (_stats.py) -> running factors
-and, every ``inv_update_steps``, decompositions (_blocks.py, linalg.py) -> step() rewrites
-``p.grad``. Nothing else touches ``p.grad``.
+hooks (capture.py) -> statistics (_stats.py) -> factors, decompositions, appliers
+(_estimator.py, _blocks.py, _apply.py, kernels) -> the constraint (_controller.py) -> p.grad.
+Checkpoints: _checkpoint.py; the plan: summary.py; other processes: _distributed/.
 """
 
 from __future__ import annotations
@@ -10,132 +10,36 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
-import sys
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.amp.grad_scaler import OptState
 from torch.autograd.profiler import record_function
 
-from . import _constraint, _ekfac, _warn, kernels, linalg
-from ._blocks import (
-    Bucket,
-    Decomposition,
-    DiagonalParam,
-    Layer,
-    decompose,
-    decomposition_keys,
-    make_buckets,
-    precondition_diagonal,
-)
-from ._constraint import Held, LossChangeDiagnostics, StepRecord
-from ._discovery import Plan, Route, check_devices, discover
-from ._factors import (
-    FactorSpec,
-    precondition_inverse_with_form,
-    precondition_structured_eigen,
-    precondition_structured_inverse,
-    to_user,
+from . import _checkpoint, _warn, kernels, summary
+from ._constraint import Held, LossChangeDiagnostics, summarize
+from ._controller import LossChangeController
+from ._discovery import Plan, check_devices, discover
+from ._estimator import Estimator, Faults
+from ._model import (
+    check_not_sharded,
+    snapshot,
+    uncompiled,
+    unique_parameters,
+    weak_method,
 )
 from ._options import KFACOptions, LearningRate, SkipSpec
-from ._stats import Scale, g_scale
 from .capture import Capture, call_eagerly
 from .distributed import DistributedOptions, Distributor, resolve, unwrap
-from .summary import DiagonalSummary, LayerSummary, Summary
+
+__all__ = ["Faults", "KFACPreconditioner"]
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Faults:
-    """Numerical faults met so far (``KFACPreconditioner.faults()``; counts since
-    construction, carried by ``state_dict()``).
-
-    Attributes:
-        steps: completed step() calls.
-        skipped_steps: statistics steps whose gradients were not all finite (e.g. a
-            loss-scale overflow): no factor was updated.
-        skipped_updates: per layer (or diagonally preconditioned parameter), statistics
-            updates rejected for non-finite values (one per Kronecker block per step, so a
-            grouped conv counts its groups); layers without any are absent.
-        decomposition_failures: per layer, decompositions that failed even in float64
-            (the previous decomposition was kept); layers without any are absent.
-        consecutive_failures: per layer, the current run of such failures (step() raises
-            when it reaches ``max_decomposition_failures``); layers at 0 are absent.
-    """
-
-    steps: int
-    skipped_steps: int
-    skipped_updates: dict[str, int]
-    decomposition_failures: dict[str, int]
-    consecutive_failures: dict[str, int]
-
-
-STATE_FORMAT = "kfac_ef.state/1"
-
-# Prefixes that wrappers add to module names: DistributedDataParallel's and torch.compile's.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _check_not_sharded(model: nn.Module) -> None:
-    """Refuse sharded models (FSDP, FSDP2's fully_shard, DTensor parameters): a rank holds a
-    shard of each parameter and of its gradient, which the Kronecker factors and p.grad
-    rewriting assume whole. Checked without importing torch.distributed.tensor: a DTensor
-    parameter exists only if that module was imported."""
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    sharded = [
-        name
-        for name, p in model.named_parameters()
-        if dtensor is not None and isinstance(p, dtensor)
-    ]
-    wrappers = [
-        name or "<root>"
-        for name, m in model.named_modules()
-        if type(m).__name__ == "FullyShardedDataParallel"
-    ]
-    if sharded or wrappers:
-        what = (
-            f"FullyShardedDataParallel modules ({', '.join(wrappers[:5])})"
-            if wrappers
-            else f"sharded (DTensor) parameters ({', '.join(sharded[:5])}"
-            + (", ..." if len(sharded) > 5 else "")
-            + ")"
-        )
-        raise NotImplementedError(
-            f"the model has {what}: sharded models (FSDP, fully_shard, tensor parallelism) "
-            "are not supported yet. Build the preconditioner on an unsharded model, with "
-            "DistributedDataParallel for data parallelism (docs/distributed.md)."
-        )
-
-
-def _unique_parameters(
-    layers: Iterable[Layer], diagonal: Iterable[DiagonalParam]
-) -> list[nn.Parameter]:
-    """The parameters of these Kronecker layers and diagonal entries, each once (a tied
-    weight belongs to several layers)."""
-    out: dict[int, nn.Parameter] = {}
-    for layer in layers:
-        for p in layer.adapter.parameters():
-            out.setdefault(id(p), p)
-    for d in diagonal:
-        out.setdefault(id(d.param), d.param)
-    return list(out.values())
-
-
-def _uncompiled(model: nn.Module) -> nn.Module:
-    """The module inside a torch.compile wrapper (so that layer names carry no
-    ``_orig_mod.``; the wrapper's forward runs the inner modules, whose hooks fire)."""
-    inner = getattr(model, "_orig_mod", None)
-    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
-        return inner
-    return model
-
+STATE_FORMAT = _checkpoint.STATE_FORMAT
 
 # Modules hooked by a live preconditioner: a second one on the same module would double the
 # statistics work and disagree about p.grad, so it is refused.
@@ -143,113 +47,11 @@ _OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[KFACPreconditioner]] =
     weakref.WeakKeyDictionary()
 )
 
-
-def _structure(model: nn.Module) -> list[tuple[str, str, int, tuple[int, ...], tuple[bool, ...]]]:
-    """Modules with parameters: name, type, identity, parameter identities, trainability.
-
-    Covers every module discovery looks at: a tied weight appears under each module that
-    registers it (so untying or re-tying shows), and the projections of a MultiheadAttention
-    (its packed ``in_proj_weight`` and its ``out_proj`` submodule) are listed although the
-    attention's adapter, not their own, reads them.
-    """
-    out = []
-    for name, module in model.named_modules():
-        direct = list(module.parameters(recurse=False))
-        if direct:
-            out.append(
-                (
-                    name or "<model>",
-                    type(module).__name__,
-                    id(module),
-                    tuple(id(p) for p in direct),
-                    tuple(p.requires_grad for p in direct),
-                )
-            )
-    return out
-
-
 # Backward passes whose calls may be held until step() before a warning (gradient
 # accumulation over more micro-batches than this is unusual; a loop without step() is a bug).
 _HELD_PASSES_WARNING = 64
 
-
-def _weak(method: Any, default: Any) -> Any:
-    """``method`` called through a weak reference to its object (``default`` once the object
-    is gone): the hooks must not keep the preconditioner alive."""
-    ref = weakref.WeakMethod(method)
-
-    def call(*args: Any) -> Any:
-        bound = ref()
-        return default if bound is None else bound(*args)
-
-    return call
-
-
-def _snapshot(saved: Any) -> Any:
-    """A copy of the tensors in what a call saved (tuples, lists, dicts and dataclasses of
-    them walked through; other values kept as they are)."""
-    if isinstance(saved, Tensor):
-        return saved.clone()
-    if isinstance(saved, tuple | list):
-        return type(saved)(_snapshot(x) for x in saved)
-    if isinstance(saved, dict):
-        return {k: _snapshot(v) for k, v in saved.items()}
-    if dataclasses.is_dataclass(saved) and not isinstance(saved, type):
-        changes = {
-            f.name: _snapshot(getattr(saved, f.name)) for f in dataclasses.fields(saved) if f.init
-        }
-        return dataclasses.replace(saved, **changes)
-    return saved
-
-
-def _value_problems(
-    state: Mapping[str, Any], layers: Mapping[str, Any], diagonal: Mapping[str, Any]
-) -> list[str]:
-    """What in a checkpoint's values cannot be loaded: non-finite factors, decompositions
-    or inverses (they would turn every gradient into NaN), negative counters."""
-    problems: list[str] = []
-
-    def count(where: str, value: Any) -> None:
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-        if not ok and isinstance(value, Tensor):
-            ok = not value.is_floating_point() and bool((value >= 0).all())
-        if not ok:
-            problems.append(f"{where} must be a non-negative integer count, got {value!r}")
-
-    def finite(where: str, value: Any, minimum: float | None = None) -> None:
-        if not isinstance(value, Tensor):
-            problems.append(f"{where} must be a tensor, got {type(value).__name__}")
-        elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            problems.append(f"{where} has {bad} non-finite entries")
-        elif minimum is not None and value.numel() and float(value.min()) < minimum:
-            problems.append(f"{where} has entries below {minimum}")
-
-    count("steps", state.get("steps"))
-    if state.get("skipped_steps") is not None:
-        count("skipped_steps", state["skipped_steps"])
-    examples = state.get("stats_examples", 1.0)
-    if not (isinstance(examples, int | float) and math.isfinite(examples) and examples > 0):
-        problems.append(f"stats_examples must be a finite number > 0, got {examples!r}")
-    for name, entry in layers.items():
-        for key in ("A", "G"):
-            finite(f"{name}: {key}", entry.get(key))
-        for key in ("updates", "skipped", "scale_updates"):
-            if entry.get(key) is not None:
-                count(f"{name}: {key}", entry[key])
-        for n in entry.get("failures", (0, 0)):
-            count(f"{name}: failures", n)
-        for key, value in (entry.get("decomposition") or {}).items():
-            finite(f"{name}: decomposition {key!r}", value)
-    for name, entry in diagonal.items():
-        finite(f"{name}: F", entry.get("F"))
-        for key in ("updates", "skipped"):
-            count(f"{name}: {key}", entry.get(key))
-        if entry.get("inverse") is not None:
-            finite(f"{name}: inverse", entry["inverse"], minimum=0.0)
-        if entry.get("curvature") is not None:
-            finite(f"{name}: curvature", entry["curvature"], minimum=0.0)
-    return problems
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(KFACOptions))
 
 
 class KFACPreconditioner:
@@ -381,62 +183,35 @@ class KFACPreconditioner:
             raise TypeError(
                 f"Invalid grad_scaler={grad_scaler!r}: must be a torch.amp.GradScaler or None"
             )
-        self.options = KFACOptions(
-            damping=damping,
-            factor_decay=factor_decay,
-            factor_update_steps=factor_update_steps,
-            inv_update_steps=inv_update_steps,
-            loss_reduction=loss_reduction,  # type: ignore[arg-type]
-            damping_mode=damping_mode,  # type: ignore[arg-type]
-            kfac_approx=kfac_approx,  # type: ignore[arg-type]
-            skip_layers=skip_layers,  # type: ignore[arg-type]
-            factor_dtype=factor_dtype,
-            backend=backend,  # type: ignore[arg-type]
-            other_params=other_params,  # type: ignore[arg-type]
-            max_factor_dim=max_factor_dim,
-            large_factor_block=large_factor_block,
-            memory_budget=memory_budget,
-            max_decomposition_failures=max_decomposition_failures,
-            warning_interval=warning_interval,
-            fisher_type=fisher_type,  # type: ignore[arg-type]
-            constraint=constraint,  # type: ignore[arg-type]
-            target_loss_change=target_loss_change,
-            max_loss_change=max_loss_change,
-            loss_change_unit=loss_change_unit,  # type: ignore[arg-type]
-            lr=lr,
-            track_loss_changes=track_loss_changes,
-            damping_unit=damping_unit,  # type: ignore[arg-type]
-        )
-        self._grad_scaler = grad_scaler
+        # Every keyword but model, grad_scaler and distributed is an option, validated there.
+        self.options = KFACOptions(**{k: v for k, v in locals().items() if k in _OPTION_NAMES})
+        self._build(model, grad_scaler, distributed)
+
+    def _build(
+        self,
+        model: nn.Module,
+        grad_scaler: torch.amp.GradScaler | None,
+        distributed: bool | DistributedOptions | None,
+    ) -> None:
         dist_options = resolve(distributed)
-        model, ddp = unwrap(_uncompiled(model))
-        model = _uncompiled(model)
-        _check_not_sharded(model)
-        self._model = weakref.ref(model)
-        self._structure = _structure(model)
+        model, ddp = unwrap(uncompiled(model))
+        model = uncompiled(model)
+        check_not_sharded(model)
         plan: Plan = discover(model, self.options)
-        self._layers = plan.layers
-        self._diagonal = plan.diagonal
-        self._routes: dict[str, Route] = plan.routes
-        self._unpreconditioned = plan.unpreconditioned
-        self._ties = plan.ties
-        self._trainable = plan.trainable
-        if not self._layers and not self._diagonal:
+        if not plan.layers and not plan.diagonal:
             raise ValueError(
                 "the model has no layer to precondition (supported: nn.Linear, nn.Conv1d/2d/3d, "
                 "nn.Embedding, nn.Bilinear, nn.MultiheadAttention with a trainable weight, not "
                 "excluded by skip_layers; norm layers with other_params='diagonal'); left "
-                "untouched:\n" + "\n".join(f"  {n}: {why}" for n, why in self._unpreconditioned)
+                "untouched:\n" + "\n".join(f"  {n}: {why}" for n, why in plan.unpreconditioned)
             )
         for device in check_devices(plan):
             kernels.check_backend(self.options.backend, device)
-        self._by_name = {layer.name: layer for layer in self._layers}
-        self._diag_by_name = {d.name: d for d in self._diagonal}
-        self._buckets: list[Bucket] = make_buckets(self._layers)
-        # Every exchange with other processes goes through this object (distributed.py).
-        self._dist = (
-            Distributor(plan, self.options, dist_options, ddp) if dist_options is not None else None
-        )
+        # Every exchange with other processes goes through this object (_distributed/).
+        dist = Distributor(plan, self.options, dist_options, ddp) if dist_options else None
+        self._est = Estimator(plan, self.options, dist, model)
+        self._routes = plan.routes
+        self._controller = LossChangeController(self.options, self._est, grad_scaler)
         budget = self.options.memory_budget
         if budget is not None:
             plan_summary = self.summary()
@@ -450,14 +225,7 @@ class KFACPreconditioner:
         self._claim()
         self._steps = 0
         self._backward_seen = False
-        self._force_decompose = False
         self._removed = False
-        self._warned_no_stats: set[str] = set()
-        self._skipped_steps: Tensor | None = None
-        self._skipped_reported = 0
-        self._last_skip_warning: int | None = None
-        self._skipped_seen: dict[str, int] = {}
-        self._grads_ok: Tensor | None = None  # this step's gradients finite (0-d), if known
         # Calls held until step(), by hooked module: for the EKFAC scale ("fisher": those of
         # the backward that feeds the factors) and for the exact loss-change form ("loss":
         # those of the user's loss). With the empirical Fisher they are the same calls.
@@ -465,9 +233,6 @@ class KFACPreconditioner:
         self._loss_calls: dict[str, list[Held]] = defaultdict(list)
         self._sampling = False
         self._sampled = False
-        self._stats_examples: float | Tensor = 1.0  # examples of the last statistics step
-        self._warned_missing: set[str] = set()
-        self._record_last: StepRecord | None = None
         self._passes_held = 0  # backward passes whose calls are held until step()
         self._last_held_pass = -1
         self._warned_held = False
@@ -475,12 +240,12 @@ class KFACPreconditioner:
         # remove() is collected, and its finalizer detaches the hooks.
         self._capture = Capture(
             {name: route.adapter for name, route in self._routes.items()},
-            wants_calls=_weak(self._wants_calls, False),
-            on_backward=_weak(self._on_backward, None),
-            record=_weak(self._record, None),
-            on_call=_weak(self._on_call, None) if self._dist is not None else None,
+            wants_calls=weak_method(self._wants_calls, False),
+            on_backward=weak_method(self._on_backward, None),
+            record=weak_method(self._record, None),
+            on_call=weak_method(self._on_call, None) if dist is not None else None,
             hold_inputs=self.options.fisher_type == "mc",
-            sampling=_weak(self._is_sampling, False),
+            sampling=weak_method(self._is_sampling, False),
         )
         weakref.finalize(self, self._capture.remove)
 
@@ -500,7 +265,6 @@ class KFACPreconditioner:
         for _, module in self._hooked_modules():
             _OWNERS[module] = weakref.ref(self)
 
-    # ------------------------------------------------------------------ capture callbacks
     def _wants_statistics(self) -> bool:
         return self._steps % self.options.factor_update_steps == 0
 
@@ -517,8 +281,8 @@ class KFACPreconditioner:
 
     def _on_call(self, name: str, pass_id: int) -> None:
         # Only calls whose statistics will be recorded count for the all-reduce buckets.
-        if self._dist is not None and self._wants_statistics():
-            self._dist.on_call(name, pass_id)
+        if self._est.dist is not None and self._wants_statistics():
+            self._est.dist.on_call(name, pass_id)
 
     def _record(self, name: str, saved: Any, grad: Tensor, pass_id: int) -> None:
         route = self._routes[name]
@@ -533,7 +297,7 @@ class KFACPreconditioner:
             # what step() computes from them.
             nonlocal held
             if held is None:
-                held = (_snapshot(saved), grad.detach(), pass_id)
+                held = (snapshot(saved), grad.detach(), pass_id)
                 self._note_held(pass_id)
             return held
 
@@ -551,8 +315,8 @@ class KFACPreconditioner:
                         entry.stats.add(per_example, pass_id)
                 if opts.damping_mode == "ekfac" and route.layers:
                     self._fisher_calls[name].append(call())
-                if self._dist is not None:
-                    self._dist.on_record(name, pass_id)
+                if self._est.dist is not None:
+                    self._est.dist.on_record(name, pass_id)
         if not self._sampling and opts.needs_loss_records:
             self._loss_calls[name].append(call())
 
@@ -594,6 +358,10 @@ class KFACPreconditioner:
         with self._capture.ignoring():
             yield
 
+    def _loss_scale(self) -> Tensor | None:
+        """The GradScaler's scale as a device tensor (None without one), for ``kfac_ef.mc``."""
+        return self._controller.loss_scale()
+
     @contextlib.contextmanager
     def _sampled_backward(self) -> Iterator[None]:
         """Marks the backward passes inside as the sampled-target ones (``kfac_ef.mc``)."""
@@ -608,14 +376,13 @@ class KFACPreconditioner:
     def parameters(self) -> list[nn.Parameter]:
         """The preconditioned parameters: those of the Kronecker layers (tied weights once)
         and the diagonally preconditioned ones."""
-        return _unique_parameters(self._layers, self._diagonal)
+        return unique_parameters(self._est.layers, self._est.diagonal)
 
     @property
     def collects_statistics(self) -> bool:
         """Whether the coming step() folds statistics into the factors (a statistics step)."""
         return self._wants_statistics()
 
-    # ------------------------------------------------------------------ step
     @property
     def steps(self) -> int:
         """Number of completed step() calls."""
@@ -665,7 +432,7 @@ class KFACPreconditioner:
                 "loss.backward() (with the model in training mode and grad enabled) before "
                 "precond.step(), and step() once per backward (or per accumulated batch)"
             )
-        opts = self.options
+        opts, est, ctl = self.options, self._est, self._controller
         if opts.fisher_type == "mc" and self._wants_statistics() and not self._sampled:
             self._clear_step()
             raise RuntimeError(
@@ -675,54 +442,28 @@ class KFACPreconditioner:
             )
         # Everything that can fail on the user's input is checked before any state changes:
         # after such an error, step() can be called again for the same backward.
-        self._check_unscaled()
-        moments = None
-        if opts.constraint != "none" and opts.loss_change_unit != "absolute":
-            if loss is None:
-                raise ValueError(
-                    f"loss_change_unit={opts.loss_change_unit!r} scales the target by this "
-                    "step's loss: call precond.step(loss=...) with the loss (per-example "
-                    "losses for 'spread'), or use loss_change_unit='absolute'"
-                )
-            moments = _constraint.loss_moments(
-                opts.loss_change_unit,
-                loss,
-                opts.loss_reduction,
-                per_example_scale=self._per_example_scale(),
-                distributed=self._dist is not None,
-            )
+        ctl.check_unscaled()
+        moments = ctl.moments(loss)
         lr = None
         if opts.constraint != "none" or opts.track_loss_changes:
             lr = opts.learning_rate(self._steps)
         with torch.no_grad(), record_function("kfac_ef.step"):
-            self._grads_ok = None
+            est.grads_ok = None
             if self._wants_statistics():
-                self._update_factors()
+                est.update_factors(ctl.loss_scale())
             else:
-                for layer in self._layers:
-                    layer.stats.discard()
-                for entry in self._diagonal:
-                    entry.stats.discard()
-            if self._steps % opts.inv_update_steps == 0 or self._force_decompose:
-                self._check_structure()
-                self._decompose()
+                est.discard_statistics()
+            if self._steps % opts.inv_update_steps == 0 or est.force_decompose:
+                est.check_structure()
+                est.decompose(self._steps)
             if opts.damping_mode == "ekfac" and self._wants_statistics():
-                self._update_scales()
+                est.update_scales(self._fisher_calls, ctl.loss_scale())
             with_form = lr is not None and opts.needs_kronecker_form
-            done: list[Layer] = []
-            forms: list[Tensor] = []
-            for bucket in self._buckets:
-                members, form = bucket.precondition(
-                    self._precondition_fn(bucket, with_form), opts.factor_dtype
-                )
-                done.extend(members)
-                if form is not None:
-                    forms.append(form.sum())
-            done_diag, diag_form = precondition_diagonal(self._diagonal, with_form)
-            if self._dist is not None:
-                self._dist.share_gradients()
+            done, forms, done_diag, diag_form = est.precondition(with_form)
             if lr is not None:
-                self._scale_step(lr, done, forms, done_diag, diag_form, moments)
+                ctl.scale_step(
+                    self._steps, self._loss_calls, lr, done, forms, done_diag, diag_form, moments
+                )
         self._clear_step()
         self._steps += 1
         self._backward_seen = False
@@ -735,158 +476,11 @@ class KFACPreconditioner:
         self._passes_held = 0
         self._last_held_pass = -1
 
-    def _per_example_scale(self) -> float:
-        """From the observed gradients (and losses) of this process to the per-example ones
-        of the preconditioner's loss: 1, or 1/W for sum reduction over W processes (their
-        averaged gradient is that of Σ ℓ_n / W, see docs/distributed.md)."""
-        if self._dist is not None and self.options.loss_reduction == "sum":
-            return 1.0 / self._dist.world
-        return 1.0
-
-    def _scale_step(
-        self,
-        lr: float,
-        done: list[Layer],
-        forms: list[Tensor],
-        done_diag: list[DiagonalParam],
-        diag_form: Tensor | None,
-        moments: Tensor | None,
-    ) -> None:
-        """Measure the step -lr·∇̃ in loss space, scale the gradients by ν, keep the record.
-
-        All on the device of the preconditioned gradients (no host-device copy). Distributed,
-        the Kronecker form is summed over the ranks that precondition different layers, and
-        E[(Δℓ)²] and the loss reference are taken over the global batch.
-        """
-        opts = self.options
-        dist = self._dist
-        layers = done if dist is None else dist.preconditioned_layers(done)
-        # Preconditioned parameters with their gradients (diagonal ones always have one).
-        unique = _unique_parameters(layers, done_diag)
-        params = {id(p): g for p in unique if (g := p.grad) is not None}
-        every_grad = len(params) == len(unique)
-        grads = list(params.values())
-        device = grads[0].device if grads else self._device()
-        f64 = torch.float64
-        kron = None
-        if opts.needs_kronecker_form:
-            kron = torch.zeros((), dtype=f64, device=device)
-            for f in forms:
-                kron = kron + f.to(device=device, dtype=f64)
-            if dist is not None:
-                kron = dist.sum_over_columns(kron)
-            if diag_form is not None:
-                kron = kron + diag_form.to(device=device, dtype=f64)
-            if opts.loss_reduction == "sum":
-                # G = Σ_n δδᵀ is N times the mean form: per example, divide by the N of the
-                # last statistics step (of the global batch when distributed).
-                kron = kron / self._stats_examples
-        directions = None
-        exact = None
-        if opts.needs_loss_records:
-            directions, seen = _constraint.per_example_directions(
-                self._routes, self._loss_calls, params, opts.factor_dtype
-            )
-            if not (every_grad and seen.issuperset(params)):  # else none is missing
-                self._warn_missing(layers, done_diag, seen)
-            if directions is not None:
-                directions = directions.to(device)
-                scale: float | Tensor = (
-                    float(directions.shape[0]) if opts.loss_reduction == "mean" else 1.0
-                )
-                scale = scale * self._per_example_scale()
-                loss_scale = self._loss_scale()
-                if loss_scale is not None:
-                    scale = scale / loss_scale.to(device=device, dtype=directions.dtype)
-                directions = directions * scale
-            if dist is None:
-                count = directions.shape[0] if directions is not None else 0
-                exact = (
-                    directions.to(f64).square().sum()
-                    if directions is not None
-                    else torch.zeros((), dtype=f64, device=device)
-                ) / max(count, 1)
-            else:
-                # (Σ u², n), with the loss moments when there are some: one reduction.
-                local = torch.zeros(2, dtype=f64, device=device)
-                if directions is not None:
-                    local[0] = directions.to(f64).square().sum()
-                    local[1] = directions.shape[0]
-                if moments is not None:
-                    local = torch.cat([local, moments.to(device)])
-                local = dist.sum_over_ranks(local)
-                exact = local[0] / local[1].clamp_min(1.0)
-                if moments is not None:
-                    moments = local[2:]
-        elif moments is not None and dist is not None:
-            moments = dist.sum_over_ranks(moments.to(device))
-        nu = torch.ones((), dtype=f64, device=device)
-        target = None
-        if opts.constraint != "none":
-            form = kron if opts.constraint == "kronecker" else exact
-            assert form is not None
-            c = opts.target_loss_change or opts.max_loss_change
-            assert c is not None
-            if moments is not None:
-                target = c * _constraint.loss_reference(opts.loss_change_unit, moments.to(device))
-            else:
-                target = torch.full((), c, dtype=f64, device=device)
-            nu = _constraint.step_scale(
-                form, target, lr, equality=opts.target_loss_change is not None
-            )
-            groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-            for g in grads:
-                groups[(g.device, g.dtype)].append(g)
-            for (dev, dtype), group in groups.items():
-                torch._foreach_mul_(group, nu.to(device=dev, dtype=dtype))
-        self._record_last = StepRecord(
-            step=self._steps,
-            lr=lr,
-            nu=nu,
-            target=target,
-            kronecker=kron,
-            exact=exact,
-            directions=directions,
-        )
-
-    def _device(self) -> torch.device:
-        if self._layers:
-            return self._layers[0].adapter.weight.device
-        return self._diagonal[0].param.device
-
-    def _warn_missing(
-        self, layers: list[Layer], diagonal: list[DiagonalParam], seen: set[int]
-    ) -> None:
-        names = [
-            layer.name
-            for layer in layers
-            if not any(id(p) in seen for p in layer.adapter.parameters())
-        ]
-        names += [d.name for d in diagonal if id(d.param) not in seen]
-        new = [n for n in names if n not in self._warned_missing]
-        if new:
-            self._warned_missing.update(new)
-            _warn.warn(
-                f"{', '.join(map(repr, new))}: gradient preconditioned but no call captured "
-                "on this step (no gradient reached the output, or the call ran in eval "
-                "mode); left out of the exact loss-change form",
-            )
-
     def faults(self) -> Faults:
         """Counts of the numerical faults met so far: skipped statistics updates, steps with
         non-finite gradients, failed decompositions (see :class:`Faults`). Reads device
         counters on the host (synchronizes)."""
-        entries: list[Layer | DiagonalParam] = [*self._layers, *self._diagonal]
-        counts = {e.name: int(e.skipped.sum()) for e in entries if e.skipped is not None}
-        return Faults(
-            steps=self._steps,
-            skipped_steps=int(self._skipped_steps) if self._skipped_steps is not None else 0,
-            skipped_updates={name: n for name, n in counts.items() if n},
-            decomposition_failures={
-                la.name: la.failures_total for la in self._layers if la.failures_total
-            },
-            consecutive_failures={la.name: la.failures for la in self._layers if la.failures},
-        )
+        return self._est.faults(self._steps)
 
     def diagnostics(self) -> LossChangeDiagnostics:
         """The scale and predicted per-example loss changes of the last step().
@@ -908,328 +502,15 @@ class KFACPreconditioner:
                 "diagnostics() needs constraint='kronecker'/'exact' or track_loss_changes=True "
                 "(and lr=...): without them step() measures nothing"
             )
-        if self._record_last is None:
+        if self._controller.last is None:
             raise RuntimeError("diagnostics() describes the last step(): call step() first")
-        return _constraint.summarize(self._record_last)
-
-    def _check_unscaled(self) -> None:
-        """With a GradScaler and a measured step (constraint or loss-change tracking), the
-        gradients must be unscaled first: ν is computed from p.grad, and on scaled gradients
-        it would be off by the loss scale. (Preconditioning alone is linear in p.grad and
-        does not care.) Reads the scaler's per-optimizer stage, host-side Python state."""
-        scaler = self._grad_scaler
-        opts = self.options
-        if scaler is None or not scaler.is_enabled():
-            return
-        if opts.constraint == "none" and not opts.track_loss_changes:
-            return
-        states = getattr(scaler, "_per_optimizer_states", None)
-        if not isinstance(states, Mapping):
-            return  # a GradScaler without the attribute: nothing to check against
-        if not any(st.get("stage") is OptState.UNSCALED for st in states.values()):
-            raise RuntimeError(
-                "step() with a GradScaler and a loss-change constraint (or "
-                "track_loss_changes) needs unscaled gradients: call scaler.unscale_(optimizer) "
-                "before precond.step(), then scaler.step(optimizer) and scaler.update()"
-            )
-
-    def _loss_scale(self) -> Tensor | None:
-        """The GradScaler's current scale as a device tensor (None without scaling).
-
-        ``GradScaler.get_scale()`` would read it on the host; its ``_scale`` tensor is what
-        ``scale()`` multiplied the loss by, and stays on the device.
-        """
-        scaler = self._grad_scaler
-        if scaler is None or not scaler.is_enabled():
-            return None
-        scale = getattr(scaler, "_scale", None)
-        return scale if isinstance(scale, Tensor) else None
-
-    def _update_factors(self) -> None:
-        """Take every layer's statistics, decide on the device whether the step is finite
-        (statistics and gradients alike), and fold them in (or leave everything unchanged)."""
-        opts = self.options
-        loss_scale = self._loss_scale()
-        scales: dict[torch.device, Tensor | None] = {}
-
-        def scale_on(device: torch.device) -> Tensor | None:
-            if loss_scale is None:
-                return None
-            if device not in scales:
-                scales[device] = loss_scale.to(device=device, dtype=opts.factor_dtype)
-            return scales[device]
-
-        counts = [layer.stats.examples for layer in self._layers]
-        counts += [entry.stats.examples for entry in self._diagonal]
-        local = float(max(counts, default=0))
-        if local > 0:
-            self._stats_examples = local
-        if self._dist is not None:
-            # The global batch's statistics (every rank gets every entry, with a device flag
-            # saying whether any rank had statistics for it).
-            kron, diag = self._dist.reduce_statistics(scale_on)
-            self._stats_examples = self._dist.global_examples(local)
-        else:
-            reduction = opts.loss_reduction
-            kron = [
-                (layer, layer.take(reduction, scale_on(layer.adapter.weight.device)), None)
-                for layer in self._layers
-                if not layer.stats.empty
-            ]
-            diag = [
-                (entry, entry.take(reduction, scale_on(entry.param.device)), None)
-                for entry in self._diagonal
-                if not entry.stats.empty
-            ]
-        if not kron and not diag:
-            return
-        # A step with a non-finite gradient (a loss-scale overflow, a NaN loss) updates no
-        # factor; a layer whose own statistics are not finite keeps its factors.
-        grads = [p.grad for p in self._trainable if p.grad is not None]
-        grads_ok: Tensor | None = None
-        if grads:
-            device = grads[0].device
-            norms = torch.stack([n.to(device) for n in torch._foreach_norm(grads)])
-            grads_ok = torch.isfinite(norms).all()
-            if self._skipped_steps is None:
-                self._skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
-            self._skipped_steps.add_(~grads_ok)
-        self._grads_ok = grads_ok
-
-        def ok_on(flag: Tensor, device: torch.device) -> Tensor:
-            return flag if grads_ok is None else flag & grads_ok.to(device)
-
-        for layer, taken, present in kron:
-            ok = ok_on(Layer.finite(taken), layer.adapter.weight.device)
-            layer.fold(taken, opts.factor_decay, ok, present)
-        for entry, dtaken, present in diag:
-            ok = ok_on(DiagonalParam.finite(dtaken), entry.param.device)
-            entry.fold(dtaken, opts.factor_decay, ok, present)
-
-    def _update_scales(self) -> None:
-        """Statistics step with EKFAC: fold this step's second moment S_batch, in each layer's
-        current eigenbasis, into its running scale S (on the device; distributed, S_batch
-        of the global batch, reduced like G).
-
-        The calls of the backward that fed the factors were held until now, because the
-        eigenbasis may have changed at this step's decomposition (George et al. project the
-        statistics onto the basis in force); they go through the adapters again (``observe``:
-        a conv's patches unfolded, an attention recomputed), one module at a time.
-        """
-        opts = self.options
-        layers = [
-            layer
-            for layer in self._layers
-            if layer.decomposition is not None and "s" in layer.decomposition
-        ]
-        wanted = {id(layer) for layer in layers}
-        feeders: dict[int, int] = defaultdict(int)
-        for name in self._fisher_calls:
-            for _, layer in self._routes[name].layers:
-                feeders[id(layer)] += 1
-        records: dict[int, list[_ekfac.Record]] = defaultdict(list)
-        raws: dict[int, tuple[Tensor, int]] = {}
-        for name, held in self._fisher_calls.items():
-            route = self._routes[name]
-            indices = [i for i, layer in route.layers if id(layer) in wanted]
-            if not indices:
-                continue
-            by_index = dict(route.layers)
-            for saved, grad, pass_id in held:
-                obs = route.adapter.observe(saved, grad, indices, [])
-                for index, inputs, grads in obs.kron:
-                    records[id(by_index[index])].append((inputs, grads, pass_id))
-            for index in indices:
-                layer = by_index[index]
-                feeders[id(layer)] -= 1
-                if feeders[id(layer)] == 0 and records.get(id(layer)):
-                    # Every call of the layer is in: reduce them and drop the records.
-                    dec = layer.decomposition
-                    assert dec is not None
-                    raws[id(layer)] = _ekfac.batch_second_moment(
-                        records.pop(id(layer)),
-                        layer.adapter.has_bias,
-                        dec.get("qg"),
-                        dec.get("qa"),
-                        layer.g_spec,
-                        layer.a_spec,
-                        opts.factor_dtype,
-                    )
-        loss_scale = self._loss_scale()
-        items: list[tuple[Layer, Tensor, Scale, Tensor | None]] = []
-        if self._dist is not None:
-            items += self._dist.reduce_scales(
-                [(layer, *raws.get(id(layer), (None, 0))) for layer in layers], loss_scale
-            )
-        else:
-            for layer in layers:
-                if id(layer) not in raws:
-                    continue
-                raw, n = raws[id(layer)]
-                sigma = None if loss_scale is None else loss_scale.to(raw.device, raw.dtype)
-                scale = g_scale(n, opts.loss_reduction, sigma, opts.fisher_type == "mc")
-                items.append((layer, raw, scale, None))
-        for layer, raw, scale, present in items:
-            ok = (
-                self._grads_ok.to(raw.device)
-                if self._grads_ok is not None
-                else torch.ones((), dtype=torch.bool, device=raw.device)
-            )
-            layer.fold_scale(raw, scale, opts.factor_decay, ok, present)
-
-    def _decompose(self) -> None:
-        opts = self.options
-        with record_function("kfac_ef.decompose"):
-            if self._dist is not None:
-                self._dist.sync_factors()
-            waiting = decompose(
-                self._layers,
-                opts.damping_mode,
-                opts.damping,
-                share=self._dist,
-                damping_unit=opts.damping_unit,
-            )
-            if self._dist is not None:
-                self._dist.after_decompose()
-            for bucket in self._buckets:
-                bucket.restack()
-            self._check_failures()
-            names = [layer.name for layer in waiting]
-            for entry in self._diagonal:
-                if not entry.decompose(opts.damping, opts.damping_unit == "relative"):
-                    names.append(entry.name)
-        self._force_decompose = False
-        self._report_skipped()
-        for name in names:
-            if name not in self._warned_no_stats:
-                self._warned_no_stats.add(name)
-                _warn.warn(
-                    f"layer {name!r} has no statistics yet (no gradient reached its output "
-                    "on a statistics step, or all its statistics were non-finite); its "
-                    "gradients pass through unpreconditioned until it has some",
-                )
-
-    def _check_structure(self) -> None:
-        """Raise if the model's modules or parameters changed since construction.
-
-        Runs on decomposition steps only (pure Python, no device work): a replaced layer
-        would silently lose its preconditioning, a replaced parameter would have its old
-        tensor's gradient rewritten instead of the new one's.
-        """
-        model = self._model()
-        if model is None:
-            return
-        now = _structure(model)
-        if now == self._structure:
-            return
-        before = {entry[0]: entry for entry in self._structure}
-        after = {entry[0]: entry for entry in now}
-        changes = [f"{n}: added" for n in after.keys() - before.keys()]
-        changes += [f"{n}: removed" for n in before.keys() - after.keys()]
-        for n in before.keys() & after.keys():
-            old, new = before[n], after[n]
-            if old[1:3] != new[1:3]:
-                changes.append(f"{n}: module replaced ({old[1]} -> {new[1]})")
-            elif old[3] != new[3]:
-                changes.append(f"{n}: parameters replaced")
-            elif old[4] != new[4]:
-                changes.append(f"{n}: requires_grad changed {old[4]} -> {new[4]}")
-        raise RuntimeError(
-            "the model changed after the KFACPreconditioner was built:\n  "
-            + "\n  ".join(sorted(changes))
-            + "\ncall remove() on this preconditioner and build a new one for the new model "
-            "(load_state_dict() carries the factors of unchanged layers over)"
-        )
-
-    def _check_failures(self) -> None:
-        """Raise when a layer's decomposition failed ``max_decomposition_failures`` times in a
-        row (after the float64 retry; the previous decomposition was reused meanwhile)."""
-        limit = self.options.max_decomposition_failures
-        failing = [layer for layer in self._layers if layer.failures >= limit]
-        if not failing:
-            return
-        lines = []
-        for layer in failing:
-            for side in layer.failed_sides:
-                mat = getattr(layer, side)
-                assert mat is not None
-                lines.append(f"{layer.name} {side}: {linalg.describe(mat)}")
-        raise RuntimeError(
-            f"decomposition failed on {limit} decomposition steps in a row, even in float64, "
-            "for:\n  " + "\n  ".join(lines) + "\nnon-finite or huge entries point at the "
-            "data or the loss scale; otherwise raise damping, use factor_dtype=torch.float64, "
-            "or skip the layer (skip_layers). The factors are intact: state_dict() saves them."
-        )
-
-    def _report_skipped(self) -> None:
-        """Warn about statistics updates skipped since the last report, at most once per
-        ``warning_interval`` steps (reads device counters: decomposition steps only)."""
-        last = self._last_skip_warning
-        if last is not None and self._steps - last < self.options.warning_interval:
-            return  # the counts accumulate until the next report
-        steps = int(self._skipped_steps) if self._skipped_steps is not None else 0
-        per_entry: list[str] = []
-        entries: list[Layer | DiagonalParam] = [*self._layers, *self._diagonal]
-        for entry in entries:
-            if entry.skipped is None:
-                continue
-            total = int(entry.skipped.sum())
-            done = self._skipped_seen.get(entry.name, 0)
-            if total > done:
-                per_entry.append(f"{entry.name!r} ({total - done})")
-                self._skipped_seen[entry.name] = total
-        if per_entry:
-            cause = ""
-            if steps > self._skipped_reported:
-                cause = (
-                    f"; {steps - self._skipped_reported} step(s) had non-finite gradients "
-                    "(e.g. a loss-scale overflow) and updated no factor"
-                )
-            _warn.warn(
-                "statistics updates had non-finite values and were skipped, the factors kept "
-                "their previous values: " + ", ".join(per_entry) + cause + " (at most one "
-                f"such warning per {self.options.warning_interval} steps; faults() counts them)"
-            )
-            self._last_skip_warning = self._steps
-        self._skipped_reported = steps
-
-    def _precondition_fn(self, bucket: Bucket, with_form: bool = False) -> Any:
-        """The bucket's function: dense buckets through the kernels, structured ones through
-        torch (_factors). ``with_form``: also the ``(B,)`` Kronecker forms ⟨∇̃, G ∇̃ A⟩ of the
-        loss-change constraint, computed in the same chain (for "pi" one product more, in
-        torch: the kernel's chain does not produce the one-sided products the form needs)."""
-        eps, backend = self.options.damping, self.options.backend
-        dense = bucket.g_spec.dense and bucket.a_spec.dense
-        mode = self.options.damping_mode
-        if mode == "pi":
-
-            def factored(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Any:
-                if with_form:
-                    return precondition_inverse_with_form(grads, st, gs, as_)
-                if dense:
-                    return kernels.precondition_factored(grads, st["ig"], st["ia"], backend=backend)
-                return precondition_structured_inverse(grads, st, gs, as_)
-
-            return factored
-
-        def eigen(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Any:
-            scale = st.get("s")  # EKFAC
-            damping = st.get("eps", eps)  # per block with damping_unit="relative"
-            if dense:
-                args = (grads, st["qg"], st["lg"], st["qa"], st["la"], damping, scale)
-                # out=grads: the torch path writes over the gathered gradients.
-                if with_form:
-                    return kernels.precondition_eigen_with_form(*args, backend=backend, out=grads)
-                return kernels.precondition_eigen(*args, backend=backend, out=grads)
-            return precondition_structured_eigen(grads, st, gs, as_, damping, scale, with_form)
-
-        return eigen
+        return summarize(self._controller.last)
 
     # ------------------------------------------------------------------ inspection
     @property
     def distributed(self) -> Distributor | None:
         """The distributed machinery (assignment, bytes communicated), or None."""
-        return self._dist
+        return self._est.dist
 
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The running estimates ``{layer name: (A, G)}`` (copies), in DESIGN.md's convention.
@@ -1242,108 +523,23 @@ class KFACPreconditioner:
         one entry per group, group g's block being G[g] ⊗ A[g]. Layers without statistics yet
         are absent.
         """
-        out: dict[str, tuple[Tensor, Tensor]] = {}
-        for layer in self._layers:
-            if layer.A is None or layer.G is None:
-                continue
-            blocks = layer.adapter.blocks
-            a = to_user(layer.A, layer.a_spec, blocks)
-            g = to_user(layer.G, layer.g_spec, blocks)
-            if blocks == 1:
-                a, g = a[0], g[0]
-            out[layer.name] = (a, g)
-        return out
+        return self._est.factors()
 
     def diagonal_fishers(self) -> dict[str, Tensor]:
         """The running diagonal empirical Fishers ``{parameter name: F}`` (copies, shaped like
         the parameter) of the parameters preconditioned with other_params="diagonal"."""
-        return {
-            d.name: d.F.reshape(d.param.shape).clone() for d in self._diagonal if d.F is not None
-        }
+        return self._est.diagonal_fishers()
 
-    def summary(self) -> Summary:
+    def summary(self) -> summary.Summary:
         """The plan: layers, factor storage and bytes of state (available before the first
         step), diagonal parameters, tied weights, and parameters left to the optimizer, with
         why."""
-        opts = self.options
-        item = torch.empty((), dtype=opts.factor_dtype).element_size()
-        rows = []
-        for layer in self._layers:
-            ad = layer.adapter
-            a, g, b = ad.a_dim, ad.g_dim, ad.blocks
-            dec_a = layer.a_spec.decomposition_numel(b, opts.damping_mode)
-            dec_g = layer.g_spec.decomposition_numel(b, opts.damping_mode)
-            scale = 0
-            if opts.damping_mode == "ekfac":
-                scale = _ekfac.scale_numel(b, layer.g_spec, layer.a_spec)
-            if self._dist is not None and not self._dist.preconditions(layer):
-                dec_a = dec_g = scale = 0  # another rank holds it (grad_worker_fraction < 1)
-            decomp = dec_a + dec_g + scale
-            params = []
-            for p in ad.parameters():
-                params.append(self._param_name(p))
-            rows.append(
-                LayerSummary(
-                    name=layer.name,
-                    kind=ad.kind,
-                    blocks=b,
-                    a_shape=(a, a),
-                    g_shape=(g, g),
-                    parameters=tuple(params),
-                    factor_bytes=2 * layer.stats.nbytes(),  # running factors + accumulators
-                    decomposition_bytes=decomp * item,
-                    a_factor=layer.a_spec.describe(),
-                    g_factor=layer.g_spec.describe(),
-                    # running factor + accumulator + decomposition, per side
-                    a_bytes=(2 * layer.a_spec.numel(b) + dec_a) * item,
-                    g_bytes=(2 * layer.g_spec.numel(b) + dec_g) * item,
-                )
-            )
-        diag = [
-            DiagonalSummary(
-                name=d.name,
-                kind=self._kind_of(d),
-                numel=d.param.numel(),
-                state_bytes=4 * d.stats.nbytes(),  # running F, accumulator, 1/(F + ε), its F
-            )
-            for d in self._diagonal
-        ]
-        workspace = 0
-        # Held calls (EKFAC, the exact constraint) are activations the size of the model's:
-        # not counted here, as autograd's own are not.
-        for bucket in self._buckets:
-            blocks = sum(layer.adapter.blocks for layer in bucket.layers)
-            # Gathered gradients, the products' intermediates and the result.
-            size = 4 * blocks * bucket.g_spec.padded * bucket.a_spec.padded * item
-            workspace = max(workspace, size)
-        return Summary(
-            tuple(rows),
-            tuple(self._unpreconditioned),
-            diagonal=tuple(diag),
-            ties=tuple(self._ties),
-            workspace_bytes=workspace,
-        )
+        return summary.build(self._est)
 
-    def _param_name(self, p: nn.Parameter) -> str:
-        for name, route in self._routes.items():
-            module = route.adapter.module
-            for pname, q in module.named_parameters():
-                if q is p:
-                    return f"{name}.{pname}" if name else pname
-        return "?"
-
-    def _kind_of(self, entry: DiagonalParam) -> str:
-        for route in self._routes.values():
-            if any(p is entry.param for p, _ in route.params):
-                return route.adapter.kind
-        return "?"
-
-    # ------------------------------------------------------------------ lifecycle
     def remove(self) -> None:
         """Detach every hook. The preconditioner can no longer step; the model is as before."""
         self._capture.remove()
-        self._fisher_calls.clear()
-        self._loss_calls.clear()
+        self._clear_step()
         for _, module in self._hooked_modules():
             ref = _OWNERS.get(module)
             if ref is not None and ref() is self:
@@ -1353,14 +549,16 @@ class KFACPreconditioner:
     def __repr__(self) -> str:
         o = self.options
         return (
-            f"KFACPreconditioner({len(self._layers)} layers, {len(self._diagonal)} diagonal, "
-            f"damping={o.damping}, damping_unit={o.damping_unit!r}, "
-            f"damping_mode={o.damping_mode!r}, steps={self._steps})"
+            f"KFACPreconditioner({len(self._est.layers)} layers, "
+            f"{len(self._est.diagonal)} diagonal, damping={o.damping}, "
+            f"damping_unit={o.damping_unit!r}, damping_mode={o.damping_mode!r}, "
+            f"steps={self._steps})"
         )
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, decompositions: bool = True) -> dict[str, Any]:
-        """Counters, options, running factors and decompositions (tensors cloned).
+        """Counters, options, running factors and decompositions (tensors cloned); the
+        format is described in ``_checkpoint``.
 
         Args:
             decompositions: False leaves the decompositions (eigenbases and eigenvalues,
@@ -1371,68 +569,7 @@ class KFACPreconditioner:
                 decomposition is fresher than an uninterrupted run's, and EKFAC's S
                 restarts from λ_G λ_Aᵀ.
         """
-        layers: dict[str, Any] = {}
-        for layer in self._layers:
-            if layer.A is None:
-                continue
-            assert layer.G is not None and layer.updates is not None and layer.skipped is not None
-            layers[layer.name] = {
-                "A": layer.A.clone(),
-                "G": layer.G.clone(),
-                "updates": layer.updates.clone(),
-                "skipped": layer.skipped.clone(),
-                "decomposition": (
-                    {k: v.clone() for k, v in layer.decomposition.items()}
-                    if layer.decomposition is not None and decompositions
-                    else None
-                ),
-                "failures": (layer.failures, layer.failures_total),
-            }
-            if layer.scale_updates is not None:
-                layers[layer.name]["scale_updates"] = layer.scale_updates.clone()
-        diagonal: dict[str, Any] = {}
-        for d in self._diagonal:
-            if d.F is None:
-                continue
-            assert d.updates is not None and d.skipped is not None
-            diagonal[d.name] = {
-                "F": d.F.clone(),
-                "updates": d.updates.clone(),
-                "skipped": d.skipped.clone(),
-                "inverse": (
-                    d.inverse.clone() if d.inverse is not None and decompositions else None
-                ),
-                "curvature": (
-                    d.curvature.clone() if d.curvature is not None and decompositions else None
-                ),
-            }
-        return {
-            "format": STATE_FORMAT,
-            "steps": self._steps,
-            "skipped_steps": (
-                self._skipped_steps.clone() if self._skipped_steps is not None else None
-            ),
-            "options": self.options.to_dict(),
-            # Examples of the last statistics step: the "sum" Kronecker form divides by it
-            # on the steps until the next statistics step.
-            "stats_examples": float(self._stats_examples),
-            "names": {
-                "layers": [layer.name for layer in self._layers],
-                "diagonal": [d.name for d in self._diagonal],
-            },
-            "layers": layers,
-            "diagonal": diagonal,
-        }
-
-    @staticmethod
-    def _own_name(name: str, known: Mapping[str, Any]) -> str:
-        """A checkpointed layer or parameter name as this preconditioner names it: a name
-        saved with the ``module.`` prefix of a DistributedDataParallel wrapper or the
-        ``_orig_mod.`` of a torch.compile wrapper maps to the unwrapped name."""
-        bare = name
-        while bare not in known and bare.startswith(_WRAPPER_PREFIXES):
-            bare = bare.split(".", 1)[1]
-        return bare if bare in known else name
+        return _checkpoint.save(self._est, self._steps, decompositions)
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
         """Restore a ``state_dict()``; tensors move to each layer's device and factor dtype.
@@ -1449,131 +586,12 @@ class KFACPreconditioner:
 
         Raises:
             ValueError: if the state is not from a KFACPreconditioner, names layers this one
-                does not have, lacks some of this one's (``strict``), or holds factors of
-                other shapes (the message names them).
+                does not have, lacks some of this one's (``strict``), holds factors of other
+                shapes, or values that cannot be right (non-finite factors, decompositions or
+                inverses, negative counters); the message names them, nothing is changed.
         """
         self._check_live()
-        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-            raise ValueError(
-                f"not a KFACPreconditioner state (expected format {STATE_FORMAT!r}, got "
-                f"{state.get('format') if isinstance(state, Mapping) else type(state).__name__!r})"
-            )
-        saved = {self._own_name(n, self._by_name): e for n, e in state["layers"].items()}
-        saved_diag = {
-            self._own_name(n, self._diag_by_name): e for n, e in state.get("diagonal", {}).items()
-        }
-        unknown = sorted(set(saved) - set(self._by_name))
-        problems = [f"{n}: not a preconditioned layer of this model" for n in unknown]
-        problems += [
-            f"{n}: not a diagonally preconditioned parameter of this model"
-            for n in sorted(set(saved_diag) - set(self._diag_by_name))
-        ]
-        names = state.get("names")  # absent from checkpoints of older versions
-        if strict and names is not None:
-            had = {self._own_name(n, self._by_name) for n in names["layers"]}
-            had |= {self._own_name(n, self._diag_by_name) for n in names["diagonal"]}
-            problems += [
-                f"{n}: preconditioned in this model, not in the checkpoint's (strict=False "
-                "starts it afresh)"
-                for n in sorted((self._by_name.keys() | self._diag_by_name.keys()) - had)
-            ]
-        for name, entry in saved.items():
-            layer = self._by_name.get(name)
-            if layer is None:
-                continue
-            blocks = layer.adapter.blocks
-            want = {"A": layer.a_spec.shape(blocks), "G": layer.g_spec.shape(blocks)}
-            for key, shape in want.items():
-                got = tuple(entry[key].shape)
-                if got != shape:
-                    problems.append(f"{name}: {key} has shape {got}, this model needs {shape}")
-        for name, entry in saved_diag.items():
-            d = self._diag_by_name.get(name)
-            if d is not None and entry["F"].numel() != d.param.numel():
-                problems.append(
-                    f"{name}: F has {entry['F'].numel()} entries, this model needs "
-                    f"{d.param.numel()}"
-                )
-        problems += _value_problems(state, saved, saved_diag)
-        if problems:
-            raise ValueError("the checkpoint does not fit this model:\n  " + "\n  ".join(problems))
-        saved_opts = state.get("options", {})
-        opts = self.options
-        # Eigenbases (and the EKFAC scale) do not depend on ε; damped inverses and the
-        # blocks' relative ε do.
-        same_eps = saved_opts.get("damping") == opts.damping and (
-            saved_opts.get("damping_unit", "absolute") == opts.damping_unit
-        )
-        keep_decomposition = saved_opts.get("damping_mode") == opts.damping_mode and (
-            same_eps or (opts.damping_mode != "pi" and opts.damping_unit == "absolute")
-        )
-        dtype = opts.factor_dtype
-        for layer in self._layers:
-            entry = saved.get(layer.name)
-            layer.stats.discard()
-            if entry is None:
-                layer.A = layer.G = layer.updates = layer.skipped = None
-                layer.decomposition = None
-                layer.failures = layer.failures_total = 0
-                continue
-            device = layer.adapter.weight.device
-            layer.A = entry["A"].to(device=device, dtype=dtype).clone()
-            layer.G = entry["G"].to(device=device, dtype=dtype).clone()
-            layer.updates = entry["updates"].to(device).clone()
-            layer.skipped = entry["skipped"].to(device).clone()
-            self._skipped_seen[layer.name] = int(layer.skipped.sum())
-            layer.failures, layer.failures_total = entry.get("failures", (0, 0))
-            dec = entry.get("decomposition")
-            layer.scale_updates = None
-            if (
-                dec is not None
-                and keep_decomposition
-                and set(dec) == decomposition_keys(layer, opts.damping_mode, opts.damping_unit)
-            ):
-                layer.decomposition = {k: v.to(device=device, dtype=dtype) for k, v in dec.items()}
-                if opts.damping_mode == "ekfac":
-                    counts = entry.get("scale_updates")
-                    layer.scale_updates = (
-                        counts.to(device).clone()
-                        if counts is not None
-                        else torch.zeros_like(layer.updates)
-                    )
-            else:
-                layer.decomposition = None
-                self._force_decompose = True
-        for d in self._diagonal:
-            d.stats.discard()
-            dentry = saved_diag.get(d.name)
-            if dentry is None:
-                d.F = d.updates = d.skipped = d.inverse = d.curvature = None
-                continue
-            device = d.param.device
-            d.F = dentry["F"].to(device=device, dtype=dtype).clone()
-            d.updates = dentry["updates"].to(device).clone()
-            d.skipped = dentry["skipped"].to(device).clone()
-            self._skipped_seen[d.name] = int(d.skipped.sum())
-            inverse = dentry.get("inverse")
-            curvature = dentry.get("curvature")
-            # 1/(F + ε) depends on ε in either damping mode. Checkpoints without the F it
-            # was computed from (older versions) recompute both from the running F.
-            if inverse is not None and curvature is not None and same_eps:
-                d.inverse = inverse.to(device=device, dtype=dtype).clone()
-                d.curvature = curvature.to(device=device, dtype=dtype).clone()
-            else:
-                d.inverse = d.curvature = None
-                d.decompose(opts.damping, opts.damping_unit == "relative")
-        if self._dist is not None:
-            self._force_decompose = self._dist.after_load(self._force_decompose)
-        for bucket in self._buckets:
-            bucket.restack()
-        self._steps = int(state["steps"])
-        # Older checkpoints lack it: the statistics step that follows sets it again.
-        self._stats_examples = float(state.get("stats_examples", 1.0))
-        skipped_steps = state.get("skipped_steps")
-        self._skipped_steps = (
-            skipped_steps.to(self._device()).clone() if skipped_steps is not None else None
-        )
-        self._skipped_reported = int(skipped_steps) if skipped_steps is not None else 0
+        self._steps = _checkpoint.load(self._est, state, strict)
         self._backward_seen = False
         self._clear_step()
-        self._record_last = None
+        self._controller.last = None

@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from . import _ekfac
+
+if TYPE_CHECKING:
+    from ._blocks import DiagonalParam
+    from ._estimator import Estimator
 
 
 def _fmt_bytes(n: int) -> str:
@@ -147,3 +157,83 @@ class Summary:
             width = max(len(name) for name, _ in self.unpreconditioned)
             lines.extend(f"  {name.ljust(width)}  {why}" for name, why in self.unpreconditioned)
         return "\n".join(lines)
+
+
+def build(est: Estimator) -> Summary:
+    """The preconditioner's plan (``KFACPreconditioner.summary()``): layers, factor storage
+    and bytes of state, diagonal parameters, tied weights, and parameters left to the
+    optimizer, with why."""
+    opts = est.options
+    item = torch.empty((), dtype=opts.factor_dtype).element_size()
+    rows = []
+    for layer in est.layers:
+        ad = layer.adapter
+        a, g, b = ad.a_dim, ad.g_dim, ad.blocks
+        dec_a = layer.a_spec.decomposition_numel(b, opts.damping_mode)
+        dec_g = layer.g_spec.decomposition_numel(b, opts.damping_mode)
+        scale = 0
+        if opts.damping_mode == "ekfac":
+            scale = _ekfac.scale_numel(b, layer.g_spec, layer.a_spec)
+        if est.dist is not None and not est.dist.preconditions(layer):
+            dec_a = dec_g = scale = 0  # another rank holds it (grad_worker_fraction < 1)
+        decomp = dec_a + dec_g + scale
+        params = []
+        for p in ad.parameters():
+            params.append(_param_name(est, p))
+        rows.append(
+            LayerSummary(
+                name=layer.name,
+                kind=ad.kind,
+                blocks=b,
+                a_shape=(a, a),
+                g_shape=(g, g),
+                parameters=tuple(params),
+                factor_bytes=2 * layer.stats.nbytes(),  # running factors + accumulators
+                decomposition_bytes=decomp * item,
+                a_factor=layer.a_spec.describe(),
+                g_factor=layer.g_spec.describe(),
+                # running factor + accumulator + decomposition, per side
+                a_bytes=(2 * layer.a_spec.numel(b) + dec_a) * item,
+                g_bytes=(2 * layer.g_spec.numel(b) + dec_g) * item,
+            )
+        )
+    diag = [
+        DiagonalSummary(
+            name=d.name,
+            kind=_kind_of(est, d),
+            numel=d.param.numel(),
+            state_bytes=4 * d.stats.nbytes(),  # running F, accumulator, 1/(F + ε), its F
+        )
+        for d in est.diagonal
+    ]
+    workspace = 0
+    # Held calls (EKFAC, the exact constraint) are activations the size of the model's:
+    # not counted here, as autograd's own are not.
+    for bucket in est.buckets:
+        blocks = sum(layer.adapter.blocks for layer in bucket.layers)
+        # Gathered gradients, the products' intermediates and the result.
+        size = 4 * blocks * bucket.g_spec.padded * bucket.a_spec.padded * item
+        workspace = max(workspace, size)
+    return Summary(
+        tuple(rows),
+        tuple(est.unpreconditioned),
+        diagonal=tuple(diag),
+        ties=tuple(est.ties),
+        workspace_bytes=workspace,
+    )
+
+
+def _param_name(est: Estimator, p: nn.Parameter) -> str:
+    for name, route in est.routes.items():
+        module = route.adapter.module
+        for pname, q in module.named_parameters():
+            if q is p:
+                return f"{name}.{pname}" if name else pname
+    return "?"
+
+
+def _kind_of(est: Estimator, entry: DiagonalParam) -> str:
+    for route in est.routes.values():
+        if any(p is entry.param for p, _ in route.params):
+            return route.adapter.kind
+    return "?"

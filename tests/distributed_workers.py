@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kfac_ef import DistributedOptions, KFACPreconditioner, mc_backward
 
+from . import internals
 from .reference import clean_copy
 
 
@@ -284,9 +285,9 @@ def _train_ranks(sc: Scenario, group: Any, r: int, world: int) -> dict[str, Any]
     out["bytes"] = pre.distributed.communicated()
     out["decomposition_bytes"] = {s.name: s.decomposition_bytes for s in pre.summary().layers}
     out["preconditions"] = {
-        layer.name: pre.distributed.preconditions(layer) for layer in pre._layers
+        layer.name: pre.distributed.preconditions(layer) for layer in internals.layers(pre)
     }
-    out["holds"] = {layer.name: layer.decomposition is not None for layer in pre._layers}
+    out["holds"] = {layer.name: layer.decomposition is not None for layer in internals.layers(pre)}
     out["world"] = w
     return out
 
@@ -452,7 +453,7 @@ def partly_used_layers(rank: int, world: int, distributed: bool) -> dict[str, An
     assert pre.distributed is not None or not distributed
     return {
         "factors": pre.factors(),
-        "updates": {layer.name: layer.updates for layer in pre._layers},
+        "updates": {layer.name: layer.updates for layer in internals.layers(pre)},
         "grads": {k: p.grad for k, p in model.named_parameters() if p.grad is not None},
     }
 

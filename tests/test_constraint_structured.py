@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from kfac_ef import KFACPreconditioner
 
+from . import internals
 from .reference import (
     block_diagonal_part,
     embedding_factors,
@@ -248,12 +249,12 @@ def test_ekfac_scale_and_solve_with_structured_factors(large_factor_block, reduc
 
     def grads() -> dict[str, Tensor]:
         batch = {k: p.grad.unsqueeze(0).clone() for k, p in model.named_parameters()}
-        return {name: _matrix(batch, name)[0] for name in pre._by_name}
+        return {name: _matrix(batch, name)[0] for name in internals.layer_names(pre)}
 
     before = grads()
     pre.step()
     after = grads()
-    for name, layer in pre._by_name.items():
+    for name, layer in ((la.name, la) for la in internals.layers(pre)):
         dec = {k: v.clone() for k, v in layer.decomposition.items()}
         g_pad, a_pad = layer.g_spec.padded, layer.a_spec.padded
         qg, qa = _basis(dec, "g", g_pad), _basis(dec, "a", a_pad)
@@ -340,7 +341,7 @@ def test_structured_ekfac_checkpoint_round_trip():
                 model, damping_mode="ekfac", inv_update_steps=2, factor_decay=0.5, **STRUCTURED
             )
             pre.load_state_dict(state)
-            for name, layer in pre._by_name.items():
+            for name, layer in ((la.name, la) for la in internals.layers(pre)):
                 saved = state["layers"][name]
                 assert torch.equal(layer.decomposition["s"], saved["decomposition"]["s"])
                 assert torch.equal(layer.scale_updates, saved["scale_updates"])
@@ -361,6 +362,6 @@ def test_pi_checkpoint_without_shifts_is_decomposed_again():
         for key in ("cg", "ca"):
             del entry["decomposition"][key]
     pre.load_state_dict(state)
-    assert pre._force_decompose
+    assert internals.decomposes_next_step(pre)
     _sgd_step(model, pre, x, y)
     assert pre.diagnostics().kronecker == pytest.approx(1e-3, rel=1e-9)

@@ -10,6 +10,7 @@ from torch import nn
 from kfac_ef import KFACPreconditioner
 from kfac_ef.kernels import precondition_eigen, precondition_eigen_with_form
 
+from . import internals
 from .helpers import conv_head, step_once
 from .kernel_checks import assert_within_bound, eigen_truth, eigenbasis
 from .reference import (
@@ -101,7 +102,7 @@ def test_matches_dense_solve_with_per_block_eps(case, mode):
     for n in names:
         module = model.get_submodule(n)
         A, G = reference_factors(module, ios[n])
-        dec = {k: v.clone() for k, v in pre._by_name[n].decomposition.items()}
+        dec = {k: v.clone() for k, v in internals.layer(pre, n).decomposition.items()}
         if mode != "pi":
             torch.testing.assert_close(dec["eps"], torch.tensor(relative_eps(A, G, DAMPING)))
         gm = grad_matrix(module, before[f"{n}.weight"], before.get(f"{n}.bias"))
@@ -236,14 +237,14 @@ def test_state_dict_round_trip(mode):
     # preconditioner loaded with the same factors would.
     for opts in ({"damping": 10 * DAMPING, "damping_unit": "relative"}, {"damping": DAMPING}):
         p3, got = resumed(**opts)
-        assert p3._by_name["0"].decomposition is not None
+        assert internals.layer(p3, "0").decomposition is not None
         if opts.get("damping_unit") == "relative" and mode != "pi":
             A, G = p3.factors()["0"]
-            assert p3._by_name["0"].decomposition["eps"].item() == pytest.approx(
+            assert internals.layer(p3, "0").decomposition["eps"].item() == pytest.approx(
                 relative_eps(A[None], G[None], 10 * DAMPING)[0]
             )
         if "damping_unit" not in opts:  # absolute: no per-block ε stored
-            assert "eps" not in p3._by_name["0"].decomposition
+            assert "eps" not in internals.layer(p3, "0").decomposition
         assert not torch.allclose(got[0]["0.weight"], full[0]["0.weight"])
 
 

@@ -12,10 +12,11 @@ import torch
 import torch.distributed as dist
 
 from kfac_ef import DistributedOptions, KFACOptions, KFACPreconditioner
-from kfac_ef import distributed as kfac_dist
+from kfac_ef._distributed import groups as kfac_groups
 from kfac_ef.distributed import Grid, Plan, _check_supported, grad_workers, lpt, resolve
 
 from . import distributed_harness as harness
+from . import internals
 from .distributed_workers import (
     TOKEN_DIAG,
     TOKEN_KFAC,
@@ -515,11 +516,11 @@ def test_group_cache_keeps_the_parent_its_key_names(tmp_path):
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         parent = dist.new_group([0])
-        group = kfac_dist._new_group(parent, [0], everyone=True)
+        group = kfac_groups._new_group(parent, [0], everyone=True)
         key = (id(parent), (0,))
-        assert kfac_dist._GROUPS[key] == (parent, group)
+        assert kfac_groups._GROUPS[key] == (parent, group)
     finally:
-        kfac_dist._GROUPS.clear()
+        kfac_groups._GROUPS.clear()
         dist.destroy_process_group()
 
 
@@ -555,7 +556,7 @@ def test_plan_puts_big_factors_on_different_ranks():
         torch.nn.Linear(63, 31), torch.nn.Linear(31, 63), torch.nn.Linear(63, 2)
     )
     pre = KFACPreconditioner(model, distributed=False)
-    layers = pre._layers
+    layers = internals.layers(pre)
     comm = Plan.build(layers, Grid(rows=2, columns=1))
     # Three 64³-sized factors (A of 0 and 2: 63+1; G of 1: 63) and small ones: a rank
     # gets at most two of the big ones.

@@ -10,6 +10,7 @@ from torch import nn
 from kfac_ef import KFACPreconditioner, _ekfac
 from kfac_ef._factors import FactorSpec
 
+from . import internals
 from .helpers import conv_head, step_once
 from .reference import (
     dense_exact,
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _decomposition(pre, name):
-    return {k: v.clone() for k, v in pre._by_name[name].decomposition.items()}
+    return {k: v.clone() for k, v in internals.layer(pre, name).decomposition.items()}
 
 
 def _per_example_matrices(module, name, pe):
@@ -224,10 +225,10 @@ def test_checkpoint_round_trip_keeps_the_scale():
     other = KFACPreconditioner(model, damping_mode="ekfac", factor_dtype=torch.float64)
     other.load_state_dict(state)
     torch.testing.assert_close(
-        other._by_name["0"].decomposition["s"], state["layers"]["0"]["decomposition"]["s"]
+        internals.layer(other, "0").decomposition["s"], state["layers"]["0"]["decomposition"]["s"]
     )
     torch.testing.assert_close(
-        other._by_name["0"].scale_updates, state["layers"]["0"]["scale_updates"]
+        internals.layer(other, "0").scale_updates, state["layers"]["0"]["scale_updates"]
     )
     _, a1 = step_once(model, other, mse_per_example, x, y)
     assert all(torch.isfinite(v).all() for v in a1.values())

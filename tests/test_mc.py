@@ -13,6 +13,7 @@ from torch import nn
 from kfac_ef import KFACPreconditioner, mc_backward
 from kfac_ef.mc import sample_targets
 
+from . import internals
 from .reference import (
     ce_per_example,
     clean_copy,
@@ -130,7 +131,7 @@ def test_mc_ekfac_scale_uses_sampled_gradients_and_exact_constraint_the_users():
         generator=torch.Generator().manual_seed(11),
     )
     pre.step()
-    dec = pre._by_name["0"].decomposition
+    dec = internals.layer(pre, "0").decomposition
     mats = torch.cat([pe_mc["0.weight"], pe_mc["0.bias"][:, :, None]], dim=2)
     proj = dec["qg"][0].T @ mats @ dec["qa"][0]
     torch.testing.assert_close(dec["s"][0], proj.square().mean(0))

@@ -1,0 +1,168 @@
+"""Appliers: the preconditioned gradients written into ``p.grad``.
+
+Same-shaped Kronecker layers form a :class:`Bucket` whose gradients are gathered into one
+``(B, g_pad, a_pad)`` stack, preconditioned in one batched call (the kernel is chosen by the
+caller's function, see ``Estimator._bucket_fn``) and written back; diagonally preconditioned
+parameters are rescaled in one foreach call (:func:`precondition_diagonal`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ._blocks import BucketKey, Decomposition, DiagonalParam, Layer
+from ._factors import FactorSpec
+from .layers.base import GradientParts
+
+PreconditionFn = Callable[
+    [Tensor, Decomposition, FactorSpec, FactorSpec], "Tensor | tuple[Tensor, Tensor]"
+]
+"""Maps the stacked gradients ``(B, g_pad, a_pad)`` to the preconditioned ones, optionally with
+a ``(B,)`` tensor of per-block values computed on the way (the Kronecker form of the
+loss-change constraint), which ``Bucket.precondition`` hands back. The gathered gradients are
+the function's to overwrite: it may return its result in that very tensor."""
+
+
+@dataclass(eq=False)
+class Bucket:
+    """Layers whose blocks share one shape, factor storage and device; decompositions stacked."""
+
+    key: BucketKey
+    layers: list[Layer]
+    active: list[Layer] = field(default_factory=list)
+    stacked: Decomposition = field(default_factory=dict)
+
+    @property
+    def g_spec(self) -> FactorSpec:
+        return self.key[0]
+
+    @property
+    def a_spec(self) -> FactorSpec:
+        return self.key[1]
+
+    @property
+    def padded(self) -> bool:
+        """Whether the stacked blocks have zero padding (block-diagonal factors)."""
+        return self.g_spec.padded != self.g_spec.dim or self.a_spec.padded != self.a_spec.dim
+
+    def restack(self) -> None:
+        """Stack the members' decompositions and point each member at its slice of the stack."""
+        self.active = [layer for layer in self.layers if layer.decomposition is not None]
+        if not self.active:
+            self.stacked = {}
+            return
+        names = list(self.active[0].decomposition or {})
+        self.stacked = {
+            k: torch.cat([layer.decomposition[k] for layer in self.active])  # type: ignore[index]
+            for k in names
+        }
+        offset = {k: 0 for k in names}
+        for layer in self.active:
+            views = {}
+            for k, v in self.stacked.items():
+                n = layer.decomposition[k].shape[0]  # type: ignore[index]
+                views[k] = v[offset[k] : offset[k] + n]
+                offset[k] += n
+            layer.decomposition = views
+
+    def precondition(
+        self, fn: PreconditionFn, dtype: torch.dtype
+    ) -> tuple[list[Layer], Tensor | None]:
+        """Rewrite the gradients of every member that has them, in one batched call.
+
+        Gradients are gathered into one ``(B, g_pad, a_pad)`` buffer (zero padding beyond
+        the layers' widths), preconditioned, and written back through views into p.grad.
+
+        Returns:
+            The layers whose gradients were rewritten, and the ``(B,)`` per-block values
+            ``fn`` returned beside the gradients (None if it returned none).
+        """
+        members: list[tuple[Layer, GradientParts]] = []
+        for layer in self.active:
+            parts = layer.adapter.gradient_parts()
+            if parts is not None:
+                members.append((layer, parts))
+        if not members:
+            return [], None
+        if len(members) == len(self.active):
+            stacked = self.stacked
+        else:
+            stacked = {
+                k: torch.cat([layer.decomposition[k] for layer, _ in members])  # type: ignore[index]
+                for k in self.stacked
+            }
+        g_spec, a_spec, device = self.key
+        shape = (sum(layer.adapter.blocks for layer, _ in members), g_spec.padded, a_spec.padded)
+        grads = (torch.zeros if self.padded else torch.empty)(shape, dtype=dtype, device=device)
+        slots = self._part_views(grads, members)
+        sources = [view for _, parts in members for view, _ in parts]
+        torch._foreach_copy_(slots, sources)
+
+        result = fn(grads, stacked, g_spec, a_spec)
+        out, extra = result if isinstance(result, tuple) else (result, None)
+
+        if out is not grads:  # a new tensor, laid out like the gathered one
+            slots = self._part_views(out, members)
+        torch._foreach_copy_(sources, slots)
+        for _, parts in members:
+            parts.flush()
+        return [layer for layer, _ in members], extra
+
+    def _part_views(
+        self, stack: Tensor, members: list[tuple[Layer, GradientParts]]
+    ) -> list[Tensor]:
+        """The views of a ``(B, g_pad, a_pad)`` stack that hold the members' gradient parts,
+        in order."""
+        g_dim = self.g_spec.dim
+        views: list[Tensor] = []
+        offset = 0
+        for layer, parts in members:
+            sl = slice(offset, offset + layer.adapter.blocks)
+            for view, col in parts:
+                views.append(stack[sl, :g_dim, col : col + view.shape[-1]])
+            offset += layer.adapter.blocks
+        return views
+
+
+def make_buckets(layers: list[Layer]) -> list[Bucket]:
+    groups: dict[BucketKey, list[Layer]] = defaultdict(list)
+    for layer in layers:
+        groups[layer.shape_key].append(layer)
+    return [Bucket(key, members) for key, members in groups.items()]
+
+
+def precondition_diagonal(
+    params: list[DiagonalParam], with_form: bool = False
+) -> tuple[list[DiagonalParam], Tensor | None]:
+    """p.grad ← p.grad · 1/(F + ε) for every diagonal parameter with a gradient, in one call.
+
+    Returns:
+        The parameters rewritten and, with ``with_form``, Σ F ∇̃² over them (0-d, in the
+        factor dtype; None without a rewritten parameter): ∇̃ᵀ diag(F) ∇̃ with the F of the
+        last decomposition step (``curvature``), the diagonal empirical Fisher's share of
+        the constraint's Kronecker form (damping excluded).
+    """
+    done, grads, inverses = [], [], []
+    for d in params:
+        if d.inverse is not None and d.param.grad is not None:
+            done.append(d)
+            grads.append(d.param.grad)
+            inverses.append(d.inverse)
+    if not grads:
+        return [], None
+    torch._foreach_mul_(grads, inverses)
+    if not with_form:
+        return done, None
+    parts = []
+    device = grads[0].device
+    for d, g in zip(done, grads):
+        f = d.curvature
+        assert f is not None
+        gf = g.reshape(-1).to(f.dtype)
+        parts.append((f * gf * gf).sum().to(device))
+    return done, torch.stack(parts).sum()

@@ -1,0 +1,241 @@
+"""The seed's loss-change constraint on top of the estimator: measure the step in loss
+space, scale it by ν, keep the record that ``diagnostics()`` reads (the math is in
+``_constraint``)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from torch.amp.grad_scaler import OptState
+
+from . import _constraint, _warn
+from ._blocks import DiagonalParam, Layer
+from ._constraint import Held, StepRecord
+from ._model import unique_parameters
+from ._options import KFACOptions
+
+if TYPE_CHECKING:
+    from ._estimator import Estimator
+
+
+class LossChangeController:
+    """ν and the record of each step (constraint and ``track_loss_changes``).
+
+    Attributes:
+        last: the record of the last measured step (None before one).
+    """
+
+    def __init__(
+        self, options: KFACOptions, est: Estimator, grad_scaler: torch.amp.GradScaler | None
+    ) -> None:
+        self.options = options
+        self.est = est
+        self.grad_scaler = grad_scaler
+        self.warned_missing: set[str] = set()
+        self.last: StepRecord | None = None
+
+    def moments(self, loss: Tensor | None) -> Tensor | None:
+        """The loss moments of this step that scale the target (relative units), checked
+        before any state changes."""
+        opts = self.options
+        moments = None
+        if opts.constraint != "none" and opts.loss_change_unit != "absolute":
+            if loss is None:
+                raise ValueError(
+                    f"loss_change_unit={opts.loss_change_unit!r} scales the target by this "
+                    "step's loss: call precond.step(loss=...) with the loss (per-example "
+                    "losses for 'spread'), or use loss_change_unit='absolute'"
+                )
+            moments = _constraint.loss_moments(
+                opts.loss_change_unit,
+                loss,
+                opts.loss_reduction,
+                per_example_scale=self.per_example_scale(),
+                distributed=self.est.dist is not None,
+            )
+        return moments
+
+    def loss_scale(self) -> Tensor | None:
+        """The GradScaler's current scale as a device tensor (None without scaling).
+
+        ``GradScaler.get_scale()`` would read it on the host; its ``_scale`` tensor is what
+        ``scale()`` multiplied the loss by, and stays on the device.
+        """
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale = getattr(scaler, "_scale", None)
+        return scale if isinstance(scale, Tensor) else None
+
+    def check_unscaled(self) -> None:
+        """With a GradScaler and a measured step (constraint or loss-change tracking), the
+        gradients must be unscaled first: ν is computed from p.grad, and on scaled gradients
+        it would be off by the loss scale. (Preconditioning alone is linear in p.grad and
+        does not care.) Reads the scaler's per-optimizer stage, host-side Python state."""
+        scaler = self.grad_scaler
+        opts = self.options
+        if scaler is None or not scaler.is_enabled():
+            return
+        if opts.constraint == "none" and not opts.track_loss_changes:
+            return
+        states = getattr(scaler, "_per_optimizer_states", None)
+        if not isinstance(states, Mapping):
+            return  # a GradScaler without the attribute: nothing to check against
+        if not any(st.get("stage") is OptState.UNSCALED for st in states.values()):
+            raise RuntimeError(
+                "step() with a GradScaler and a loss-change constraint (or "
+                "track_loss_changes) needs unscaled gradients: call scaler.unscale_(optimizer) "
+                "before precond.step(), then scaler.step(optimizer) and scaler.update()"
+            )
+
+    def per_example_scale(self) -> float:
+        """From the observed gradients (and losses) of this process to the per-example ones
+        of the preconditioner's loss: 1, or 1/W for sum reduction over W processes (their
+        averaged gradient is that of Σ ℓ_n / W, see docs/distributed.md)."""
+        if self.est.dist is not None and self.options.loss_reduction == "sum":
+            return 1.0 / self.est.dist.world
+        return 1.0
+
+    def scale_step(
+        self,
+        steps: int,
+        loss_calls: Mapping[str, list[Held]],
+        lr: float,
+        done: list[Layer],
+        forms: list[Tensor],
+        done_diag: list[DiagonalParam],
+        diag_form: Tensor | None,
+        moments: Tensor | None,
+    ) -> None:
+        """Measure the step -lr·∇̃ in loss space, scale the gradients by ν, keep the record.
+
+        All on the device of the preconditioned gradients (no host-device copy). Distributed,
+        the Kronecker form is summed over the ranks that precondition different layers, and
+        E[(Δℓ)²] and the loss reference are taken over the global batch.
+        """
+        opts = self.options
+        dist = self.est.dist
+        layers = done if dist is None else dist.preconditioned_layers(done)
+        # Preconditioned parameters with their gradients (diagonal ones always have one).
+        unique = unique_parameters(layers, done_diag)
+        params = {id(p): g for p in unique if (g := p.grad) is not None}
+        grads = list(params.values())
+        device = grads[0].device if grads else self.est.device()
+        kron = None
+        if opts.needs_kronecker_form:
+            kron = self._kronecker_form(forms, diag_form, device)
+        directions = exact = None
+        if opts.needs_loss_records:
+            directions, seen = _constraint.per_example_directions(
+                self.est.routes, loss_calls, params, opts.factor_dtype
+            )
+            if not (len(params) == len(unique) and seen.issuperset(params)):
+                self._warn_missing(layers, done_diag, seen)  # some is missing
+            directions, exact, moments = self._exact_form(directions, moments, device)
+        elif moments is not None and dist is not None:
+            moments = dist.sum_over_ranks(moments.to(device))
+        nu = torch.ones((), dtype=torch.float64, device=device)
+        target = None
+        if opts.constraint != "none":
+            form = kron if opts.constraint == "kronecker" else exact
+            assert form is not None
+            c = opts.target_loss_change or opts.max_loss_change
+            assert c is not None
+            if moments is not None:
+                target = c * _constraint.loss_reference(opts.loss_change_unit, moments.to(device))
+            else:
+                target = torch.full((), c, dtype=torch.float64, device=device)
+            nu = _constraint.step_scale(
+                form, target, lr, equality=opts.target_loss_change is not None
+            )
+            groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+            for g in grads:
+                groups[(g.device, g.dtype)].append(g)
+            for (dev, dtype), group in groups.items():
+                torch._foreach_mul_(group, nu.to(device=dev, dtype=dtype))
+        self.last = StepRecord(
+            step=steps,
+            lr=lr,
+            nu=nu,
+            target=target,
+            kronecker=kron,
+            exact=exact,
+            directions=directions,
+        )
+
+    def _kronecker_form(
+        self, forms: list[Tensor], diag_form: Tensor | None, device: torch.device
+    ) -> Tensor:
+        """Σ_layers ⟨∇̃, G ∇̃ A⟩ + Σ F ∇̃² per example (0-d float64; all ranks' layers)."""
+        kron = torch.zeros((), dtype=torch.float64, device=device)
+        for f in forms:
+            kron = kron + f.to(device=device, dtype=torch.float64)
+        if self.est.dist is not None:
+            kron = self.est.dist.sum_over_columns(kron)
+        if diag_form is not None:
+            kron = kron + diag_form.to(device=device, dtype=torch.float64)
+        if self.options.loss_reduction == "sum":
+            # G = Σ_n δδᵀ is N times the mean form: per example, divide by the N of the
+            # last statistics step (of the global batch when distributed).
+            kron = kron / self.est.stats_examples
+        return kron
+
+    def _exact_form(
+        self, directions: Tensor | None, moments: Tensor | None, device: torch.device
+    ) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        """u_n = g_nᵀ ∇̃ from the observed directions, E_n[u_n²] (global batch) and the loss
+        moments (summed over ranks in the same reduction)."""
+        f64 = torch.float64
+        dist = self.est.dist
+        if directions is not None:
+            directions = directions.to(device)
+            mean = self.options.loss_reduction == "mean"
+            scale: float | Tensor = float(directions.shape[0]) if mean else 1.0
+            scale = scale * self.per_example_scale()
+            loss_scale = self.loss_scale()
+            if loss_scale is not None:
+                scale = scale / loss_scale.to(device=device, dtype=directions.dtype)
+            directions = directions * scale
+        if dist is None:
+            count = directions.shape[0] if directions is not None else 0
+            total = (
+                directions.to(f64).square().sum()
+                if directions is not None
+                else torch.zeros((), dtype=f64, device=device)
+            )
+            return directions, total / max(count, 1), moments
+        # (Σ u², n), with the loss moments when there are some: one reduction.
+        local = torch.zeros(2, dtype=f64, device=device)
+        if directions is not None:
+            local[0] = directions.to(f64).square().sum()
+            local[1] = directions.shape[0]
+        if moments is not None:
+            local = torch.cat([local, moments.to(device)])
+        local = dist.sum_over_ranks(local)
+        return (
+            directions,
+            local[0] / local[1].clamp_min(1.0),
+            (local[2:] if moments is not None else None),
+        )
+
+    def _warn_missing(
+        self, layers: list[Layer], diagonal: list[DiagonalParam], seen: set[int]
+    ) -> None:
+        names = [
+            layer.name
+            for layer in layers
+            if not any(id(p) in seen for p in layer.adapter.parameters())
+        ]
+        names += [d.name for d in diagonal if id(d.param) not in seen]
+        new = [n for n in names if n not in self.warned_missing]
+        if new:
+            self.warned_missing.update(new)
+            _warn.warn(
+                f"{', '.join(map(repr, new))}: gradient preconditioned but no call captured "
+                "on this step (no gradient reached the output, or the call ran in eval "
+                "mode); left out of the exact loss-change form",
+            )
