@@ -70,7 +70,7 @@ class Route:
 
 
 @dataclass
-class Plan:
+class Discovered:
     """The outcome of discovery (see the module docstring)."""
 
     layers: list[Layer]
@@ -129,7 +129,7 @@ class _Scan:
         return self.routes.setdefault(mname, Route(self.adapters[mname]))
 
 
-def discover(model: nn.Module, opts: KFACOptions) -> Plan:
+def discover(model: nn.Module, opts: KFACOptions) -> Discovered:
     """Build the layers, diagonal parameters and hook routes of ``model`` under ``opts``:
     adapters for the modules, tied weights grouped, Kronecker layers, diagonal parameters,
     and every other parameter with the reason it is left to the optimizer."""
@@ -153,7 +153,7 @@ def discover(model: nn.Module, opts: KFACOptions) -> Plan:
     unpre = [(scan.names[id(p)], scan.left[id(p)]) for p in scan.order if id(p) not in scan.covered]
     routes = {m: scan.routes[m] for m in scan.adapters if m in scan.routes}  # module order
     trainable = [p for p in scan.order if p.requires_grad]
-    return Plan(layers, diagonal, routes, unpre, scan.ties, trainable)
+    return Discovered(layers, diagonal, routes, unpre, scan.ties, trainable)
 
 
 def _scan_modules(model: nn.Module, opts: KFACOptions) -> _Scan:
@@ -344,7 +344,7 @@ def _diagonal_params(scan: _Scan, opts: KFACOptions) -> list[DiagonalParam]:
     return diagonal
 
 
-def check_devices(plan: Plan) -> set[torch.device]:
+def check_devices(plan: Discovered) -> set[torch.device]:
     """The devices of the preconditioned parameters."""
     return {layer.adapter.weight.device for layer in plan.layers} | {
         d.param.device for d in plan.diagonal

@@ -25,7 +25,7 @@ from . import _ekfac, _warn, kernels, linalg
 from ._apply import Bucket, make_buckets, precondition_diagonal
 from ._blocks import Decomposition, DiagonalParam, Layer, decompose
 from ._constraint import Held
-from ._discovery import Plan, Route
+from ._discovery import Discovered, Route
 from ._factors import (
     FactorSpec,
     precondition_inverse_with_form,
@@ -80,7 +80,7 @@ class Estimator:
 
     def __init__(
         self,
-        plan: Plan,
+        plan: Discovered,
         options: KFACOptions,
         dist: Distributor | None,
         model: nn.Module,

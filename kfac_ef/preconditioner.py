@@ -22,7 +22,7 @@ from torch.autograd.profiler import record_function
 from . import _checkpoint, _warn, kernels, summary
 from ._constraint import Held, LossChangeDiagnostics, summarize
 from ._controller import LossChangeController
-from ._discovery import Plan, check_devices, discover
+from ._discovery import Discovered, check_devices, discover
 from ._estimator import Estimator, Faults
 from ._model import (
     check_not_sharded,
@@ -197,7 +197,7 @@ class KFACPreconditioner:
         model, ddp = unwrap(uncompiled(model))
         model = uncompiled(model)
         check_not_sharded(model)
-        plan: Plan = discover(model, self.options)
+        plan: Discovered = discover(model, self.options)
         if not plan.layers and not plan.diagonal:
             raise ValueError(
                 "the model has no layer to precondition (supported: nn.Linear, nn.Conv1d/2d/3d, "

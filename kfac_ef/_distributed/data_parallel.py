@@ -27,7 +27,7 @@ from .plan import Grid, Plan, _spec, grad_workers
 from .statistics import StatisticsSync
 
 if TYPE_CHECKING:
-    from .._discovery import Plan as Discovered
+    from .._discovery import Discovered
 
 logger = logging.getLogger(__name__)
 
