@@ -93,8 +93,7 @@ def load(est: Estimator, state: Mapping[str, Any], strict: bool) -> int:
         d.load_state(saved_diag.get(d.name), same_eps, opts.damping, relative, dtype)
         if d.skipped is not None:
             est.skipped_seen[d.name] = int(d.skipped.sum())
-    if est.dist is not None:
-        est.force_decompose = est.dist.after_load(est.force_decompose)
+    est.force_decompose = est.comm.after_load(est.force_decompose)
     for bucket in est.buckets:
         bucket.restack()
     # Older checkpoints lack it: the statistics step that follows sets it again.

@@ -55,7 +55,7 @@ class LossChangeController:
                 loss,
                 opts.loss_reduction,
                 per_example_scale=self.per_example_scale(),
-                distributed=self.est.dist is not None,
+                distributed=self.est.comm.distributed,
             )
         return moments
 
@@ -96,8 +96,8 @@ class LossChangeController:
         """From the observed gradients (and losses) of this process to the per-example ones
         of the preconditioner's loss: 1, or 1/W for sum reduction over W processes (their
         averaged gradient is that of Σ ℓ_n / W, see docs/distributed.md)."""
-        if self.est.dist is not None and self.options.loss_reduction == "sum":
-            return 1.0 / self.est.dist.world
+        if self.options.loss_reduction == "sum":
+            return 1.0 / self.est.comm.world
         return 1.0
 
     def scale_step(
@@ -118,8 +118,8 @@ class LossChangeController:
         E[(Δℓ)²] and the loss reference are taken over the global batch.
         """
         opts = self.options
-        dist = self.est.dist
-        layers = done if dist is None else dist.preconditioned_layers(done)
+        comm = self.est.comm
+        layers = comm.preconditioned_layers(done)
         # Preconditioned parameters with their gradients (diagonal ones always have one).
         unique = unique_parameters(layers, done_diag)
         params = {id(p): g for p in unique if (g := p.grad) is not None}
@@ -136,8 +136,8 @@ class LossChangeController:
             if not (len(params) == len(unique) and seen.issuperset(params)):
                 self._warn_missing(layers, done_diag, seen)  # some is missing
             directions, exact, moments = self._exact_form(directions, moments, device)
-        elif moments is not None and dist is not None:
-            moments = dist.sum_over_ranks(moments.to(device))
+        elif moments is not None:
+            moments = comm.sum_over_ranks(moments.to(device))
         nu = torch.ones((), dtype=torch.float64, device=device)
         target = None
         if opts.constraint != "none":
@@ -174,8 +174,7 @@ class LossChangeController:
         kron = torch.zeros((), dtype=torch.float64, device=device)
         for f in forms:
             kron = kron + f.to(device=device, dtype=torch.float64)
-        if self.est.dist is not None:
-            kron = self.est.dist.sum_over_columns(kron)
+        kron = self.est.comm.sum_over_columns(kron)
         if diag_form is not None:
             kron = kron + diag_form.to(device=device, dtype=torch.float64)
         if self.options.loss_reduction == "sum":
@@ -190,7 +189,6 @@ class LossChangeController:
         """u_n = g_nᵀ ∇̃ from the observed directions, E_n[u_n²] (global batch) and the loss
         moments (summed over ranks in the same reduction)."""
         f64 = torch.float64
-        dist = self.est.dist
         if directions is not None:
             directions = directions.to(device)
             mean = self.options.loss_reduction == "mean"
@@ -200,14 +198,6 @@ class LossChangeController:
             if loss_scale is not None:
                 scale = scale / loss_scale.to(device=device, dtype=directions.dtype)
             directions = directions * scale
-        if dist is None:
-            count = directions.shape[0] if directions is not None else 0
-            total = (
-                directions.to(f64).square().sum()
-                if directions is not None
-                else torch.zeros((), dtype=f64, device=device)
-            )
-            return directions, total / max(count, 1), moments
         # (Σ u², n), with the loss moments when there are some: one reduction.
         local = torch.zeros(2, dtype=f64, device=device)
         if directions is not None:
@@ -215,7 +205,7 @@ class LossChangeController:
             local[1] = directions.shape[0]
         if moments is not None:
             local = torch.cat([local, moments.to(device)])
-        local = dist.sum_over_ranks(local)
+        local = self.est.comm.sum_over_ranks(local)
         return (
             directions,
             local[0] / local[1].clamp_min(1.0),

@@ -5,8 +5,8 @@ Data flows one way: the hooks' observations (``LayerStatistics.add``, through th
 preconditioner's capture callbacks) -> :meth:`Estimator.update_factors` on statistics steps
 (finite-step check, EMA fold) -> :meth:`Estimator.decompose` on decomposition steps ->
 :meth:`Estimator.precondition` rewrites ``p.grad`` bucket by bucket (the appliers of
-``_blocks``/kernels). Exchanges with other processes go through ``dist`` (None in one
-process). The preconditioner (the façade) owns the cadence; this object owns the state.
+``_blocks``/kernels). Exchanges with other processes go through ``comm`` (the identity in
+one process). The preconditioner (the façade) owns the cadence; this object owns the state.
 """
 
 from __future__ import annotations
@@ -35,10 +35,9 @@ from ._factors import (
 )
 from ._model import structure_of
 from ._options import KFACOptions
-from ._stats import Scale, g_scale
 
 if TYPE_CHECKING:
-    from .distributed import Distributor
+    from ._distributed.local import Communicator
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ class Estimator:
         layers, diagonal: the Kronecker layers and the diagonally preconditioned parameters
             (discovery order); ``by_name`` / ``diag_by_name`` index them.
         buckets: same-shaped layers preconditioned in one batched call.
-        dist: the data-parallel machinery (None in one process).
+        comm: the communicator (``_distributed.local.Local`` in one process).
         stats_examples: examples of the last statistics step (the "sum" form's N).
         force_decompose: recompute decompositions at the next step (after a load).
     """
@@ -82,7 +81,7 @@ class Estimator:
         self,
         plan: Discovered,
         options: KFACOptions,
-        dist: Distributor | None,
+        comm: Communicator,
         model: nn.Module,
     ) -> None:
         self.options = options
@@ -95,7 +94,7 @@ class Estimator:
         self.by_name = {layer.name: layer for layer in self.layers}
         self.diag_by_name = {d.name: d for d in self.diagonal}
         self.buckets: list[Bucket] = make_buckets(self.layers)
-        self.dist = dist
+        self.comm = comm
         self.model = weakref.ref(model)
         self.structure = structure_of(model)
         self.force_decompose = False
@@ -130,8 +129,7 @@ class Estimator:
             if form is not None:
                 forms.append(form.sum())
         done_diag, diag_form = precondition_diagonal(self.diagonal, with_form)
-        if self.dist is not None:
-            self.dist.share_gradients()
+        self.comm.share_gradients()
         return done, forms, done_diag, diag_form
 
     def update_factors(self, loss_scale: Tensor | None) -> None:
@@ -150,25 +148,10 @@ class Estimator:
         counts = [layer.stats.examples for layer in self.layers]
         counts += [entry.stats.examples for entry in self.diagonal]
         local = float(max(counts, default=0))
-        if local > 0:
-            self.stats_examples = local
-        if self.dist is not None:
-            # The global batch's statistics (every rank gets every entry, with a device flag
-            # saying whether any rank had statistics for it).
-            kron, diag = self.dist.reduce_statistics(scale_on)
-            self.stats_examples = self.dist.global_examples(local)
-        else:
-            reduction = opts.loss_reduction
-            kron = [
-                (layer, layer.take(reduction, scale_on(layer.adapter.weight.device)), None)
-                for layer in self.layers
-                if not layer.stats.empty
-            ]
-            diag = [
-                (entry, entry.take(reduction, scale_on(entry.param.device)), None)
-                for entry in self.diagonal
-                if not entry.stats.empty
-            ]
+        # The (global) batch's statistics; distributed, every rank gets every entry, with a
+        # device flag saying whether any rank had statistics for it.
+        kron, diag = self.comm.reduce_statistics(scale_on)
+        self.stats_examples = self.comm.global_examples(local, self.stats_examples)
         if not kron and not diag:
             return
         # A step with a non-finite gradient (a loss-scale overflow, a NaN loss) updates no
@@ -245,19 +228,9 @@ class Estimator:
                         layer.a_spec,
                         opts.factor_dtype,
                     )
-        items: list[tuple[Layer, Tensor, Scale, Tensor | None]] = []
-        if self.dist is not None:
-            items += self.dist.reduce_scales(
-                [(layer, *raws.get(id(layer), (None, 0))) for layer in layers], loss_scale
-            )
-        else:
-            for layer in layers:
-                if id(layer) not in raws:
-                    continue
-                raw, n = raws[id(layer)]
-                sigma = None if loss_scale is None else loss_scale.to(raw.device, raw.dtype)
-                scale = g_scale(n, opts.loss_reduction, sigma, opts.fisher_type == "mc")
-                items.append((layer, raw, scale, None))
+        items = self.comm.reduce_scales(
+            [(layer, *raws.get(id(layer), (None, 0))) for layer in layers], loss_scale
+        )
         for layer, raw, scale, present in items:
             ok = (
                 self.grads_ok.to(raw.device)
@@ -269,17 +242,15 @@ class Estimator:
     def decompose(self, steps: int) -> None:
         opts = self.options
         with record_function("kfac_ef.decompose"):
-            if self.dist is not None:
-                self.dist.sync_factors()
+            self.comm.sync_factors()
             waiting = decompose(
                 self.layers,
                 opts.damping_mode,
                 opts.damping,
-                share=self.dist,
+                share=self.comm,
                 damping_unit=opts.damping_unit,
             )
-            if self.dist is not None:
-                self.dist.after_decompose()
+            self.comm.after_decompose()
             for bucket in self.buckets:
                 bucket.restack()
             self._check_failures()

@@ -23,6 +23,7 @@ from . import _checkpoint, _warn, kernels, summary
 from ._constraint import Held, LossChangeDiagnostics, summarize
 from ._controller import LossChangeController
 from ._discovery import Discovered, check_devices, discover
+from ._distributed.local import Communicator, Local
 from ._estimator import Estimator, Faults
 from ._model import (
     check_not_sharded,
@@ -208,8 +209,12 @@ class KFACPreconditioner:
         for device in check_devices(plan):
             kernels.check_backend(self.options.backend, device)
         # Every exchange with other processes goes through this object (_distributed/).
-        dist = Distributor(plan, self.options, dist_options, ddp) if dist_options else None
-        self._est = Estimator(plan, self.options, dist, model)
+        comm: Communicator = (
+            Distributor(plan, self.options, dist_options, ddp)
+            if dist_options
+            else Local(plan.layers, plan.diagonal, self.options)
+        )
+        self._est = Estimator(plan, self.options, comm, model)
         self._routes = plan.routes
         self._controller = LossChangeController(self.options, self._est, grad_scaler)
         budget = self.options.memory_budget
@@ -243,7 +248,7 @@ class KFACPreconditioner:
             wants_calls=weak_method(self._wants_calls, False),
             on_backward=weak_method(self._on_backward, None),
             record=weak_method(self._record, None),
-            on_call=weak_method(self._on_call, None) if dist is not None else None,
+            on_call=weak_method(self._on_call, None) if comm.distributed else None,
             hold_inputs=self.options.fisher_type == "mc",
             sampling=weak_method(self._is_sampling, False),
         )
@@ -281,8 +286,8 @@ class KFACPreconditioner:
 
     def _on_call(self, name: str, pass_id: int) -> None:
         # Only calls whose statistics will be recorded count for the all-reduce buckets.
-        if self._est.dist is not None and self._wants_statistics():
-            self._est.dist.on_call(name, pass_id)
+        if self._wants_statistics():
+            self._est.comm.on_call(name, pass_id)
 
     def _record(self, name: str, saved: Any, grad: Tensor, pass_id: int) -> None:
         route = self._routes[name]
@@ -315,8 +320,7 @@ class KFACPreconditioner:
                         entry.stats.add(per_example, pass_id)
                 if opts.damping_mode == "ekfac" and route.layers:
                     self._fisher_calls[name].append(call())
-                if self._est.dist is not None:
-                    self._est.dist.on_record(name, pass_id)
+                self._est.comm.on_record(name, pass_id)
         if not self._sampling and opts.needs_loss_records:
             self._loss_calls[name].append(call())
 
@@ -510,7 +514,8 @@ class KFACPreconditioner:
     @property
     def distributed(self) -> Distributor | None:
         """The distributed machinery (assignment, bytes communicated), or None."""
-        return self._est.dist
+        comm = self._est.comm
+        return comm if isinstance(comm, Distributor) else None
 
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The running estimates ``{layer name: (A, G)}`` (copies), in DESIGN.md's convention.

@@ -174,7 +174,7 @@ def build(est: Estimator) -> Summary:
         scale = 0
         if opts.damping_mode == "ekfac":
             scale = _ekfac.scale_numel(b, layer.g_spec, layer.a_spec)
-        if est.dist is not None and not est.dist.preconditions(layer):
+        if not est.comm.preconditions(layer):
             dec_a = dec_g = scale = 0  # another rank holds it (grad_worker_fraction < 1)
         decomp = dec_a + dec_g + scale
         params = []

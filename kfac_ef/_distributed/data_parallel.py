@@ -41,6 +41,8 @@ class Distributor(StatisticsSync):
     ``precond.distributed`` for inspection (``plan``, ``communicated()``, ``describe()``).
     """
 
+    distributed = True
+
     def __init__(
         self,
         discovered: Discovered,

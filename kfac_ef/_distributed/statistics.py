@@ -209,8 +209,9 @@ class StatisticsSync:
             self._examples = torch.stack(per_bucket).max()
         return kron, diag
 
-    def global_examples(self, local: float) -> float | Tensor:
-        """Examples of the last statistics step over all ranks: from the reduced counts
+    def global_examples(self, local: float, previous: float | Tensor) -> float | Tensor:
+        """Examples of the last statistics step over all ranks (``previous`` is not needed:
+        every rank takes part in every statistics step): from the reduced counts
         (a 0-d device tensor) with ``factor_sync="update"``; ``local`` times the number of
         ranks with ``"decomposition"`` (exact when the local batches have one size, the
         condition under which that mode is exact)."""
@@ -311,7 +312,7 @@ class StatisticsSync:
 
     def reduce_scales(
         self, items: list[tuple[Layer, Tensor | None, int]], sigma: Tensor | None
-    ) -> list[tuple[Layer, Tensor, Scale, Tensor]]:
+    ) -> list[tuple[Layer, Tensor, Scale, Tensor | None]]:
         """EKFAC statistics step: the global batch's second moments in the eigenbases,
         reduced exactly like S_G (module docstring, "Factor statistics"): rank r contributes
         N_r² S_r ("mean") or S_r ("sum"), S_r = Σ_{n on r} (Q_Gᵀ ∇̂_n Q_A)² of its observed
@@ -347,7 +348,7 @@ class StatisticsSync:
             "the all-reduce of EKFAC statistics",
         )
         inv_sigma2 = None if sigma is None else 1.0 / sigma.to(self.device, dtype).square()
-        out: list[tuple[Layer, Tensor, Scale, Tensor]] = []
+        out: list[tuple[Layer, Tensor, Scale, Tensor | None]] = []
         pos = 0
         for i, ((layer, _, _), size) in enumerate(zip(items, sizes)):
             examples = buf[total + i]
