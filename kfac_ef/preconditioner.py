@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -37,10 +36,6 @@ from .capture import Capture, call_eagerly
 from .distributed import DistributedOptions, Distributor, resolve, unwrap
 
 __all__ = ["Faults", "KFACPreconditioner"]
-
-logger = logging.getLogger(__name__)
-
-STATE_FORMAT = _checkpoint.STATE_FORMAT
 
 # Modules hooked by a live preconditioner: a second one on the same module would double the
 # statistics work and disagree about p.grad, so it is refused.
