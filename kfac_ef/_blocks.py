@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from . import _ekfac, _warn, linalg
 from ._factors import FactorSpec, block_traces
-from ._stats import DiagonalStatistics, LayerStatistics, Scale
+from ._scaling import Scale
+from ._stats import DiagonalStatistics, LayerStatistics
 
 if TYPE_CHECKING:
     from .layers import LayerAdapter

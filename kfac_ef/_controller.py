@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
-from . import _constraint, _warn
+from . import _constraint, _scaling, _warn
 from ._blocks import DiagonalParam, Layer
 from ._constraint import Held, StepRecord
 from ._model import unique_parameters
@@ -96,9 +96,7 @@ class LossChangeController:
         """From the observed gradients (and losses) of this process to the per-example ones
         of the preconditioner's loss: 1, or 1/W for sum reduction over W processes (their
         averaged gradient is that of Σ ℓ_n / W, see docs/distributed.md)."""
-        if self.options.loss_reduction == "sum":
-            return 1.0 / self.est.comm.world
-        return 1.0
+        return _scaling.loss_share(self.est.comm.world, self.options.loss_reduction)
 
     def scale_step(
         self,
@@ -177,11 +175,7 @@ class LossChangeController:
         kron = self.est.comm.sum_over_columns(kron)
         if diag_form is not None:
             kron = kron + diag_form.to(device=device, dtype=torch.float64)
-        if self.options.loss_reduction == "sum":
-            # G = Σ_n δδᵀ is N times the mean form: per example, divide by the N of the
-            # last statistics step (of the global batch when distributed).
-            kron = kron / self.est.stats_examples
-        return kron
+        return _scaling.form_per_example(kron, self.options.loss_reduction, self.est.stats_examples)
 
     def _exact_form(
         self, directions: Tensor | None, moments: Tensor | None, device: torch.device
@@ -191,13 +185,12 @@ class LossChangeController:
         f64 = torch.float64
         if directions is not None:
             directions = directions.to(device)
-            mean = self.options.loss_reduction == "mean"
-            scale: float | Tensor = float(directions.shape[0]) if mean else 1.0
-            scale = scale * self.per_example_scale()
             loss_scale = self.loss_scale()
-            if loss_scale is not None:
-                scale = scale / loss_scale.to(device=device, dtype=directions.dtype)
-            directions = directions * scale
+            sigma = None if loss_scale is None else loss_scale.to(device, directions.dtype)
+            n, world = directions.shape[0], self.est.comm.world
+            directions = directions * _scaling.direction_scale(
+                n, world, self.options.loss_reduction, sigma
+            )
         # (Σ u², n), with the loss moments when there are some: one reduction.
         local = torch.zeros(2, dtype=f64, device=device)
         if directions is not None:

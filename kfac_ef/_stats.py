@@ -5,7 +5,7 @@ observed output gradient ∂L/∂s. Raw sums S_A = Σ ã ãᵀ and S_G = Σ (∂
 over calls and micro-batches, over rows that are (example, position) pairs for "expand" and
 examples for "reduce" (ā_n the mean of ã over positions, the gradient summed over positions),
 restricted to each factor's stored blocks (dense, diagonal or block-diagonal, see _factors).
-``take`` then returns them with their scales, per docs/math.md:
+``take`` then returns them with their scales (``_scaling.g_scale``, the one scaling rule):
 
     A = S_A / rows
     G = N · S_G / σ²   (loss_reduction="mean": ∂ℓ_n/∂s = N · ∂L/∂s, and G = (1/N) Σ δ δᵀ)
@@ -35,21 +35,8 @@ from torch import Tensor
 
 from . import _warn
 from ._factors import FactorSpec, gram_, one_hot_counts_
+from ._scaling import Scale, g_scale
 from .layers import Inputs, LayerAdapter, OneHotInputs
-
-Scale = float | Tensor
-
-
-def g_scale(
-    examples: int, loss_reduction: str, loss_scale: Tensor | None, per_example: bool = False
-) -> Scale:
-    """The scale of G (and of S, F) from the raw sums of observed gradients (module doc)."""
-    scale: Scale = 1.0
-    if loss_reduction == "mean":
-        scale = 1.0 / max(examples, 1) if per_example else float(examples)
-    if loss_scale is not None:
-        return scale / loss_scale.square()
-    return scale
 
 
 class _PassCounter:

@@ -37,12 +37,14 @@ draws reproducible across process counts.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .preconditioner import KFACPreconditioner
+if TYPE_CHECKING:
+    from .preconditioner import KFACPreconditioner
 
 LIKELIHOODS = ("categorical", "gaussian")
 
@@ -62,7 +64,7 @@ def sample_targets(
     ``output + sqrt(variance) * torch.randn(output.shape, generator=generator)``.
     ``generator`` must live on the output's device.
     """
-    _check_likelihood(likelihood, variance)
+    check_likelihood(likelihood, variance)
     f = output.detach()
     if likelihood == "categorical":
         if f.dim() < 2:
@@ -85,7 +87,7 @@ def sampled_loss(output: Tensor, targets: Tensor, likelihood: str, variance: flo
     your loss; see the module docstring). Over positions of an example, the categorical
     ℓ̂_n is the mean cross-entropy (as ``F.cross_entropy``'s "mean"), the Gaussian one the
     sum of squares."""
-    _check_likelihood(likelihood, variance)
+    check_likelihood(likelihood, variance)
     if likelihood == "categorical":
         per_example = F.cross_entropy(output, targets, reduction="none")
         if per_example.dim() > 1:  # positions: mean per example, as F.cross_entropy's "mean"
@@ -129,23 +131,41 @@ def mc_backward(
         With a mean-reduced loss over positions (sequence outputs), examples are the first
         dimension, as everywhere in kfac_ef.
     """
-    _check_likelihood(likelihood, variance)
-    if precond.options.fisher_type == "mc" and precond.collects_statistics:
-        if not output.requires_grad:
-            raise ValueError("mc_backward: output does not require grad (was it detached?)")
-        params = [p for p in precond.parameters() if p.requires_grad]
-        with precond._sampled_backward(), torch.enable_grad():
-            if targets is None:
-                targets = sample_targets(output, likelihood, variance=variance, generator=generator)
-            mc_loss = sampled_loss(output, targets, likelihood, variance)
-            loss_scale = precond._loss_scale()
-            if loss_scale is not None:  # the statistics are unscaled like the empirical ones
-                mc_loss = mc_loss * loss_scale.to(mc_loss.device)
-            torch.autograd.grad(mc_loss, params, retain_graph=True, allow_unused=True)
-    loss.backward()
+    precond.mc_backward(
+        loss,
+        output,
+        likelihood=likelihood,
+        variance=variance,
+        generator=generator,
+        targets=targets,
+    )
 
 
-def _check_likelihood(likelihood: str, variance: float) -> None:
+def sampled_backward(
+    params: list[torch.nn.Parameter],
+    output: Tensor,
+    likelihood: str,
+    variance: float,
+    generator: torch.Generator | None,
+    targets: Tensor | None,
+    loss_scale: Tensor | None,
+) -> None:
+    """The sampled-target backward of :func:`mc_backward`: the gradients of the sampled loss
+    (times the loss scale, so that the statistics are unscaled like the empirical ones)
+    reach the hooked layers through the retained graph; ``torch.autograd.grad`` leaves
+    ``p.grad`` untouched."""
+    if not output.requires_grad:
+        raise ValueError("mc_backward: output does not require grad (was it detached?)")
+    with torch.enable_grad():
+        if targets is None:
+            targets = sample_targets(output, likelihood, variance=variance, generator=generator)
+        mc_loss = sampled_loss(output, targets, likelihood, variance)
+        if loss_scale is not None:
+            mc_loss = mc_loss * loss_scale.to(mc_loss.device)
+        torch.autograd.grad(mc_loss, params, retain_graph=True, allow_unused=True)
+
+
+def check_likelihood(likelihood: str, variance: float) -> None:
     if likelihood not in LIKELIHOODS:
         raise ValueError(
             f"Invalid likelihood={likelihood!r}: must be one of {', '.join(map(repr, LIKELIHOODS))}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import weakref
-from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -18,15 +17,15 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
-from . import _checkpoint, _warn, kernels, summary
+from . import _checkpoint, kernels, mc, summary
 from ._constraint import Held, LossChangeDiagnostics, summarize
 from ._controller import LossChangeController
 from ._discovery import Discovered, check_devices, discover
 from ._distributed.local import Communicator, Local
 from ._estimator import Estimator, Faults
+from ._held import HeldCalls
 from ._model import (
     check_not_sharded,
-    snapshot,
     uncompiled,
     unique_parameters,
     weak_method,
@@ -42,10 +41,6 @@ __all__ = ["Faults", "KFACPreconditioner"]
 _OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[KFACPreconditioner]] = (
     weakref.WeakKeyDictionary()
 )
-
-# Backward passes whose calls may be held until step() before a warning (gradient
-# accumulation over more micro-batches than this is unusual; a loop without step() is a bug).
-_HELD_PASSES_WARNING = 64
 
 _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(KFACOptions))
 
@@ -226,16 +221,9 @@ class KFACPreconditioner:
         self._steps = 0
         self._backward_seen = False
         self._removed = False
-        # Calls held until step(), by hooked module: for the EKFAC scale ("fisher": those of
-        # the backward that feeds the factors) and for the exact loss-change form ("loss":
-        # those of the user's loss). With the empirical Fisher they are the same calls.
-        self._fisher_calls: dict[str, list[Held]] = defaultdict(list)
-        self._loss_calls: dict[str, list[Held]] = defaultdict(list)
+        self._held = HeldCalls(self.options)  # calls kept until step() (_held.py)
         self._sampling = False
         self._sampled = False
-        self._passes_held = 0  # backward passes whose calls are held until step()
-        self._last_held_pass = -1
-        self._warned_held = False
         # The hooks call back through weak references: a preconditioner dropped without
         # remove() is collected, and its finalizer detaches the hooks.
         self._capture = Capture(
@@ -291,14 +279,10 @@ class KFACPreconditioner:
         feeds_factors = self._sampling == (opts.fisher_type == "mc")
         held: Held | None = None
 
-        def call() -> Held:
-            # Calls held until step() are copied: an input buffer the caller overwrites in
-            # place between backward() and step() (a reused batch buffer) must not change
-            # what step() computes from them.
+        def call() -> Held:  # one held copy per call, made only if it is held (_held.py)
             nonlocal held
             if held is None:
-                held = (snapshot(saved), grad.detach(), pass_id)
-                self._note_held(pass_id)
+                held = self._held.call(saved, grad, pass_id)
             return held
 
         if feeds_factors and self._wants_statistics() and (route.layers or route.params):
@@ -314,34 +298,10 @@ class KFACPreconditioner:
                     if per_example is not None:
                         entry.stats.add(per_example, pass_id)
                 if opts.damping_mode == "ekfac" and route.layers:
-                    self._fisher_calls[name].append(call())
+                    self._held.fisher[name].append(call())
                 self._est.comm.on_record(name, pass_id)
         if not self._sampling and opts.needs_loss_records:
-            self._loss_calls[name].append(call())
-
-    def _note_held(self, pass_id: int) -> None:
-        """Count the passes whose calls are held until step(); warn once when they pile up
-        (backward passes without step(): each pass's layer inputs stay in memory)."""
-        if pass_id == self._last_held_pass:
-            return
-        self._last_held_pass = pass_id
-        self._passes_held += 1
-        if self._passes_held > _HELD_PASSES_WARNING and not self._warned_held:
-            self._warned_held = True
-            _warn.warn(
-                f"{self._passes_held} backward passes since the last step(): with "
-                f"{self._held_reason()} the preconditioner keeps every pass's layer inputs "
-                "and output gradients until step(), so memory grows with each pass. Call "
-                "precond.step() once per optimizer step (or per accumulated batch)."
-            )
-
-    def _held_reason(self) -> str:
-        opts = self.options
-        if opts.damping_mode == "ekfac":
-            return 'damping_mode="ekfac"'
-        if opts.constraint == "exact":
-            return 'constraint="exact"'
-        return "track_loss_changes=True"
+            self._held.loss[name].append(call())
 
     @contextlib.contextmanager
     def ignored(self) -> Iterator[None]:
@@ -357,20 +317,33 @@ class KFACPreconditioner:
         with self._capture.ignoring():
             yield
 
-    def _loss_scale(self) -> Tensor | None:
-        """The GradScaler's scale as a device tensor (None without one), for ``kfac_ef.mc``."""
-        return self._controller.loss_scale()
-
-    @contextlib.contextmanager
-    def _sampled_backward(self) -> Iterator[None]:
-        """Marks the backward passes inside as the sampled-target ones (``kfac_ef.mc``)."""
+    def mc_backward(
+        self,
+        loss: Tensor,
+        output: Tensor,
+        *,
+        likelihood: str,
+        variance: float = 1.0,
+        generator: torch.Generator | None = None,
+        targets: Tensor | None = None,
+    ) -> None:
+        """``loss.backward()`` for ``fisher_type="mc"``: on statistics steps, first one
+        backward of the loss of targets sampled from the model's predictive distribution,
+        which feeds the factors (see :func:`kfac_ef.mc_backward`, same arguments)."""
         self._check_live()
-        self._sampling = True
-        try:
-            yield
-        finally:
-            self._sampling = False
-        self._sampled = True
+        mc.check_likelihood(likelihood, variance)
+        if self.options.fisher_type == "mc" and self._wants_statistics():
+            params = [p for p in self.parameters() if p.requires_grad]
+            self._sampling = True
+            try:
+                mc.sampled_backward(
+                    params, output, likelihood, variance, generator, targets,
+                    self._controller.loss_scale(),
+                )  # fmt: skip
+            finally:
+                self._sampling = False
+            self._sampled = True
+        loss.backward()
 
     def parameters(self) -> list[nn.Parameter]:
         """The preconditioned parameters: those of the Kronecker layers (tied weights once)
@@ -456,24 +429,21 @@ class KFACPreconditioner:
                 est.check_structure()
                 est.decompose(self._steps)
             if opts.damping_mode == "ekfac" and self._wants_statistics():
-                est.update_scales(self._fisher_calls, ctl.loss_scale())
+                est.update_scales(self._held.fisher, ctl.loss_scale())
             with_form = lr is not None and opts.needs_kronecker_form
             done, forms, done_diag, diag_form = est.precondition(with_form)
             if lr is not None:
                 ctl.scale_step(
-                    self._steps, self._loss_calls, lr, done, forms, done_diag, diag_form, moments
+                    self._steps, self._held.loss, lr, done, forms, done_diag, diag_form, moments
                 )
         self._clear_step()
         self._steps += 1
         self._backward_seen = False
 
     def _clear_step(self) -> None:
-        self._fisher_calls.clear()
-        self._loss_calls.clear()
+        self._held.clear()
         self._capture.release()
         self._sampled = False
-        self._passes_held = 0
-        self._last_held_pass = -1
 
     def faults(self) -> Faults:
         """Counts of the numerical faults met so far: skipped statistics updates, steps with

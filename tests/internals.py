@@ -24,7 +24,7 @@ def layer_names(pre: KFACPreconditioner) -> list[str]:
 
 def held_loss_calls(pre: KFACPreconditioner) -> dict[str, list[Any]]:
     """Calls held until step() for the exact loss-change form."""
-    return pre._loss_calls
+    return pre._held.loss
 
 
 def decomposes_next_step(pre: KFACPreconditioner) -> bool:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._blocks import DiagonalParam, Layer, Results
 from .._options import KFACOptions
-from .._stats import Scale, g_scale
+from .._scaling import Scale, g_scale
 from .packing import DiagTaken, KronTaken
 
 

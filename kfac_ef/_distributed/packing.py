@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._blocks import DiagonalParam, Layer, Taken
-from .._stats import Scale
+from .._scaling import Scale
 from .plan import _spec
 
 # A unit of statistics: a Kronecker layer (A and G) or a diagonally preconditioned parameter.

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import _ekfac
 from .._blocks import DiagonalParam, Layer
 from .._options import KFACOptions
-from .._stats import Scale
+from .._scaling import Scale, global_g_scale, loss_share, rank_weight
 from .options import DistributedOptions
 from .packing import DiagTaken, Entry, KronTaken, _packed, _size, _stacks, _StatsBucket, _Triangles
 
@@ -119,7 +119,7 @@ class StatisticsSync:
         counts: list[float] = []
         # δ_n = N_r γ_n for the observed gradients of a mean-reduced loss; the sampled-target
         # backward (fisher_type="mc") observes per-example gradients already.
-        g_mean = self.kfac.loss_reduction == "mean" and self.kfac.fisher_type != "mc"
+        per_example = self.kfac.fisher_type == "mc"
         for entry, start in zip(bucket.entries, bucket.offsets):
             part = buf[start : start + _size(entry)]
             if isinstance(entry, DiagonalParam):
@@ -141,9 +141,10 @@ class StatisticsSync:
                 self._tri.pack(acc_a, part[:ka].view(_stacks(entry, "A"), -1))
                 g_part = part[ka:]
                 self._tri.pack(acc_g, g_part.view(_stacks(entry, "G"), -1))
-            if g_mean:
-                # δ_n = N_r γ_n: rank r's contribution to Σ_n δ_n δ_nᵀ is N_r² S_G,r.
-                g_part.mul_(float(examples) ** 2)
+            # δ_n = N_r γ_n: rank r's contribution to Σ_n δ_n δ_nᵀ is N_r² S_G,r ("mean").
+            weight = rank_weight(examples, self.kfac.loss_reduction, per_example)
+            if weight != 1.0:
+                g_part.mul_(weight)
             counts += [float(rows), float(examples)]
         buf[bucket.counts :].copy_(torch.tensor(counts, dtype=buf.dtype), non_blocking=True)
         bucket.work = self._start(
@@ -185,12 +186,7 @@ class StatisticsSync:
                 part = buf[start : start + _size(unit)]
                 rows, examples = counts[i, 0], counts[i, 1]
                 present = rows > 0
-                if self.kfac.loss_reduction == "mean":
-                    scale_g = 1.0 / examples.clamp_min(1.0)
-                else:
-                    scale_g = torch.full_like(rows, 1.0 / self.world**2)
-                if inv_sigma2 is not None:
-                    scale_g = scale_g * inv_sigma2
+                scale_g = global_g_scale(examples, self.world, self.kfac.loss_reduction, inv_sigma2)
                 if isinstance(unit, DiagonalParam):
                     acc = unit.stats.buffer()
                     acc.copy_(part)
@@ -224,7 +220,7 @@ class StatisticsSync:
         "sum", G = Σ_r S_G,r / W² is the mean over ranks of S_G,r / W (for "mean" the local
         G is already right)."""
         reduction = self.kfac.loss_reduction
-        g_local = 1.0 if reduction == "mean" else 1.0 / self.world
+        g_local = loss_share(self.world, reduction)
         kron: KronTaken = []
         for layer in self._layers:
             if not layer.stats.empty:
@@ -329,16 +325,17 @@ class StatisticsSync:
         sizes = [_ekfac.scale_numel(la.adapter.blocks, la.g_spec, la.a_spec) for la, _, _ in items]
         total = sum(sizes)
         buf = torch.zeros(total + len(items), dtype=dtype, device=self.device)
-        g_mean = self.kfac.loss_reduction == "mean"
-        premultiply = g_mean and self.kfac.fisher_type != "mc"  # as in _launch
+        reduction = self.kfac.loss_reduction
+        per_example = self.kfac.fisher_type == "mc"
         pos = 0
         counts = []
         for (_, raw, n), size in zip(items, sizes):
             if raw is not None and n > 0:
                 part = buf[pos : pos + size]
                 part.copy_(raw.reshape(-1))
-                if premultiply:
-                    part.mul_(float(n) ** 2)
+                weight = rank_weight(n, reduction, per_example)
+                if weight != 1.0:
+                    part.mul_(weight)
             counts.append(float(n))
             pos += size
         buf[total:].copy_(torch.tensor(counts, dtype=dtype), non_blocking=True)
@@ -352,13 +349,7 @@ class StatisticsSync:
         pos = 0
         for i, ((layer, _, _), size) in enumerate(zip(items, sizes)):
             examples = buf[total + i]
-            scale: Tensor = (
-                1.0 / examples.clamp_min(1.0)
-                if g_mean
-                else torch.full_like(examples, 1.0 / self.world**2)
-            )
-            if inv_sigma2 is not None:
-                scale = scale * inv_sigma2
+            scale = global_g_scale(examples, self.world, reduction, inv_sigma2)
             shape = (layer.adapter.blocks, layer.g_spec.padded, layer.a_spec.padded)
             out.append((layer, buf[pos : pos + size].view(shape), scale, examples > 0))
             pos += size
