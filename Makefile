@@ -39,12 +39,15 @@ docs: env
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 # The CPU suite (about 15 minutes on 2 cores): step cost, memory, time to target on the three
-# tasks (3 seeds), then the plots. Progress bars on a terminal; CSVs in benchmarks/results/.
+# tasks (3 seeds), then the plots and the tables of README.md and docs/benchmarks.md (each
+# shows the run its marker names: edit the marker to show the new one). Progress bars on a
+# terminal; CSVs in benchmarks/results/.
 bench: env
 	$(PY) benchmarks/step_overhead.py
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/time_to_target.py
 	$(PY) benchmarks/plot.py
+	$(PY) benchmarks/tables.py
 
 # The digits autoencoder's levers, damping sweep and step cost, and the published peer (about
 # 30 minutes). The peer needs `pip install asdfghjkl==0.1a5` (the `bench` extra); without it
@@ -53,6 +56,7 @@ bench-autoencoder: env
 	$(PY) benchmarks/autoencoder.py --levers --damping --cost
 	$(PY) benchmarks/peer.py --tasks autoencoder --seeds 2
 	$(PY) benchmarks/plot.py
+	$(PY) benchmarks/tables.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,10 +1,13 @@
 """Independent ground truth for the tests: no code from kfac_ef is used here.
 
 - per-example parameter gradients from torch.func (vmap over grad);
-- per-example layer inputs and output gradients δ_{n,t} = ∂ℓ_n/∂s_{n,t}, one example at a time
-  through plain autograd;
-- conv patches by explicit loops over output positions (checked against the per-example
-  gradients by ``test_reference_is_consistent``);
+- per-example layer inputs and output gradients δ_{n,t} = ∂ℓ_n/∂s_{n,t}, the same way: each
+  example alone through a hook-free copy of the model, δ the gradient of ℓ_n with respect to
+  a zero added to the module's output (a plain loop over the examples where vmap cannot run
+  the model);
+- conv patches gathered window by window from the padded input by their definition (vmap over
+  the output positions; checked against the per-example gradients by
+  ``test_reference_is_consistent``);
 - factor definitions and dense solves straight from docs/math.md.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -57,12 +61,65 @@ def layer_io(
 ) -> list[list[tuple[Tensor, Tensor]]]:
     """Per example n, per call of ``module``: (its raw input, ∂ℓ_n/∂(its output)).
 
-    Runs each example alone through a hook-free copy of the model, so the gradient is that of
-    ℓ_n itself and no preconditioner attached to ``model`` sees these passes.
+    Runs each example alone through a hook-free copy of the model (vmap over the examples,
+    batches of one inside), so the gradient is that of ℓ_n itself and no preconditioner
+    attached to ``model`` sees these passes. The output gradient of each call is the gradient
+    with respect to a zero "probe" added to that output. Models that vmap cannot run (e.g.
+    random operations, in-place updates of buffers) go through :func:`_layer_io_loop`.
     """
     name = next(k for k, m in model.named_modules() if m is module)
     model = clean_copy(model)
     module = model.get_submodule(name)
+    try:
+        return _layer_io_vmap(model, module, loss, x, y)
+    except RuntimeError:  # vmap cannot run this model: one example at a time instead
+        return _layer_io_loop(model, module, loss, x, y)
+
+
+def _layer_io_vmap(
+    model: nn.Module, module: nn.Module, loss: PerExampleLoss, x: Tensor, y: Tensor
+) -> list[list[tuple[Tensor, Tensor]]]:
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    outputs: list[Tensor] = []  # the calls of one example: shapes and dtypes of the probes
+    h = module.register_forward_hook(lambda m, args, out: outputs.append(out))
+    try:
+        with torch.no_grad():
+            functional_call(model, (params, buffers), (x[:1],))
+    finally:
+        h.remove()
+    probes = [torch.zeros_like(out) for out in outputs]
+
+    def loss_one(probes: list[Tensor], xn: Tensor, yn: Tensor) -> tuple[Tensor, list[Tensor]]:
+        inputs: list[Tensor] = []
+
+        def add_probe(m: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
+            inputs.append(args[0])
+            return out + probes[len(inputs) - 1]
+
+        h = module.register_forward_hook(add_probe)
+        try:
+            out = functional_call(model, (params, buffers), (xn.unsqueeze(0),))
+        finally:
+            h.remove()
+        if len(inputs) != len(probes):
+            raise RuntimeError("the module's calls differ from example to example")
+        return loss(out, yn.unsqueeze(0)).sum(), inputs
+
+    with warnings.catch_warnings():
+        # Ops without a batching rule (e.g. CPU flash attention) run one example at a time.
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        deltas, inputs = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0, 0))(probes, x, y)
+    return [
+        [(a[n, 0].detach(), d[n, 0].detach()) for a, d in zip(inputs, deltas)]
+        for n in range(x.shape[0])
+    ]
+
+
+def _layer_io_loop(
+    model: nn.Module, module: nn.Module, loss: PerExampleLoss, x: Tensor, y: Tensor
+) -> list[list[tuple[Tensor, Tensor]]]:
+    """:func:`layer_io` one example at a time through plain autograd."""
     result = []
     for n in range(x.shape[0]):
         calls: list[tuple[Tensor, Tensor]] = []
@@ -97,7 +154,12 @@ def _conv_padding(conv: nn.Module) -> list[tuple[int, int]]:
 
 
 def conv_patches(conv: nn.Module, x: Tensor) -> Tensor:
-    """Patches of one example ``x`` (C, *spatial) as (T, groups, C/groups · prod(k)), by loops."""
+    """Patches of one example ``x`` (C, *spatial) as (T, groups, C/groups · prod(k)).
+
+    By the definition: for output position o (row-major over the output's spatial dims) the
+    window is xp[c, o·s + k·d] for every channel c and kernel offset k (row-major), xp the
+    padded input; one window per output position, vmapped.
+    """
     pads = _conv_padding(conv)
     flat = [v for before_after in reversed(pads) for v in before_after]
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
@@ -106,15 +168,15 @@ def conv_patches(conv: nn.Module, x: Tensor) -> Tensor:
     spatial = xp.shape[1:]
     ks, ss, ds = conv.kernel_size, conv.stride, conv.dilation
     out_sizes = [(size - d * (k - 1) - 1) // s + 1 for size, k, s, d in zip(spatial, ks, ss, ds)]
-    rows = []
-    for o in itertools.product(*[range(n) for n in out_sizes]):
-        window = []
-        for ch in range(c):
-            for kk in itertools.product(*[range(k) for k in ks]):
-                idx = tuple(oi * s + ki * d for oi, ki, s, d in zip(o, kk, ss, ds))
-                window.append(xp[(ch, *idx)])
-        rows.append(torch.stack(window))
-    patches = torch.stack(rows)  # (T, C * K)
+    offsets = torch.tensor(list(itertools.product(*[range(k) for k in ks])))  # (K, nd)
+    outs = torch.tensor(list(itertools.product(*[range(n) for n in out_sizes])))  # (T, nd)
+    stride, dilation = torch.tensor(ss), torch.tensor(ds)
+
+    def window(o: Tensor) -> Tensor:  # o: (nd,) one output position -> (C, K)
+        idx = o * stride + offsets * dilation  # (K, nd): input positions of the window
+        return xp[(slice(None), *idx.unbind(-1))]
+
+    patches = vmap(window)(outs).reshape(outs.shape[0], -1)  # (T, C * K)
     g = conv.groups
     return patches.reshape(patches.shape[0], g, c // g * math.prod(ks))
 

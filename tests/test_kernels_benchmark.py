@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -15,28 +16,64 @@ BENCH = ROOT / "benchmarks" / "kernels.py"
 GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
 
 
-def test_kernel_benchmark_smoke(tmp_path):
+def _expected_rows(cfg: dict) -> list[tuple[str, str, str, str, str]]:
+    """(kernel, variant, dtype, m, n) of every row --smoke writes without CUDA (no compiled
+    variants there), from the script's own shape lists."""
+    rows = []
+    for dtype in cfg["stats_dtypes"]:
+        name = str(dtype).removeprefix("torch.")
+        for d in cfg["stats_d"]:
+            for m in cfg["stats_rows"]:
+                for variant in ("gemm", "triton", "eager", "addmm", "gemm_aligned"):
+                    rows.append(("factor_stats", variant, name, str(m), str(d)))
+    shapes = [(d, d + 1, "tiled") for d in cfg["precond_d"]] + [(*cfg["small"][1:], "fused")]
+    for m, n, path in shapes:
+        for variant in ("gemm", "triton", "triton_ieee", "eager"):
+            rows.append(("precondition_eigen", variant, "float32", str(m), str(n)))
+        for variant in ("gemm", "eager") + (("triton",) if path == "fused" else ()):
+            rows.append(("precondition_factored", variant, "float32", str(m), str(n)))
+    step = cfg["step"]
+    for variant in ("none", "torch", "auto"):
+        rows.append(("step", variant, "float32", str(step["batch"]), str(step["width"])))
+    return rows
+
+
+def test_kernel_benchmark_smoke(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("kernels_benchmark", BENCH)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = module.main(["--smoke", "--out", str(tmp_path / "k.csv")])
+    printed = capsys.readouterr().out
     with open(out) as f:
-        rows = list(csv.DictReader(f))
-    seen = {(r["kernel"], r["variant"]) for r in rows}
-    for kernel, variant in [
-        ("factor_stats", "triton"),
-        ("factor_stats", "addmm"),
-        ("precondition_eigen", "triton"),
-        ("precondition_eigen", "eager"),
-        ("precondition_factored", "triton"),
-        ("precondition_factored", "gemm"),
-        ("factor_stats", "gemm_aligned"),
-        ("step", "torch"),
-        ("step", "auto"),
-    ]:
-        assert (kernel, variant) in seen
-    assert all(float(r["ms"]) > 0 and r["device"] for r in rows)
+        reader = csv.DictReader(f)
+        columns = set(reader.fieldnames or [])
+        rows = list(reader)
+    assert {"kernel", "variant", "dtype", "blocks", "m", "n", "path", "ms", "tflops",
+            "frac_gemm", "speedup_vs_baseline", "device", "date"} <= columns  # fmt: skip
+    # Exactly one row per (kernel, variant, shape) of the smoke configuration.
+    got = sorted((r["kernel"], r["variant"], r["dtype"], r["m"], r["n"]) for r in rows)
+    assert got == sorted(_expected_rows(module.SMOKE))
+    for r in rows:
+        assert r["device"] and r.get("error", "") == "", r
+        assert math.isfinite(float(r["ms"])) and float(r["ms"]) > 0, r
+        if r["kernel"] == "step":
+            continue
+        assert r["path"] in ("triangle", "tiled", "fused") and int(r["blocks"]) > 0, r
+        assert math.isfinite(float(r["tflops"])) and float(r["tflops"]) >= 0, r
+        if r["variant"] == "gemm":
+            assert float(r["frac_gemm"]) == 1.0 and r["speedup_vs_baseline"] == "", r
+            continue
+        # Rounded to 3 decimals: the interpreted Triton kernels may show 0.0 on the CPU.
+        assert math.isfinite(float(r["frac_gemm"])) and float(r["frac_gemm"]) >= 0, r
+        speedup = float(r["speedup_vs_baseline"])
+        baseline = "addmm" if r["kernel"] == "factor_stats" else "eager"
+        assert speedup == 1.0 if r["variant"] == baseline else speedup >= 0, r
+    # The printed table has the same rows (one line each, then the step lines).
+    kernel_lines = [line for line in printed.splitlines() if line.split(" ", 1)[0] in
+                    ("factor_stats", "precondition_eigen", "precondition_factored")]  # fmt: skip
+    assert len(kernel_lines) == sum(r["kernel"] != "step" for r in rows)
+    assert sum(line.startswith("step ") for line in printed.splitlines()) == 3
 
 
 def test_gpu_check_script_parses_and_dry_runs(tmp_path):

@@ -118,24 +118,46 @@ def test_batch_size_does_not_change_damping_meaning():
     )
 
 
-def test_same_shaped_layers_preconditioned_in_one_call(monkeypatch):
-    """Launch count does not grow with the number of layers of one shape."""
+# The kernel step() runs for dense factors, per damping mode (and with the Kronecker form of
+# the loss-change constraint, which the eigenbasis chain computes in the same call).
+KERNEL_OF_MODE = {
+    "exact": ({}, "precondition_eigen"),
+    "ekfac": ({"damping_mode": "ekfac"}, "precondition_eigen"),
+    "pi": ({"damping_mode": "pi"}, "precondition_factored"),
+    "exact+kronecker-form": (
+        {"constraint": "kronecker", "max_loss_change": 1e-3, "loss_change_unit": "absolute",
+         "lr": 0.1},
+        "precondition_eigen_with_form",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", list(KERNEL_OF_MODE))
+def test_same_shaped_layers_preconditioned_in_one_call(mode, monkeypatch):
+    """Launch count does not grow with the number of layers of one shape: step() calls the
+    kernel of its mode once per shape, with the gradients of every layer of that shape
+    stacked. The public kernels of kfac_ef.kernels (which step() calls through the module,
+    each choosing Triton or its torch reference inside) are replaced by counting wrappers;
+    a call that bypassed them would leave ``calls`` short and fail the test too."""
+    options, expected = KERNEL_OF_MODE[mode]
     calls = []
 
-    def counting(original):
+    def counting(name, original):
         def count(grad, *args, **kwargs):
-            calls.append(grad.shape)
+            calls.append((name, tuple(grad.shape)))
             return original(grad, *args, **kwargs)
 
         return count
 
-    # The dispatching function, or the torch reference that step() calls directly when the
-    # dispatch would pick it.
-    for name in ("precondition_eigen", "precondition_eigen_reference"):
-        monkeypatch.setattr(kfac_kernels, name, counting(getattr(kfac_kernels, name)))
+    for name in ("precondition_eigen", "precondition_eigen_with_form", "precondition_factored"):
+        monkeypatch.setattr(kfac_kernels, name, counting(name, getattr(kfac_kernels, name)))
     layers = [nn.Linear(6, 6) for _ in range(5)]
     model = nn.Sequential(*[m for lin in layers for m in (lin, nn.Tanh())], nn.Linear(6, 2))
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64)
+    pre = KFACPreconditioner(model, factor_dtype=torch.float64, **options)
     x, y = torch.randn(4, 6), torch.randn(4, 2)
-    step_once(model, pre, mse_per_example, x, y)
-    assert sorted(tuple(s) for s in calls) == [(1, 2, 7), (5, 6, 7)]
+    for _ in range(2):  # step 0 decomposes, step 1 reuses the decompositions
+        calls.clear()
+        before, after = step_once(model, pre, mse_per_example, x, y)
+        assert sorted(calls) == [(expected, (1, 2, 7)), (expected, (5, 6, 7))]
+        # The stacked call's results reached p.grad.
+        assert all(not torch.equal(before[k], after[k]) for k in before)
