@@ -82,6 +82,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)  # recorded by machine()
 
+    rev = {
+        name: subprocess.run(
+            ["git", "rev-parse", "--short", name],
+            cwd=ROOT.parent,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        for name in (args.old, args.new)
+    }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         trees = {rev: _checkout(rev, Path(tmp)) for rev in (args.old, args.new)}
@@ -100,8 +110,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                             **machine(),
                             "model": model,
                             "mode": mode,
-                            "old": args.old,
-                            "new": args.new,
+                            "old": rev[args.old],
+                            "new": rev[args.new],
                             "old_ms": round(old, 3),
                             "new_ms": round(new, 3),
                             "new_over_old": round(new / old, 4),
