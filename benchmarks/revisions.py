@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)  # recorded by machine()
 
-    rev = {
+    resolved = {
         name: subprocess.run(
             ["git", "rev-parse", "--short", name],
             cwd=ROOT.parent,
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                             **machine(),
                             "model": model,
                             "mode": mode,
-                            "old": rev[args.old],
-                            "new": rev[args.new],
+                            "old": resolved[args.old],
+                            "new": resolved[args.new],
                             "old_ms": round(old, 3),
                             "new_ms": round(new, 3),
                             "new_over_old": round(new / old, 4),
