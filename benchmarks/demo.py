@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=RESULTS / "demo_digits.png")
+    parser.add_argument("--out", type=Path, default=RESULTS / "demo.csv", help="CSV to append to")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = digits()
@@ -137,7 +138,7 @@ def main() -> None:
         )
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     plot(results, args.plot)
-    append_csv(RESULTS / "demo.csv", rows)
+    append_csv(args.out, rows)
     print(f"\nloss curves: {args.plot}\ntable appended to: {RESULTS / 'demo.csv'}")
 
 

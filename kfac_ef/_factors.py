@@ -220,27 +220,29 @@ def to_user(factor: Tensor, spec: FactorSpec, blocks: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- products
-def rotate_g(x: Tensor, q: Tensor | None, spec: FactorSpec, transpose: bool) -> Tensor:
-    """Q_G x (or Q_Gᵀ x) for x ``(B, g_pad, a)`` and block-diagonal Q_G ``(B·nb, bs, bs)``."""
+def _rotate(x: Tensor, q: Tensor | None, spec: FactorSpec, transpose: bool, left: bool) -> Tensor:
+    """Q x (``left``, x ``(B, g_pad, a)``) or x Q (x ``(B, g, a_pad)``) with a block-diagonal
+    Q ``(B·nb, bs, bs)`` (Qᵀ with ``transpose``); None is the identity (a diagonal factor)."""
     if q is None:
         return x
-    b, _, a = x.shape
+    b, g, a = x.shape
     qb = q.view(b, spec.nb, spec.bs, spec.bs)
     if transpose:
         qb = qb.transpose(-1, -2)
-    return (qb @ x.view(b, spec.nb, spec.bs, a)).view(b, spec.padded, a)
+    if left:
+        return (qb @ x.view(b, spec.nb, spec.bs, a)).view(b, spec.padded, a)
+    xb = x.view(b, g, spec.nb, spec.bs).transpose(1, 2)  # (B, nb, g, bs)
+    return (xb @ qb).transpose(1, 2).reshape(b, g, spec.padded)
+
+
+def rotate_g(x: Tensor, q: Tensor | None, spec: FactorSpec, transpose: bool) -> Tensor:
+    """Q_G x (or Q_Gᵀ x) for x ``(B, g_pad, a)``."""
+    return _rotate(x, q, spec, transpose, left=True)
 
 
 def rotate_a(x: Tensor, q: Tensor | None, spec: FactorSpec, transpose: bool) -> Tensor:
-    """x Q_A (or x Q_Aᵀ) for x ``(B, g, a_pad)`` and block-diagonal Q_A ``(B·nb, bs, bs)``."""
-    if q is None:
-        return x
-    b, g, _ = x.shape
-    qb = q.view(b, spec.nb, spec.bs, spec.bs)
-    if transpose:
-        qb = qb.transpose(-1, -2)
-    xb = x.view(b, g, spec.nb, spec.bs).transpose(1, 2)  # (B, nb, g, bs)
-    return (xb @ qb).transpose(1, 2).reshape(b, g, spec.padded)
+    """x Q_A (or x Q_Aᵀ) for x ``(B, g, a_pad)``."""
+    return _rotate(x, q, spec, transpose, left=False)
 
 
 def precondition_structured_eigen(

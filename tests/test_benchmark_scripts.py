@@ -105,3 +105,22 @@ def test_time_to_target_autoencoder(tmp_path):
     curves = _rows(tmp_path / "time_to_target_curves.csv")
     assert {r["date"] for r in curves} == {r["date"] for r in summary}
     assert {r["method"] for r in curves} == set(rows)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    """`make demo`, the README's main job, on one epoch: every optimizer trains, the table
+    is written, the numbers are finite."""
+    cmd = [
+        sys.executable,
+        str(BENCH / "demo.py"),
+        *("--epochs", "1", "--out", str(tmp_path / "demo.csv")),
+        *("--plot", str(tmp_path / "demo.png")),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = _rows(tmp_path / "demo.csv")
+    assert len(rows) == 3 and any(r["kfac"] for r in rows)
+    for r in rows:
+        assert int(r["epochs"]) == 1
+        assert math.isfinite(float(r["train_loss"])) and 0 <= float(r["test_acc"]) <= 1
+    assert (tmp_path / "demo.png").stat().st_size > 0
