@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ._blocks import BucketKey, Decomposition, DiagonalParam, Layer
+from ._blocks import BucketKey, DiagonalParam, Layer
+from ._decomposition import Decomposition
 from ._factors import FactorSpec
 from .layers.base import GradientParts
 
@@ -35,7 +36,7 @@ class Bucket:
     key: BucketKey
     layers: list[Layer]
     active: list[Layer] = field(default_factory=list)
-    stacked: Decomposition = field(default_factory=dict)
+    stacked: Decomposition = field(default_factory=Decomposition)
 
     @property
     def g_spec(self) -> FactorSpec:
@@ -54,21 +55,19 @@ class Bucket:
         """Stack the members' decompositions and point each member at its slice of the stack."""
         self.active = [layer for layer in self.layers if layer.decomposition is not None]
         if not self.active:
-            self.stacked = {}
+            self.stacked = Decomposition()
             return
-        names = list(self.active[0].decomposition or {})
-        self.stacked = {
-            k: torch.cat([layer.decomposition[k] for layer in self.active])  # type: ignore[index]
-            for k in names
-        }
-        offset = {k: 0 for k in names}
-        for layer in self.active:
+        decs = [layer.decomposition for layer in self.active if layer.decomposition is not None]
+        self.stacked = Decomposition.stack(decs)
+        stacked = self.stacked.parts()
+        offset = dict.fromkeys(stacked, 0)
+        for layer, dec in zip(self.active, decs):
             views = {}
-            for k, v in self.stacked.items():
-                n = layer.decomposition[k].shape[0]  # type: ignore[index]
-                views[k] = v[offset[k] : offset[k] + n]
+            for k, mine in dec.parts().items():
+                n = mine.shape[0]
+                views[k] = stacked[k][offset[k] : offset[k] + n]
                 offset[k] += n
-            layer.decomposition = views
+            layer.decomposition = Decomposition.from_parts(views)
 
     def precondition(
         self, fn: PreconditionFn, dtype: torch.dtype
@@ -92,10 +91,9 @@ class Bucket:
         if len(members) == len(self.active):
             stacked = self.stacked
         else:
-            stacked = {
-                k: torch.cat([layer.decomposition[k] for layer, _ in members])  # type: ignore[index]
-                for k in self.stacked
-            }
+            stacked = Decomposition.stack(
+                [layer.decomposition for layer, _ in members if layer.decomposition is not None]
+            )
         g_spec, a_spec, device = self.key
         shape = (sum(layer.adapter.blocks for layer, _ in members), g_spec.padded, a_spec.padded)
         grads = (torch.zeros if self.padded else torch.empty)(shape, dtype=dtype, device=device)

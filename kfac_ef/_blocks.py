@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _ekfac, _warn, linalg
+from ._decomposition import Decomposition
 from ._factors import FactorSpec, block_traces
 from ._scaling import Scale
 from ._stats import DiagonalStatistics, LayerStatistics
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Decomposition = dict[str, Tensor]
 Taken = tuple[Tensor, Scale, Tensor, Scale]
 BucketKey = tuple[FactorSpec, FactorSpec, torch.device]
 
@@ -157,11 +157,11 @@ class Layer:
         the bucket's stack in place; ``raw`` is clobbered.
         """
         dec = self.decomposition
-        assert dec is not None and "s" in dec and self.scale_updates is not None
+        assert dec is not None and dec.s is not None and self.scale_updates is not None
         finite = torch.isfinite(raw.sum(dim=(1, 2)) * scale) & ok
         keep, _ = _accepted(finite, present)
         weight = _fold_weight(self.scale_updates, decay, keep, raw.dtype)
-        linalg.running_average_(dec["s"], raw, scale, weight, keep)
+        linalg.running_average_(dec.s, raw, scale, weight, keep)
         self.scale_updates.add_(keep)
 
     def state(self, decompositions: bool) -> dict[str, Any] | None:
@@ -175,7 +175,7 @@ class Layer:
             "updates": self.updates.clone(),
             "skipped": self.skipped.clone(),
             "decomposition": (
-                {k: v.clone() for k, v in self.decomposition.items()}
+                {k: v.clone() for k, v in self.decomposition.parts().items()}
                 if self.decomposition is not None and decompositions
                 else None
             ),
@@ -212,7 +212,9 @@ class Layer:
         if dec is None or keys is None or set(dec) != keys:
             self.decomposition = None
             return True
-        self.decomposition = {k: v.to(device=device, dtype=dtype) for k, v in dec.items()}
+        self.decomposition = Decomposition.from_parts(dec).map(
+            lambda v: v.to(device=device, dtype=dtype)
+        )
         if "s" in keys:
             counts = entry.get("scale_updates")
             self.scale_updates = (
@@ -229,12 +231,11 @@ def carried_scale(layer: Layer, new: Decomposition) -> Tensor:
     starts from K-FAC's diagonal λ_G λ_Aᵀ and its next batch replaces it.
     """
     old = layer.decomposition
-    if old is not None and "s" in old and layer.scale_updates is not None:
-        return _ekfac.transport(old["s"], old, new, layer.g_spec, layer.a_spec)
-    layer.scale_updates = torch.zeros(
-        layer.adapter.blocks, dtype=torch.int64, device=new["lg"].device
-    )
-    return _ekfac.initial_scale(new["lg"], new["la"], layer.g_spec, layer.a_spec)
+    assert new.lg is not None and new.la is not None
+    if old is not None and old.s is not None and layer.scale_updates is not None:
+        return _ekfac.transport(old.s, old, new, layer.g_spec, layer.a_spec)
+    layer.scale_updates = torch.zeros(layer.adapter.blocks, dtype=torch.int64, device=new.lg.device)
+    return _ekfac.initial_scale(new.lg, new.la, layer.g_spec, layer.a_spec)
 
 
 def decomposition_keys(layer: Layer, damping_mode: str, damping_unit: str = "absolute") -> set[str]:
@@ -535,19 +536,15 @@ def _install(
             f"failed even in float64 ({layer.failures} in a row); it {what}",
         )
         return
-    # Keys: eigenbases/eigenvalues ("qg", "lg", "qa", "la"; no "q" for a diagonal factor)
-    # or damped inverses ("ig", "ia") with their shifts ("cg", "ca", per stored block);
-    # "ekfac" adds the scale "s".
     layer.failures = 0
-    new = {
-        f"{k}{side}": v for side, part in (("g", part_g), ("a", part_a)) for k, v in part.items()
-    }
+    new = Decomposition.of_sides(part_g, part_a)
     if damping_mode == "pi":
-        dtype = new["ig"].dtype
-        new["cg"] = shifts[(id(layer), "G")].to(dtype)
-        new["ca"] = shifts[(id(layer), "A")].to(dtype)
+        assert new.ig is not None
+        new.cg = shifts[(id(layer), "G")].to(new.ig.dtype)
+        new.ca = shifts[(id(layer), "A")].to(new.ig.dtype)
     elif damping_mode == "ekfac":
-        new["s"] = carried_scale(layer, new)
+        new.s = carried_scale(layer, new)
     if damping_mode != "pi" and scale is not None:
-        new["eps"] = (damping * scale).to(new["lg"].dtype)
+        assert new.lg is not None
+        new.eps = (damping * scale).to(new.lg.dtype)
     layer.decomposition = new

@@ -26,6 +26,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+from ._decomposition import Decomposition
 from ._factors import FactorSpec, rotate_a, rotate_g
 from .layers import Inputs, OneHotInputs
 
@@ -49,8 +50,8 @@ def initial_scale(lg: Tensor, la: Tensor, g_spec: FactorSpec, a_spec: FactorSpec
 
 def transport(
     s: Tensor,
-    old: dict[str, Tensor],
-    new: dict[str, Tensor],
+    old: Decomposition,
+    new: Decomposition,
     g_spec: FactorSpec,
     a_spec: FactorSpec,
 ) -> Tensor:
@@ -66,11 +67,11 @@ def transport(
     bases R is block-diagonal too; a diagonal factor's basis is the identity (R = I).
     """
     out = s
-    if "qg" in new:
-        rg = (new["qg"].transpose(1, 2) @ old["qg"]).square_()
+    if new.qg is not None and old.qg is not None:
+        rg = (new.qg.transpose(1, 2) @ old.qg).square_()
         out = rotate_g(out, rg, g_spec, transpose=False)
-    if "qa" in new:
-        ra = (new["qa"].transpose(1, 2) @ old["qa"]).square_()
+    if new.qa is not None and old.qa is not None:
+        ra = (new.qa.transpose(1, 2) @ old.qa).square_()
         out = rotate_a(out, ra, a_spec, transpose=True)
     return out if out is not s else s.clone()
 

@@ -23,8 +23,9 @@ from torch.autograd.profiler import record_function
 
 from . import _ekfac, _warn, kernels, linalg
 from ._apply import Bucket, make_buckets, precondition_diagonal
-from ._blocks import Decomposition, DiagonalParam, Layer, decompose
+from ._blocks import DiagonalParam, Layer, decompose
 from ._constraint import Held
+from ._decomposition import Decomposition
 from ._discovery import Discovered, Route
 from ._factors import (
     FactorSpec,
@@ -193,7 +194,7 @@ class Estimator:
         layers = [
             layer
             for layer in self.layers
-            if layer.decomposition is not None and "s" in layer.decomposition
+            if layer.decomposition is not None and layer.decomposition.s is not None
         ]
         wanted = {id(layer) for layer in layers}
         feeders: dict[int, int] = defaultdict(int)
@@ -222,8 +223,8 @@ class Estimator:
                     raws[id(layer)] = _ekfac.batch_second_moment(
                         records.pop(id(layer)),
                         layer.adapter.has_bias,
-                        dec.get("qg"),
-                        dec.get("qa"),
+                        dec.qg,
+                        dec.qa,
                         layer.g_spec,
                         layer.a_spec,
                         opts.factor_dtype,
@@ -367,16 +368,19 @@ class Estimator:
                 if with_form:
                     return precondition_inverse_with_form(grads, st, gs, as_)
                 if dense:
-                    return kernels.precondition_factored(grads, st["ig"], st["ia"], backend=backend)
+                    assert st.ig is not None and st.ia is not None
+                    return kernels.precondition_factored(grads, st.ig, st.ia, backend=backend)
                 return precondition_structured_inverse(grads, st, gs, as_)
 
             return factored
 
         def eigen(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Any:
-            scale = st.get("s")  # EKFAC
-            damping = st.get("eps", eps)  # per block with damping_unit="relative"
+            scale = st.s  # EKFAC
+            damping = st.eps if st.eps is not None else eps  # per block: damping_unit="relative"
             if dense:
-                args = (grads, st["qg"], st["lg"], st["qa"], st["la"], damping, scale)
+                assert st.qg is not None and st.qa is not None
+                assert st.lg is not None and st.la is not None
+                args = (grads, st.qg, st.lg, st.qa, st.la, damping, scale)
                 # out=grads: the torch path writes over the gathered gradients.
                 if with_form:
                     return kernels.precondition_eigen_with_form(*args, backend=backend, out=grads)

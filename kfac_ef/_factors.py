@@ -24,11 +24,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .kernels import factor_stats
+
+if TYPE_CHECKING:
+    from ._decomposition import Decomposition
 
 # Rows of a diagonal statistic processed per chunk, so that the float32 upcast of a wide
 # input (e.g. output gradients over a 50257-token vocabulary) never materializes in full.
@@ -247,7 +251,7 @@ def rotate_a(x: Tensor, q: Tensor | None, spec: FactorSpec, transpose: bool) -> 
 
 def precondition_structured_eigen(
     grads: Tensor,
-    dec: dict[str, Tensor],
+    dec: Decomposition,
     g_spec: FactorSpec,
     a_spec: FactorSpec,
     damping: float | Tensor,
@@ -270,11 +274,12 @@ def precondition_structured_eigen(
     b = grads.shape[0]
     if isinstance(damping, Tensor):
         damping = damping.view(b, 1, 1)
-    qg, qa = dec.get("qg"), dec.get("qa")
+    qg, qa = dec.qg, dec.qa
     v = rotate_a(rotate_g(grads, qg, g_spec, transpose=True), qa, a_spec, transpose=False)
     if scale is None:
-        lg = dec["lg"].reshape(b, g_spec.padded, 1)
-        la = dec["la"].reshape(b, 1, a_spec.padded)
+        assert dec.lg is not None and dec.la is not None
+        lg = dec.lg.reshape(b, g_spec.padded, 1)
+        la = dec.la.reshape(b, 1, a_spec.padded)
         k = lg * la  # one (B, g, a) temporary, then in place (these can be vocab-sized)
         denominator = k + damping if with_form else k.add_(damping)
     else:
@@ -302,14 +307,15 @@ def _inverse_a(x: Tensor, ia: Tensor, spec: FactorSpec) -> Tensor:
 
 
 def precondition_structured_inverse(
-    grads: Tensor, dec: dict[str, Tensor], g_spec: FactorSpec, a_spec: FactorSpec
+    grads: Tensor, dec: Decomposition, g_spec: FactorSpec, a_spec: FactorSpec
 ) -> Tensor:
     """(G + c_G I)⁻¹ ∇ (A + c_A I)⁻¹ with block-diagonal (incl. diagonal) damped inverses."""
-    return _inverse_a(_inverse_g(grads, dec["ig"], g_spec), dec["ia"], a_spec)
+    assert dec.ig is not None and dec.ia is not None
+    return _inverse_a(_inverse_g(grads, dec.ig, g_spec), dec.ia, a_spec)
 
 
 def precondition_inverse_with_form(
-    grads: Tensor, dec: dict[str, Tensor], g_spec: FactorSpec, a_spec: FactorSpec
+    grads: Tensor, dec: Decomposition, g_spec: FactorSpec, a_spec: FactorSpec
 ) -> tuple[Tensor, Tensor]:
     """∇̃ = (G + c_G I)⁻¹ ∇ (A + c_A I)⁻¹ and ⟨∇̃, G ∇̃ A⟩ per block, any factor storage.
 
@@ -321,18 +327,19 @@ def precondition_inverse_with_form(
     with G and A as stored (their block-diagonal parts). The chain needs one of R, L; the
     form needs both, so one product more than ``precondition_structured_inverse`` (and than
     ``kernels.precondition_factored``): the cheaper of the two is done twice. The factors
-    themselves are not needed, only the inverses and the shifts c_G, c_A (``"cg"``, ``"ca"``,
+    themselves are not needed, only the inverses and the shifts c_G, c_A (``cg``, ``ca``,
     one per stored block, equal within a Kronecker block).
     """
     b = grads.shape[0]
-    ig, ia = dec["ig"], dec["ia"]
+    ig, ia, cg_, ca_ = dec.ig, dec.ia, dec.cg, dec.ca
+    assert ig is not None and ia is not None and cg_ is not None and ca_ is not None
     right = _inverse_a(grads, ia, a_spec)  # R
     left = _inverse_g(grads, ig, g_spec)  # L
     if g_spec.padded <= a_spec.padded:
         out = _inverse_g(right, ig, g_spec)
     else:
         out = _inverse_a(left, ia, a_spec)
-    cg = dec["cg"].reshape(b, g_spec.nb)[:, :1].unsqueeze(2)
-    ca = dec["ca"].reshape(b, a_spec.nb)[:, :1].unsqueeze(2)
+    cg = cg_.reshape(b, g_spec.nb)[:, :1].unsqueeze(2)
+    ca = ca_.reshape(b, a_spec.nb)[:, :1].unsqueeze(2)
     form = ((right - cg * out) * (left - ca * out)).sum(dim=(1, 2))
     return out, form

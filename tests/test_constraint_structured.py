@@ -255,7 +255,7 @@ def test_ekfac_scale_and_solve_with_structured_factors(large_factor_block, reduc
     pre.step()
     after = grads()
     for name, layer in ((la.name, la) for la in internals.layers(pre)):
-        dec = {k: v.clone() for k, v in layer.decomposition.items()}
+        dec = {k: v.clone() for k, v in layer.decomposition.parts().items()}
         g_pad, a_pad = layer.g_spec.padded, layer.a_spec.padded
         qg, qa = _basis(dec, "g", g_pad), _basis(dec, "a", a_pad)
         for q in (qg, qa):  # orthogonal bases (anchors the definition below)
@@ -343,7 +343,7 @@ def test_structured_ekfac_checkpoint_round_trip():
             pre.load_state_dict(state)
             for name, layer in ((la.name, la) for la in internals.layers(pre)):
                 saved = state["layers"][name]
-                assert torch.equal(layer.decomposition["s"], saved["decomposition"]["s"])
+                assert torch.equal(layer.decomposition.s, saved["decomposition"]["s"])
                 assert torch.equal(layer.scale_updates, saved["scale_updates"])
         states.append(_sgd_step(model, pre, x.flip(0), y.flip(0)))
     for k, d in states[0].items():

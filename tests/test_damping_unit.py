@@ -102,7 +102,7 @@ def test_matches_dense_solve_with_per_block_eps(case, mode):
     for n in names:
         module = model.get_submodule(n)
         A, G = reference_factors(module, ios[n])
-        dec = {k: v.clone() for k, v in internals.layer(pre, n).decomposition.items()}
+        dec = {k: v.clone() for k, v in internals.layer(pre, n).decomposition.parts().items()}
         if mode != "pi":
             torch.testing.assert_close(dec["eps"], torch.tensor(relative_eps(A, G, DAMPING)))
         gm = grad_matrix(module, before[f"{n}.weight"], before.get(f"{n}.bias"))
@@ -240,11 +240,11 @@ def test_state_dict_round_trip(mode):
         assert internals.layer(p3, "0").decomposition is not None
         if opts.get("damping_unit") == "relative" and mode != "pi":
             A, G = p3.factors()["0"]
-            assert internals.layer(p3, "0").decomposition["eps"].item() == pytest.approx(
+            assert internals.layer(p3, "0").decomposition.eps.item() == pytest.approx(
                 relative_eps(A[None], G[None], 10 * DAMPING)[0]
             )
         if "damping_unit" not in opts:  # absolute: no per-block ε stored
-            assert "eps" not in internals.layer(p3, "0").decomposition
+            assert internals.layer(p3, "0").decomposition.eps is None
         assert not torch.allclose(got[0]["0.weight"], full[0]["0.weight"])
 
 

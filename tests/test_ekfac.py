@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _decomposition(pre, name):
-    return {k: v.clone() for k, v in internals.layer(pre, name).decomposition.items()}
+    return {k: v.clone() for k, v in internals.layer(pre, name).decomposition.parts().items()}
 
 
 def _per_example_matrices(module, name, pe):
@@ -225,7 +225,7 @@ def test_checkpoint_round_trip_keeps_the_scale():
     other = KFACPreconditioner(model, damping_mode="ekfac", factor_dtype=torch.float64)
     other.load_state_dict(state)
     torch.testing.assert_close(
-        internals.layer(other, "0").decomposition["s"], state["layers"]["0"]["decomposition"]["s"]
+        internals.layer(other, "0").decomposition.s, state["layers"]["0"]["decomposition"]["s"]
     )
     torch.testing.assert_close(
         internals.layer(other, "0").scale_updates, state["layers"]["0"]["scale_updates"]

@@ -133,8 +133,8 @@ def test_mc_ekfac_scale_uses_sampled_gradients_and_exact_constraint_the_users():
     pre.step()
     dec = internals.layer(pre, "0").decomposition
     mats = torch.cat([pe_mc["0.weight"], pe_mc["0.bias"][:, :, None]], dim=2)
-    proj = dec["qg"][0].T @ mats @ dec["qa"][0]
-    torch.testing.assert_close(dec["s"][0], proj.square().mean(0))
+    proj = dec.qg[0].T @ mats @ dec.qa[0]
+    torch.testing.assert_close(dec.s[0], proj.square().mean(0))
     with torch.no_grad():
         for p in model.parameters():
             p.sub_(0.1 * p.grad)
