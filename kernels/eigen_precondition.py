@@ -513,32 +513,6 @@ def _dispatch(
     return run(job, mode, grad.device)
 
 
-def _triton_path(
-    grad: Tensor,
-    qg: Tensor,
-    lg: Tensor,
-    qa: Tensor,
-    la: Tensor,
-    damping: float | Tensor,
-    scale: Tensor | None,
-    input_precision: str | None,
-    form: Tensor | None,
-) -> Tensor:
-    """The Triton kernels, a per-block ε reaching the scalar-ε kernels through
-    :func:`_per_block`; returns a new tensor."""
-    if not isinstance(damping, Tensor):
-        return precondition_eigen_triton(
-            grad, qg, lg, qa, la, damping, scale, input_precision=input_precision, form=form
-        )
-    lg, scale, d = _per_block(lg, scale, damping)
-    result = precondition_eigen_triton(
-        grad, qg, lg, qa, la, 1.0, scale, input_precision=input_precision, form=form
-    )
-    if form is not None:
-        form.div_(d.view(-1))
-    return result.div_(d)
-
-
 class _EigenJob(Job):
     """One ``precondition_eigen(_with_form)`` call for the safety net (kernels/_guard.py)."""
 
@@ -588,7 +562,21 @@ class _EigenJob(Job):
         return f"{shapes}, damping {eps}"
 
     def _triton(self, form: Tensor | None) -> Tensor:
-        return _triton_path(*self.args, self.damping, self.scale, self.precision, form)
+        """The Triton kernels (a new tensor); a per-block ε reaches the scalar-ε kernels
+        through :func:`_per_block`."""
+        grad, qg, lg, qa, la = self.args
+        damping, scale, precision = self.damping, self.scale, self.precision
+        if not isinstance(damping, Tensor):
+            return precondition_eigen_triton(
+                grad, qg, lg, qa, la, damping, scale, input_precision=precision, form=form
+            )
+        lg, scale, d = _per_block(lg, scale, damping)
+        result = precondition_eigen_triton(
+            grad, qg, lg, qa, la, 1.0, scale, input_precision=precision, form=form
+        )
+        if form is not None:
+            form.div_(d.view(-1))
+        return result.div_(d)
 
     def launch(self) -> Tensor:
         return self._triton(self.form)
