@@ -31,10 +31,11 @@ forward, backward, ...) are separate passes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -178,12 +179,17 @@ class Capture:
             holder.saved = None
         self._held.clear()
 
-    def ignoring(self) -> Any:
+    @contextlib.contextmanager
+    def ignoring(self) -> Iterator[None]:
         """A context in which backward passes reaching watched outputs are not recorded,
         do not count as a backward pass, and raise nothing: for gradients the caller
         knowingly leaves out of the factors (a gradient penalty's ``create_graph``
         backward, an auxiliary loss)."""
-        return _Ignoring(self)
+        self._ignoring += 1
+        try:
+            yield
+        finally:
+            self._ignoring -= 1
 
     def _accumulators_of(self, name: str) -> list[Any]:
         nodes = self._accumulators.get(name)
@@ -262,17 +268,6 @@ class Capture:
             watched.register_hook(_tensor_hook(on_grad))
 
         return _eager_when_compiling(hook)
-
-
-class _Ignoring:
-    def __init__(self, capture: Capture) -> None:
-        self._capture = capture
-
-    def __enter__(self) -> None:
-        self._capture._ignoring += 1
-
-    def __exit__(self, *exc: object) -> None:
-        self._capture._ignoring -= 1
 
 
 def _create_graph_message(name: str) -> str:

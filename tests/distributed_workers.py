@@ -386,6 +386,13 @@ def dead_before_backward(rank: int, world: int, ddp: bool) -> dict[str, Any]:
     if rank == 1:
         os._exit(3)
     time.sleep(0.5)  # let the peer's exit reach the connections
+    return _next_step_error(model, pre, x, y)
+
+
+def _next_step_error(
+    model: nn.Module, pre: KFACPreconditioner, x: Tensor, y: Tensor
+) -> dict[str, Any]:
+    """The error of one more backward and step(), if any."""
     model.zero_grad()
     try:
         losses(model, x, y).mean().backward()
@@ -410,13 +417,7 @@ def launch_fails(rank: int, world: int) -> dict[str, Any]:
         raise RuntimeError("Connection closed by peer")
 
     dist.all_reduce = closed  # this process only
-    model.zero_grad()
-    try:
-        losses(model, x, y).mean().backward()
-        pre.step()
-    except RuntimeError as exc:
-        return {"error": str(exc)}
-    return {"error": None}
+    return _next_step_error(model, pre, x, y)
 
 
 class Branchy(nn.Module):

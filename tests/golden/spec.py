@@ -1,5 +1,6 @@
 """The model, data and options of the golden checkpoints (shared by the generator and the
-test, so that both build exactly the same run)."""
+test, so that both build exactly the same run). Frozen with the files it made: the model is
+written out here, not imported from other tests that may change theirs."""
 
 from __future__ import annotations
 
