@@ -116,7 +116,7 @@ def test_accuracy(model: nn.Module, data: Data) -> float:
 CONTEXT = 64
 
 
-def _text_data() -> Data:
+def _text_data(context: int = CONTEXT) -> Data:
     text = stdlib_text()
     chars = sorted(set(text))
     lookup = {c: i for i, c in enumerate(chars)}
@@ -124,19 +124,15 @@ def _text_data() -> Data:
     split = int(0.9 * len(ids))
     train, val = ids[:split], ids[split:]
     # A fixed evaluation set: 64 evenly spaced windows of the held-out text.
-    starts = torch.linspace(0, len(val) - CONTEXT - 2, 64).long()
-    windows = val[starts.unsqueeze(1) + torch.arange(CONTEXT + 1)]
-    return Data({"ids": train}, {"windows": windows}, {"vocab": len(chars)})
-
-
-def _gpt(data: Data) -> nn.Module:
-    return gpt(vocab=data.extra["vocab"], dim=64, context=CONTEXT)
+    starts = torch.linspace(0, len(val) - context - 2, 64).long()
+    windows = val[starts.unsqueeze(1) + torch.arange(context + 1)]
+    return Data({"ids": train}, {"windows": windows}, {"vocab": len(chars), "context": context})
 
 
 def _text_sample(data: Data, batch: int, gen: torch.Generator, step: int):
-    ids = data.train["ids"]
-    starts = torch.randint(0, len(ids) - CONTEXT - 1, (batch,), generator=gen)
-    windows = ids[starts.unsqueeze(1) + torch.arange(CONTEXT + 1)]
+    ids, context = data.train["ids"], data.extra["context"]
+    starts = torch.randint(0, len(ids) - context - 1, (batch,), generator=gen)
+    windows = ids[starts.unsqueeze(1) + torch.arange(context + 1)]
     return windows[:, :-1], windows[:, 1:]
 
 
@@ -153,6 +149,32 @@ def _lm_losses(logits: Tensor, targets: Tensor) -> Tensor:
 def _text_eval(model: nn.Module, data: Data) -> float:
     w = data.eval["windows"]
     return float(_lm_losses(model(w[:, :-1]), w[:, 1:]).mean())
+
+
+def text_task(
+    name: str,
+    *,
+    dim: int,
+    blocks: int,
+    context: int,
+    batch: int,
+    budget_s: float = 30.0,
+    eval_every: int = 25,
+) -> Task:
+    """A character-level GPT (common.gpt, ``blocks`` pre-norm blocks of width ``dim``, tied
+    head) on the standard-library text, windows of ``context`` characters."""
+    return Task(
+        name,
+        batch=batch,
+        budget_s=budget_s,
+        eval_every=eval_every,
+        metric="validation loss (nats/char)",
+        build=lambda data: gpt(data.extra["vocab"], dim, context, blocks=blocks),
+        load=lambda: _text_data(context),
+        sample=_text_sample,
+        losses=_lm_losses,
+        evaluate=_text_eval,
+    )
 
 
 TASKS: dict[str, Task] = {
@@ -180,18 +202,7 @@ TASKS: dict[str, Task] = {
         losses=_ce_losses,
         evaluate=_cls_eval,
     ),
-    "chargpt": Task(
-        "chargpt",
-        batch=32,
-        budget_s=30.0,
-        eval_every=25,
-        metric="validation loss (nats/char)",
-        build=_gpt,
-        load=_text_data,
-        sample=_text_sample,
-        losses=_lm_losses,
-        evaluate=_text_eval,
-    ),
+    "chargpt": text_task("chargpt", dim=64, blocks=2, context=CONTEXT, batch=32),
 }
 
 _DATA: dict[str, Data] = {}

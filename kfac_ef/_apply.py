@@ -70,12 +70,14 @@ class Bucket:
             layer.decomposition = Decomposition.from_parts(views)
 
     def precondition(
-        self, fn: PreconditionFn, dtype: torch.dtype
+        self, fn: PreconditionFn, dtype: torch.dtype, graft: bool = False
     ) -> tuple[list[Layer], Tensor | None]:
         """Rewrite the gradients of every member that has them, in one batched call.
 
         Gradients are gathered into one ``(B, g_pad, a_pad)`` buffer (zero padding beyond
         the layers' widths), preconditioned, and written back through views into p.grad.
+        ``graft``: each block's result rescaled to the norm of its gathered gradient (the
+        per-block values scale with it, by the square: they are quadratic forms).
 
         Returns:
             The layers whose gradients were rewritten, and the ``(B,)`` per-block values
@@ -101,8 +103,14 @@ class Bucket:
         sources = [view for _, parts in members for view, _ in parts]
         torch._foreach_copy_(slots, sources)
 
+        raw_norms = torch.linalg.vector_norm(grads, dim=(1, 2)) if graft else None
         result = fn(grads, stacked, g_spec, a_spec)
         out, extra = result if isinstance(result, tuple) else (result, None)
+        if raw_norms is not None:
+            ratio = graft_ratio(raw_norms, torch.linalg.vector_norm(out, dim=(1, 2)))
+            out.mul_(ratio.view(-1, 1, 1))
+            if extra is not None:
+                extra = extra * ratio.square()
 
         if out is not grads:  # a new tensor, laid out like the gathered one
             slots = self._part_views(out, members)
@@ -134,10 +142,18 @@ def make_buckets(layers: list[Layer]) -> list[Bucket]:
     return [Bucket(key, members) for key, members in groups.items()]
 
 
+def graft_ratio(raw: Tensor, new: Tensor) -> Tensor:
+    """‖raw‖ / ‖new‖ per block, 1 where the preconditioned norm is 0 or not finite (the
+    non-finite step is then left for the checks downstream to see, not hidden)."""
+    ok = (new > 0) & torch.isfinite(new)
+    return torch.where(ok, raw / torch.where(ok, new, 1.0), 1.0)
+
+
 def precondition_diagonal(
-    params: list[DiagonalParam], with_form: bool = False
+    params: list[DiagonalParam], with_form: bool = False, graft: bool = False
 ) -> tuple[list[DiagonalParam], Tensor | None]:
-    """p.grad ← p.grad · 1/(F + ε) for every diagonal parameter with a gradient, in one call.
+    """p.grad ← p.grad · (F + ε)^p for every diagonal parameter with a gradient, in one call
+    (``graft``: then rescaled to the norm the gradient had).
 
     Returns:
         The parameters rewritten and, with ``with_form``, Σ F ∇̃² over them (0-d, in the
@@ -153,7 +169,12 @@ def precondition_diagonal(
             inverses.append(d.inverse)
     if not grads:
         return [], None
+    raw_norms = torch._foreach_norm(grads) if graft else None
     torch._foreach_mul_(grads, inverses)
+    ratios = None
+    if raw_norms is not None:
+        ratios = [graft_ratio(r, n) for r, n in zip(raw_norms, torch._foreach_norm(grads))]
+        torch._foreach_mul_(grads, ratios)
     if not with_form:
         return done, None
     parts = []
@@ -162,5 +183,5 @@ def precondition_diagonal(
         f = d.curvature
         assert f is not None
         gf = g.reshape(-1).to(f.dtype)
-        parts.append((f * gf * gf).sum().to(device))
+        parts.append((f * gf * gf).sum().to(device))  # g already grafted, when grafting
     return done, torch.stack(parts).sum()

@@ -298,8 +298,9 @@ class DiagonalParam:
         self.updates.add_(keep)
         self.skipped.add_(skip)
 
-    def decompose(self, damping: float, relative: bool = False) -> bool:
-        """inverse ← 1/(F + ε); False (and no inverse) while F has no accepted update.
+    def decompose(self, damping: float, relative: bool = False, exponent: float = -1.0) -> bool:
+        """inverse ← (F + ε)^p (p = ``exponent``, 1/(F + ε) by default); False (and no
+        inverse) while F has no accepted update.
 
         ``relative``: ε = damping · mean(F) (damping alone while the mean is 0).
         Reads the update count on the host: decomposition steps only.
@@ -311,7 +312,9 @@ class DiagonalParam:
         if relative:
             mean = f.mean()
             eps = damping * torch.where((mean > 0) & torch.isfinite(mean), mean, 1.0)
-        self.inverse = (f + eps).reciprocal_().view(self.param.shape)
+        shifted = f + eps
+        power = shifted.reciprocal_() if exponent == -1.0 else shifted.pow_(exponent)
+        self.inverse = power.view(self.param.shape)
         self.curvature = f
         return True
 
@@ -336,6 +339,7 @@ class DiagonalParam:
         damping: float,
         relative: bool,
         dtype: torch.dtype,
+        exponent: float = -1.0,
     ) -> None:
         """Restore a checkpoint entry (None: start afresh). ``reuse``: the saved 1/(F + ε)
         holds under the current damping; otherwise (or in checkpoints without the F it
@@ -354,7 +358,7 @@ class DiagonalParam:
             self.curvature = curvature.to(device=device, dtype=dtype).clone()
         else:
             self.inverse = self.curvature = None
-            self.decompose(damping, relative)
+            self.decompose(damping, relative, exponent)
 
 
 # (id(layer), "A" | "G") -> (parts of the decomposition, whether it succeeded)

@@ -78,6 +78,8 @@ def load(est: Estimator, state: Mapping[str, Any], strict: bool) -> int:
     same_eps = saved_opts.get("damping") == opts.damping and (
         saved_opts.get("damping_unit", "absolute") == opts.damping_unit
     )
+    # The diagonal parameters' stored (F + ε)^p also depends on the exponent.
+    same_power = same_eps and saved_opts.get("exponent", -1.0) == opts.exponent
     reuse = saved_opts.get("damping_mode") == opts.damping_mode and (
         same_eps or (opts.damping_mode != "pi" and opts.damping_unit == "absolute")
     )
@@ -90,7 +92,9 @@ def load(est: Estimator, state: Mapping[str, Any], strict: bool) -> int:
             est.skipped_seen[layer.name] = int(layer.skipped.sum())
     for d in est.diagonal:
         relative = opts.damping_unit == "relative"
-        d.load_state(saved_diag.get(d.name), same_eps, opts.damping, relative, dtype)
+        d.load_state(
+            saved_diag.get(d.name), same_power, opts.damping, relative, dtype, opts.exponent
+        )
         if d.skipped is not None:
             est.skipped_seen[d.name] = int(d.skipped.sum())
     est.force_decompose = est.comm.after_load(est.force_decompose)

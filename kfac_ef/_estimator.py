@@ -122,14 +122,15 @@ class Estimator:
         Σ F ∇̃² of the diagonal parameters (the constraint's measure of the step)."""
         done: list[Layer] = []
         forms: list[Tensor] = []
+        graft = self.options.grafting == "gradient"
         for bucket in self.buckets:
             members, form = bucket.precondition(
-                self._bucket_fn(bucket, with_form), self.options.factor_dtype
+                self._bucket_fn(bucket, with_form), self.options.factor_dtype, graft
             )
             done.extend(members)
             if form is not None:
                 forms.append(form.sum())
-        done_diag, diag_form = precondition_diagonal(self.diagonal, with_form)
+        done_diag, diag_form = precondition_diagonal(self.diagonal, with_form, graft)
         self.comm.share_gradients()
         return done, forms, done_diag, diag_form
 
@@ -257,7 +258,8 @@ class Estimator:
             self._check_failures()
             names = [layer.name for layer in waiting]
             for entry in self.diagonal:
-                if not entry.decompose(opts.damping, opts.damping_unit == "relative"):
+                relative = opts.damping_unit == "relative"
+                if not entry.decompose(opts.damping, relative, opts.exponent):
                     names.append(entry.name)
         self.force_decompose = False
         self._report_skipped(steps)
@@ -374,9 +376,15 @@ class Estimator:
 
             return factored
 
+        exponent = self.options.exponent
+
         def eigen(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Any:
             scale = st.s  # EKFAC
             damping = st.eps if st.eps is not None else eps  # per block: damping_unit="relative"
+            if exponent != -1.0:  # the kernels divide by K + ε: another power runs in torch
+                return precondition_structured_eigen(
+                    grads, st, gs, as_, damping, scale, with_form, exponent
+                )
             if dense:
                 assert st.qg is not None and st.qa is not None
                 assert st.lg is not None and st.la is not None

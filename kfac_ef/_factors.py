@@ -257,10 +257,13 @@ def precondition_structured_eigen(
     damping: float | Tensor,
     scale: Tensor | None = None,
     with_form: bool = False,
+    exponent: float = -1.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """(G⊗A + εI)⁻¹ vec(∇) for block-diagonal (incl. diagonal) factors, in their eigenbases.
+    """(G⊗A + εI)⁻¹ vec(∇) for block-diagonal (incl. diagonal) factors, in their eigenbases
+    (dense factors are one block: the torch path of any ``exponent``).
 
-    ``damping``: a number, or one ε per Kronecker block, ``(B,)``.
+    ``damping``: a number, or one ε per Kronecker block, ``(B,)``. ``exponent`` p: the
+    power (G⊗A + εI)^p, -1 by default (⊘ (K + ε) below becomes ⊙ (K + ε)^p).
 
     ∇̃ = Q_G [(Q_Gᵀ ∇ Q_A) ⊘ (K + ε)] Q_Aᵀ with K = λ_G λ_Aᵀ, or the EKFAC scale S
     (``scale``, ``(B, g_pad, a_pad)``), and Q's block-diagonal (absent when diagonal: the
@@ -285,7 +288,12 @@ def precondition_structured_eigen(
     else:
         k = scale
         denominator = scale + damping
-    v = v.div_(denominator) if v is not grads else v / denominator
+    if exponent != -1.0:
+        # a fresh tensor in every branch above (k itself only when it is a temporary)
+        denominator = denominator.pow_(exponent)
+        v = v.mul_(denominator) if v is not grads else v * denominator
+    else:
+        v = v.div_(denominator) if v is not grads else v / denominator
     out = rotate_a(rotate_g(v, qg, g_spec, transpose=False), qa, a_spec, transpose=True)
     if not with_form:
         return out

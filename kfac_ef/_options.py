@@ -25,6 +25,7 @@ LossChangeUnit = Literal["absolute", "loss", "spread"]
 DampingUnit = Literal["absolute", "relative"]
 LearningRate = float | Callable[[int], float]
 OtherParams = Literal["ignore", "diagonal"]
+Grafting = Literal["none", "gradient"]
 
 LOSS_REDUCTIONS = ("mean", "sum")
 DAMPING_MODES = ("exact", "pi", "ekfac")
@@ -35,6 +36,7 @@ CONSTRAINTS = ("none", "kronecker", "exact")
 LOSS_CHANGE_UNITS = ("absolute", "loss", "spread")
 DAMPING_UNITS = ("absolute", "relative")
 OTHER_PARAMS = ("ignore", "diagonal")
+GRAFTINGS = ("none", "gradient")
 FACTOR_DTYPES = (torch.float32, torch.float64)
 
 SkipSpec = str | type[nn.Module]
@@ -147,6 +149,13 @@ class KFACOptions:
             statistics in the message; fewer failures keep the previous decomposition.
         warning_interval: at most one warning about skipped (non-finite) statistics
             updates per this many steps; the counts accumulate in between (``faults()``).
+        exponent: p of the update (C + εI)^p ∇: -1 (the natural-gradient step the
+            constraint derives) or any p in [-1, 0), e.g. -0.5, the power of Adam and the
+            Shampoo family (scale-free: the same step for the loss times any constant).
+            Applied in the eigenbasis, so p != -1 needs damping_mode "exact" or "ekfac".
+        grafting: "none" or "gradient": each Kronecker block's (and diagonal parameter's)
+            preconditioned gradient rescaled to the norm of its raw gradient, so that the
+            preconditioner chooses the direction and the optimizer's own step size holds.
     """
 
     damping: float = 1e-3
@@ -173,6 +182,8 @@ class KFACOptions:
     memory_budget: int | None = None
     max_decomposition_failures: int = 3
     warning_interval: int = 100
+    exponent: float = -1.0
+    grafting: Grafting = "none"
 
     def __post_init__(self) -> None:
         d = self.damping
@@ -212,6 +223,22 @@ class KFACOptions:
         _positive_int("warning_interval", self.warning_interval)
         self._check_constraint()
         _choice("damping_unit", self.damping_unit, DAMPING_UNITS)
+        _choice("grafting", self.grafting, GRAFTINGS)
+        p = self.exponent
+        if (
+            isinstance(p, bool)
+            or not isinstance(p, int | float)
+            or not math.isfinite(p)
+            or not -1.0 <= p < 0.0
+        ):
+            raise ValueError(f"Invalid exponent={p!r}: must be a number in [-1, 0)")
+        object.__setattr__(self, "exponent", float(p))
+        if p != -1.0 and self.damping_mode == "pi":
+            raise ValueError(
+                f"Invalid exponent={p!r} with damping_mode='pi': π-damping keeps damped "
+                "inverses, not eigenbases, so only exponent=-1 is available; choose "
+                "damping_mode='exact' or 'ekfac' for another power"
+            )
 
     def _check_constraint(self) -> None:
         if self.constraint is None:

@@ -167,6 +167,8 @@ class KFACPreconditioner:
         lr: LearningRate | None = None,
         track_loss_changes: bool = False,
         damping_unit: str = "absolute",
+        exponent: float = -1.0,
+        grafting: str = "none",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
