@@ -84,7 +84,14 @@ class LMMethod:
 
 
 # The K-FAC configurations measured here (docs/guides/transformers.md says what each did).
-KFAC_CADENCE: dict[str, Any] = {"factor_update_steps": 5, "inv_update_steps": 20}
+KFAC: dict[str, Any] = {
+    "exponent": -0.25,
+    "damping": 1e-2,
+    "damping_unit": "relative",
+    "grafting": "gradient",
+    "factor_update_steps": 5,
+    "inv_update_steps": 10,
+}
 
 # Learning rates picked by --tune (seed 0; results/lm_tuning.csv).
 METHODS: dict[str, list[LMMethod]] = {
@@ -92,13 +99,13 @@ METHODS: dict[str, list[LMMethod]] = {
         LMMethod("AdamW", "adamw", 3e-3),
         LMMethod("Muon", "muon", 3e-2, adamw_lr=3e-3),
         LMMethod("SOAP", "soap", 3e-3),
-        LMMethod("AdamW + K-FAC (defaults)", "adamw", 3e-3, kfac={}),
+        LMMethod("AdamW + K-FAC", "adamw", 3e-3, kfac=KFAC),
     ],
     "lm256": [
         LMMethod("AdamW", "adamw", 1e-3),
         LMMethod("Muon", "muon", 1e-2, adamw_lr=1e-3),
         LMMethod("SOAP", "soap", 1e-3),
-        LMMethod("AdamW + K-FAC (defaults)", "adamw", 1e-3, kfac={}),
+        LMMethod("AdamW + K-FAC", "adamw", 1e-3, kfac=KFAC),
     ],
 }
 # Learning-rate grids of --tune, around each method's rate above (the same three factors).

@@ -402,8 +402,12 @@ def decompose(
     damping: float,
     share: DecompositionShare | None = None,
     damping_unit: str = "absolute",
+    exponent: float = -1.0,
 ) -> list[Layer]:
     """Recompute the decomposition of every layer whose factors have been updated.
+
+    ``exponent`` p matters to "pi" only (the other modes apply it with their eigenvalues):
+    its stored "damped inverses" are then the powers (M + c I)^p.
 
     With ``damping_unit="relative"`` each Kronecker block's ε is ``damping`` times its
     :func:`relative_scale`, fixed here until the next decomposition: stored as the
@@ -428,7 +432,7 @@ def decompose(
         (ready if min(layer.updates.tolist()) > 0 else waiting).append(layer)
 
     jobs, diagonal, shifts, scales = _plan_jobs(ready, damping_mode, damping, share, damping_unit)
-    results = _run_jobs(jobs, diagonal, shifts, damping_mode)
+    results = _run_jobs(jobs, diagonal, shifts, damping_mode, exponent)
     if share is not None:
         results = share.exchange(results, ready)
 
@@ -487,8 +491,10 @@ def _run_jobs(
     diagonal: list[tuple[Layer, str]],
     shifts: dict[tuple[int, str], Tensor],
     damping_mode: str,
+    exponent: float = -1.0,
 ) -> Results:
-    """Decompose (or invert) each job's stacked factors in one call, and the diagonal ones."""
+    """Decompose (or invert, or raise to π's power ``exponent``) each job's stacked factors in
+    one call, and the diagonal ones."""
     results: Results = {}
     for items in jobs.values():
         mats = torch.cat([getattr(layer, side) for layer, side in items])
@@ -497,7 +503,11 @@ def _run_jobs(
             parts, ok = {"q": eig.eigenvectors, "l": eig.eigenvalues}, eig.ok
         else:
             shift = torch.cat([shifts[(id(layer), side)] for layer, side in items])
-            inv, ok = linalg.damped_inverses(mats, shift)
+            if exponent == -1.0:
+                inv, ok = linalg.damped_inverses(mats, shift)
+            else:
+                eig = linalg.eigh_psd(mats)
+                inv, ok = linalg.damped_inverse(eig, shift, exponent), eig.ok
             parts = {"i": inv}
         offset = 0
         for layer, side in items:
@@ -511,7 +521,9 @@ def _run_jobs(
             results[(id(layer), side)] = ({"l": entries}, True)
         else:
             shift = shifts[(id(layer), side)].to(entries.dtype).unsqueeze(1)
-            results[(id(layer), side)] = ({"i": (entries + shift).reciprocal_()}, True)
+            shifted = entries + shift
+            power = shifted.reciprocal_() if exponent == -1.0 else shifted.pow_(exponent)
+            results[(id(layer), side)] = ({"i": power}, True)
     return results
 
 

@@ -81,7 +81,7 @@ def load(est: Estimator, state: Mapping[str, Any], strict: bool) -> int:
     # The diagonal parameters' stored (F + ε)^p also depends on the exponent.
     same_power = same_eps and saved_opts.get("exponent", -1.0) == opts.exponent
     reuse = saved_opts.get("damping_mode") == opts.damping_mode and (
-        same_eps or (opts.damping_mode != "pi" and opts.damping_unit == "absolute")
+        same_power or (opts.damping_mode != "pi" and opts.damping_unit == "absolute")
     )
     dtype = opts.factor_dtype
     for layer in est.layers:

@@ -251,6 +251,7 @@ class Estimator:
                 opts.damping,
                 share=self.comm,
                 damping_unit=opts.damping_unit,
+                exponent=opts.exponent,
             )
             self.comm.after_decompose()
             for bucket in self.buckets:

@@ -152,16 +152,18 @@ class KFACOptions:
         exponent: p of the update (C + εI)^p ∇: -1 (the natural-gradient step the
             constraint derives) or any p in [-1, 0), e.g. -0.5, the power of Adam and the
             Shampoo family (scale-free: the same step for the loss times any constant).
-            Applied in the eigenbasis, so p != -1 needs damping_mode "exact" or "ekfac".
+            "exact" and "ekfac" apply it to their eigenvalues (or S); "pi" raises both
+            damped factors to p (its Kronecker form, for constraint="kronecker" or
+            track_loss_changes, needs p = -1).
         grafting: "none" or "gradient": each Kronecker block's (and diagonal parameter's)
             preconditioned gradient rescaled to the norm of its raw gradient, so that the
             preconditioner chooses the direction and the optimizer's own step size holds.
     """
 
-    damping: float = 1e-3
-    damping_unit: DampingUnit = "absolute"
+    damping: float = 1e-2
+    damping_unit: DampingUnit = "relative"
     factor_decay: float = 0.95
-    factor_update_steps: int = 1
+    factor_update_steps: int = 5
     inv_update_steps: int = 10
     loss_reduction: LossReduction = "mean"
     damping_mode: DampingMode = "exact"
@@ -182,8 +184,8 @@ class KFACOptions:
     memory_budget: int | None = None
     max_decomposition_failures: int = 3
     warning_interval: int = 100
-    exponent: float = -1.0
-    grafting: Grafting = "none"
+    exponent: float = -0.25
+    grafting: Grafting = "gradient"
 
     def __post_init__(self) -> None:
         d = self.damping
@@ -233,11 +235,12 @@ class KFACOptions:
         ):
             raise ValueError(f"Invalid exponent={p!r}: must be a number in [-1, 0)")
         object.__setattr__(self, "exponent", float(p))
-        if p != -1.0 and self.damping_mode == "pi":
+        if p != -1.0 and self.damping_mode == "pi" and self.needs_kronecker_form:
             raise ValueError(
-                f"Invalid exponent={p!r} with damping_mode='pi': π-damping keeps damped "
-                "inverses, not eigenbases, so only exponent=-1 is available; choose "
-                "damping_mode='exact' or 'ekfac' for another power"
+                f"Invalid exponent={p!r} with damping_mode='pi' and "
+                f"{'constraint=' + repr(self.constraint) if self.constraint == 'kronecker' else 'track_loss_changes=True'}"
+                ": the Kronecker form of π-damping is computed from damped inverses, so it "
+                "needs exponent=-1; choose damping_mode='exact' or 'ekfac', or exponent=-1"
             )
 
     def _check_constraint(self) -> None:

@@ -99,10 +99,11 @@ def pi_scale(trace_a: Tensor, dim_a: int, trace_g: Tensor, dim_g: int) -> Tensor
     return ratio.sqrt()
 
 
-def damped_inverse(eig: Eigh, shift: Tensor) -> Tensor:
-    """(M + c I)⁻¹ = Q diag(1 / (λ + c)) Qᵀ for each matrix of a stack; ``shift`` is ``(B,)``."""
+def damped_inverse(eig: Eigh, shift: Tensor, exponent: float = -1.0) -> Tensor:
+    """(M + c I)^p = Q diag((λ + c)^p) Qᵀ for each matrix of a stack (p = -1 by default: the
+    damped inverse); ``shift`` is ``(B,)``."""
     q, lam = eig.eigenvectors, eig.eigenvalues
-    inv = 1.0 / (lam + shift.to(lam.dtype).unsqueeze(1))
+    inv = (lam + shift.to(lam.dtype).unsqueeze(1)).pow(exponent)
     return (q * inv.unsqueeze(1)) @ q.transpose(1, 2)
 
 

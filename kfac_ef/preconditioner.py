@@ -141,9 +141,9 @@ class KFACPreconditioner:
         self,
         model: nn.Module,
         *,
-        damping: float = 1e-3,
+        damping: float = 1e-2,
         factor_decay: float = 0.95,
-        factor_update_steps: int = 1,
+        factor_update_steps: int = 5,
         inv_update_steps: int = 10,
         loss_reduction: str = "mean",
         damping_mode: str = "exact",
@@ -166,9 +166,9 @@ class KFACPreconditioner:
         loss_change_unit: str = "spread",
         lr: LearningRate | None = None,
         track_loss_changes: bool = False,
-        damping_unit: str = "absolute",
-        exponent: float = -1.0,
-        grafting: str = "none",
+        damping_unit: str = "relative",
+        exponent: float = -0.25,
+        grafting: str = "gradient",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from kfac_ef import DistributedOptions, KFACPreconditioner, mc_backward
 
 from . import internals
+from .helpers import seed_preconditioner
 from .reference import clean_copy
 
 
@@ -218,7 +219,7 @@ def _train_ranks(sc: Scenario, group: Any, r: int, world: int) -> dict[str, Any]
         bucket_cap_mb=sc.bucket_cap_mb,
     )
     scaler = _scaler(sc)
-    pre = KFACPreconditioner(model, distributed=opts, grad_scaler=scaler, **sc.kfac_options())
+    pre = seed_preconditioner(model, distributed=opts, grad_scaler=scaler, **sc.kfac_options())
     assert pre.distributed is not None
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     out: dict[str, Any] = {
@@ -245,7 +246,7 @@ def _train_ranks(sc: Scenario, group: Any, r: int, world: int) -> dict[str, Any]
             inner = make(sc.model)
             inner.load_state_dict(state[1])
             model = DistributedDataParallel(inner, process_group=group)
-            pre = KFACPreconditioner(model, distributed=opts, **sc.kfac_options())
+            pre = seed_preconditioner(model, distributed=opts, **sc.kfac_options())
             pre.load_state_dict(state[0])
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
         assert pre.distributed is not None
@@ -343,7 +344,7 @@ def mismatched_layers(rank: int, world: int) -> str:
     """
     model = make_model(width=6 if rank != 1 else 7)
     try:
-        KFACPreconditioner(model)
+        seed_preconditioner(model)
     except ValueError as exc:
         return str(exc)
     return "no error"
@@ -352,7 +353,7 @@ def mismatched_layers(rank: int, world: int) -> str:
 def dead_peer(rank: int, world: int, how: str) -> dict[str, Any]:
     """One step together, then rank 1 exits (or hangs); rank 0's next step() must fail."""
     model = make_model()  # no DDP: K-FAC's own collectives are the ones to notice
-    pre = KFACPreconditioner(model, distributed=True, **Scenario("x").kfac_options())
+    pre = seed_preconditioner(model, distributed=True, **Scenario("x").kfac_options())
     x, y = batch(0, 4)
     losses(model, x, y).mean().backward()
     pre.step()
@@ -377,7 +378,7 @@ def dead_before_backward(rank: int, world: int, ddp: bool) -> dict[str, Any]:
     model: nn.Module = make_model()
     if ddp:  # no buffers to broadcast: the next forward sends nothing
         model = DistributedDataParallel(model, broadcast_buffers=False)
-    pre = KFACPreconditioner(model, distributed=True, **Scenario("x").kfac_options())
+    pre = seed_preconditioner(model, distributed=True, **Scenario("x").kfac_options())
     x, y = batch(0, 4)
     for _ in range(2):  # DDP rebuilds its buckets after the first iteration (a broadcast)
         model.zero_grad()
@@ -406,7 +407,7 @@ def launch_fails(rank: int, world: int) -> dict[str, Any]:
     """Rank 0's next statistics all-reduce fails to launch (as gloo does when a peer's
     connection is already closed): the error from its backward pass names kfac_ef."""
     model = make_model()
-    pre = KFACPreconditioner(model, distributed=True, **Scenario("x").kfac_options())
+    pre = seed_preconditioner(model, distributed=True, **Scenario("x").kfac_options())
     x, y = batch(0, 4)
     losses(model, x, y).mean().backward()
     pre.step()
@@ -445,7 +446,7 @@ def partly_used_layers(rank: int, world: int, distributed: bool) -> dict[str, An
     """Rank 0 alone uses ``extra``; nobody uses ``never``. Factors after one step."""
     model = Branchy().double()
     opts: Any = DistributedOptions(overlap=False) if distributed else False
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64, distributed=opts)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64, distributed=opts)
     x, y = branch_batch(rank)
     ((model(x.double(), use_extra=rank == 0) - y.double()) ** 2).sum(1).mean().backward()
     with warnings.catch_warnings():
@@ -466,7 +467,7 @@ def identical_training(rank: int, world: int, fraction: str) -> list[Tensor]:
         nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     )
     opts = DistributedOptions(grad_worker_fraction=fraction)
-    pre = KFACPreconditioner(model, damping=0.05, inv_update_steps=3, distributed=opts)
+    pre = seed_preconditioner(model, damping=0.05, inv_update_steps=3, distributed=opts)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(rank)
     out = []
@@ -496,7 +497,7 @@ def reference_run(sc: Scenario, world: int) -> dict[str, Any]:
     w = len(sizes)
     model = make(sc.model)
     scaler = _scaler(sc)
-    pre = KFACPreconditioner(model, distributed=False, grad_scaler=scaler, **sc.kfac_options())
+    pre = seed_preconditioner(model, distributed=False, grad_scaler=scaler, **sc.kfac_options())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     uneven = len(set(sizes)) > 1
     assert not (scaler is not None and uneven), "DDP's gradient replacement assumes no scaler"

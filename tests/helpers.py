@@ -9,6 +9,22 @@ from kfac_ef import KFACPreconditioner
 
 from .reference import PerExampleLoss
 
+# The seed's update, which the tests of the math check against dense float64 solves:
+# (G⊗A + εI)⁻¹ with an absolute ε = 1e-3, no grafting, statistics at every step. The
+# library's defaults differ (chosen from the benchmarks); tests/test_defaults.py checks them.
+SEED_UPDATE = {
+    "damping": 1e-3,
+    "damping_unit": "absolute",
+    "exponent": -1.0,
+    "grafting": "none",
+    "factor_update_steps": 1,
+}
+
+
+def seed_preconditioner(model: nn.Module, **options: object) -> KFACPreconditioner:
+    """KFACPreconditioner with the seed's update unless ``options`` say otherwise."""
+    return KFACPreconditioner(model, **{**SEED_UPDATE, **options})  # type: ignore[arg-type]
+
 
 def backward(
     model: nn.Module, loss: PerExampleLoss, x: Tensor, y: Tensor, reduction: str

@@ -6,9 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_ef import KFACPreconditioner
-
-from .helpers import grads, step_once
+from .helpers import grads, seed_preconditioner, step_once
 from .reference import (
     dense_exact_matrix,
     layer_io,
@@ -129,7 +127,7 @@ def test_projection_factors_match_explicit_attention(name, reduction):
     torch.manual_seed(1)
     case = CASES[name]()
     model, inner = _build(case)
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64, loss_reduction=reduction)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64, loss_reduction=reduction)
     xs = _inputs(case)
     y = torch.randn(4, 2)
     io = mha_io(model, inner.attn, mse_per_example, xs if len(xs) > 1 else xs[0], y)
@@ -155,7 +153,7 @@ def test_projection_gradients_match_dense_solve():
     each by (G⊗A + εI)⁻¹ with its own factors."""
     damping = 0.1
     model = AttnModel()
-    pre = KFACPreconditioner(model, damping=damping, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, damping=damping, factor_dtype=torch.float64)
     x, y = torch.randn(3, L, E), torch.randn(3, 2)
     before, after = step_once(model, pre, mse_per_example, x, y)
     factors = pre.factors()
@@ -182,7 +180,7 @@ def test_dropout_mask_is_replayed(need_weights):
     see the dropout mask of the real forward pass."""
     model = AttnModel(cross=True, dropout=0.5)
     model.attn.register_forward_hook(lambda *a: None)  # hooks by others do not interfere
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64)
     x, mem, y = torch.randn(1, 1, E), torch.randn(1, 6, E), torch.randn(1, 2)
 
     def forward():
@@ -209,7 +207,7 @@ def test_dropout_mask_is_replayed(need_weights):
 def test_unbatched_inputs():
     m = nn.MultiheadAttention(E, H)
     model = nn.Sequential()
-    pre = KFACPreconditioner(m)
+    pre = seed_preconditioner(m)
     x = torch.randn(L, E)
     m(x, x, x)[0].sum().backward()
     pre.step()
@@ -220,7 +218,7 @@ def test_unbatched_inputs():
 def test_bias_kv_listed_and_frozen_projection():
     m = nn.MultiheadAttention(E, H, add_bias_kv=True)
     m.in_proj_weight.requires_grad_(False)
-    pre = KFACPreconditioner(m)
+    pre = seed_preconditioner(m)
     s = pre.summary()
     assert {r.name for r in s.layers} == {"out_proj"}
     reasons = dict(s.unpreconditioned)
@@ -273,7 +271,7 @@ def test_transformer_layers(decoder):
     for bf in (True, False):
         layer = (_decoder if decoder else _encoder)(bf)
         model = SeqModel(layer, decoder, bf)
-        pre = KFACPreconditioner(model, factor_dtype=torch.float64, other_params="diagonal")
+        pre = seed_preconditioner(model, factor_dtype=torch.float64, other_params="diagonal")
         assert pre.summary().unpreconditioned == ()
         model.zero_grad()
         mse_per_example(model(*inputs), y).mean().backward()

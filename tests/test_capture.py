@@ -8,9 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_ef import KFACPreconditioner
-
-from .helpers import backward, grads, step_once
+from .helpers import backward, grads, seed_preconditioner, step_once
 from .reference import (
     dense_exact,
     grad_matrix,
@@ -33,10 +31,10 @@ def _mlp(inplace=False):
 def test_accumulation_equals_big_batch(reduction, approx):
     x, y = torch.randn(12, 4), torch.randn(12, 3)
     big, small = _mlp(), _mlp()
-    pre_big = KFACPreconditioner(
+    pre_big = seed_preconditioner(
         big, loss_reduction=reduction, kfac_approx=approx, factor_dtype=torch.float64
     )
-    pre_small = KFACPreconditioner(
+    pre_small = seed_preconditioner(
         small, loss_reduction=reduction, kfac_approx=approx, factor_dtype=torch.float64
     )
     _, after_big = step_once(big, pre_big, mse_per_example, x, y, reduction)
@@ -58,7 +56,7 @@ def test_inplace_activation_matches_out_of_place():
     results = []
     for inplace in (False, True):
         model = _mlp(inplace)
-        pre = KFACPreconditioner(model, factor_dtype=torch.float64)
+        pre = seed_preconditioner(model, factor_dtype=torch.float64)
         _, after = step_once(model, pre, mse_per_example, x, y)
         results.append((pre.factors(), after))
     for name in results[0][0]:
@@ -72,7 +70,7 @@ def test_hooks_do_not_change_gradients_before_step():
     plain = _mlp()
     backward(plain, mse_per_example, x, y, "mean")
     hooked = _mlp()
-    KFACPreconditioner(hooked, factor_dtype=torch.float64)
+    seed_preconditioner(hooked, factor_dtype=torch.float64)
     backward(hooked, mse_per_example, x, y, "mean")
     for k, v in grads(plain).items():
         assert torch.equal(grads(hooked)[k], v)
@@ -80,7 +78,7 @@ def test_hooks_do_not_change_gradients_before_step():
 
 def test_eval_mode_captures_nothing():
     model = _mlp()
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64)
     model.eval()
     model.zero_grad()
     backward(model, mse_per_example, torch.randn(4, 4), torch.randn(4, 3), "mean")
@@ -96,7 +94,7 @@ def test_no_grad_and_validation_forwards_do_not_count():
     """Forwards under no_grad, and train-mode forwards never backpropagated, leave no trace."""
     x, y = torch.randn(6, 4), torch.randn(6, 3)
     model = _mlp()
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64)
     with torch.no_grad():
         model(torch.randn(10, 4))
     model(torch.randn(7, 4))  # grad enabled, train mode, but no backward
@@ -109,7 +107,7 @@ def test_no_grad_and_validation_forwards_do_not_count():
 
 def test_torch_func_on_hooked_model_is_ignored():
     model = _mlp()
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64)
     per_example_grads(model, mse_per_example, torch.randn(3, 4), torch.randn(3, 3))
     with pytest.raises(RuntimeError, match="without a backward"):
         pre.step()
@@ -118,7 +116,7 @@ def test_torch_func_on_hooked_model_is_ignored():
 def test_frozen_weight_layer_is_skipped():
     model = _mlp()
     model[0].weight.requires_grad_(False)
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64)
     summary = pre.summary()
     assert [row.name for row in summary.layers] == ["2"]
     reasons = dict(summary.unpreconditioned)
@@ -129,7 +127,7 @@ def test_frozen_weight_layer_is_skipped():
 def test_frozen_bias_drops_homogeneous_coordinate():
     model = _mlp()
     model[0].bias.requires_grad_(False)
-    pre = KFACPreconditioner(model, damping=1e-2, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, damping=1e-2, factor_dtype=torch.float64)
     x, y = torch.randn(6, 4), torch.randn(6, 3)
     io = layer_io(model, model[0], mse_per_example, x, y)
     before, after = step_once(model, pre, mse_per_example, x, y)
@@ -145,15 +143,15 @@ def test_frozen_bias_drops_homogeneous_coordinate():
 
 def test_remove_detaches_hooks():
     model = _mlp()
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64)
     with pytest.raises(RuntimeError, match="already hooked"):
-        KFACPreconditioner(model)
+        seed_preconditioner(model)
     pre.remove()
     assert all(not m._forward_hooks for m in model.modules())
     backward(model, mse_per_example, torch.randn(4, 4), torch.randn(4, 3), "mean")
     with pytest.raises(RuntimeError, match="removed"):
         pre.step()
-    KFACPreconditioner(model)  # the model is free again
+    seed_preconditioner(model)  # the model is free again
 
 
 def test_unused_layer_passes_through():
@@ -167,7 +165,7 @@ def test_unused_layer_passes_through():
             return self.used(x)
 
     model = TwoHeads()
-    pre = KFACPreconditioner(model)
+    pre = seed_preconditioner(model)
     model(torch.randn(4, 3)).pow(2).mean().backward()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_ef import KFACPreconditioner
-
+from .helpers import seed_preconditioner
 from .reference import mse_per_example
 
 
@@ -48,7 +47,7 @@ OPTIONS = {
 
 def _parts(options: dict, seed: int):
     model = _model(seed)
-    pre = KFACPreconditioner(model, factor_update_steps=2, inv_update_steps=3, **options)
+    pre = seed_preconditioner(model, factor_update_steps=2, inv_update_steps=3, **options)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     return model, pre, opt
 
@@ -136,7 +135,7 @@ def test_checkpoint_moves_between_cuda_and_cpu():
 
     def moved(device: str):
         model = _model(0).to(device)
-        pre = KFACPreconditioner(model, factor_update_steps=2, inv_update_steps=3, **options)
+        pre = seed_preconditioner(model, factor_update_steps=2, inv_update_steps=3, **options)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
         return model, pre, opt
 
@@ -167,12 +166,12 @@ def _parts_load(parts, ckpt) -> None:
 
 def test_checkpoint_missing_layers_of_this_model_is_an_error_unless_not_strict():
     small = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    pre_small = KFACPreconditioner(small)
+    pre_small = seed_preconditioner(small)
     small(torch.randn(5, 3)).square().sum().backward()
     pre_small.step()
     state = pre_small.state_dict()
     grown = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.Tanh(), nn.Linear(2, 2))
-    pre = KFACPreconditioner(grown)
+    pre = seed_preconditioner(grown)
     with pytest.raises(ValueError, match=r"4: preconditioned in this model, not in the checkpoint"):
         pre.load_state_dict(state)
     pre.load_state_dict(state, strict=False)
@@ -185,7 +184,7 @@ def test_layers_of_a_compiled_model_are_named_as_in_the_plain_model():
     """Built on a torch.compile wrapper, the preconditioner names layers without
     ``_orig_mod.``, and checkpoints move between the wrapped and the plain model."""
     plain = _model(0)
-    pre = KFACPreconditioner(torch.compile(plain))
+    pre = seed_preconditioner(torch.compile(plain))
     assert {row.name for row in pre.summary().layers} == {"0", "3", "6"}
     x, y = _batches(1)[0]
     mse_per_example(plain(x), y).mean().backward()
@@ -195,7 +194,7 @@ def test_layers_of_a_compiled_model_are_named_as_in_the_plain_model():
     state["layers"] = {f"_orig_mod.{k}": v for k, v in state["layers"].items()}
     state["names"]["layers"] = [f"_orig_mod.{k}" for k in state["names"]["layers"]]
     pre.remove()
-    other = KFACPreconditioner(_model(1))
+    other = seed_preconditioner(_model(1))
     other.load_state_dict(state)
     for k, (a, g) in pre.factors().items():
         assert torch.equal(other.factors()[k][0], a) and torch.equal(other.factors()[k][1], g), k

@@ -6,9 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_ef import KFACPreconditioner
-
-from .helpers import grads
+from .helpers import grads, seed_preconditioner
 from .models import GPT, lm_loss
 from .reference import mse_per_example
 
@@ -29,7 +27,7 @@ def _run(compile_model: bool, steps: int = 3):
     torch.manual_seed(1)
     batches = [(torch.randn(4, 2, 6), torch.randn(4, 2)) for _ in range(steps)]
     model = _model()
-    pre = KFACPreconditioner(model, damping=1e-2, inv_update_steps=2)
+    pre = seed_preconditioner(model, damping=1e-2, inv_update_steps=2)
     run = torch.compile(model) if compile_model else model
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for x, y in batches:
@@ -75,13 +73,13 @@ def test_compiled_training_step_function():
     (graph breaks), the model's forward is compiled."""
     torch._dynamo.reset()
     model = _model()
-    pre = KFACPreconditioner(model, damping=1e-2)
+    pre = seed_preconditioner(model, damping=1e-2)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
 
     train_step = _compiled_training_step(model, pre, opt)
 
     eager = _model()
-    pre_e = KFACPreconditioner(eager, damping=1e-2)
+    pre_e = seed_preconditioner(eager, damping=1e-2)
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
     torch.manual_seed(2)
     for _ in range(2):
@@ -101,7 +99,7 @@ def test_hooks_graph_break_is_reported(mode):
     """The documented cost: each preconditioned layer's hook is a graph break."""
     torch._dynamo.reset()
     model = _model()
-    pre = KFACPreconditioner(model)
+    pre = seed_preconditioner(model)
     explanation = torch._dynamo.explain(model)(torch.randn(2, 2, 6))
     pre.remove()
     assert explanation.graph_break_count >= 1
@@ -111,13 +109,13 @@ def test_compiling_after_eager_steps():
     """A model stepped eagerly first and compiled afterwards keeps feeding the factors."""
     torch._dynamo.reset()
     model = _model()
-    pre = KFACPreconditioner(model, damping=1e-2)
+    pre = seed_preconditioner(model, damping=1e-2)
     x, y = torch.randn(4, 2, 6), torch.randn(4, 2)
     mse_per_example(model(x), y).mean().backward()
     pre.step()
     compiled = torch.compile(model)
     eager_twin = _model()
-    pre_twin = KFACPreconditioner(eager_twin, damping=1e-2)
+    pre_twin = seed_preconditioner(eager_twin, damping=1e-2)
     mse_per_example(eager_twin(x), y).mean().backward()
     pre_twin.step()
     for m, p, run in ((model, pre, compiled), (eager_twin, pre_twin, eager_twin)):
@@ -134,7 +132,7 @@ def _run_gpt(compile_model: bool, dropout: float = 0.0, steps: int = 2):
     a vocabulary-wide head kept diagonal): factors, diagonal Fishers and gradients."""
     torch.manual_seed(0)
     model = GPT(vocab=40, dim=8, heads=2, context=5, attention=("mha", "sdpa"), dropout=dropout)
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model, damping=1e-2, inv_update_steps=1, other_params="diagonal", max_factor_dim=32
     )
     run = torch.compile(model) if compile_model else model
@@ -198,7 +196,7 @@ def test_compiled_training_step_does_not_recompile_per_step():
     torch._dynamo.reset()
     counters.clear()
     model = _model()
-    pre = KFACPreconditioner(model, damping=1e-2, factor_update_steps=2, inv_update_steps=3)
+    pre = seed_preconditioner(model, damping=1e-2, factor_update_steps=2, inv_update_steps=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
 
     train_step = _compiled_training_step(model, pre, opt)

@@ -9,10 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_ef import KFACPreconditioner
-
 from . import internals
-from .helpers import conv_head
+from .helpers import conv_head, seed_preconditioner
 from .reference import (
     ce_per_example,
     grad_matrix,
@@ -103,7 +101,7 @@ def _pre(model, **kw):
         loss_change_unit="absolute",
     )
     opts.update(kw)
-    return KFACPreconditioner(model, **opts)
+    return seed_preconditioner(model, **opts)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -379,12 +377,12 @@ def test_lr_callable_is_called_with_the_step():
 )
 def test_bad_constraint_options_name_themselves(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        KFACPreconditioner(_mlp(), **kw)
+        seed_preconditioner(_mlp(), **kw)
 
 
 def test_diagnostics_errors():
     with pytest.raises(RuntimeError, match="track_loss_changes"):
-        KFACPreconditioner(_mlp()).diagnostics()
+        seed_preconditioner(_mlp()).diagnostics()
     with pytest.raises(RuntimeError, match="step"):
         _pre(_mlp(), constraint="exact", target_loss_change=1.0).diagnostics()
 
@@ -448,7 +446,7 @@ def test_step_reads_no_device_value_between_decompositions(mode, monkeypatch):
 @pytest.mark.gpu
 def test_step_does_not_synchronize_on_cuda():
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).cuda()
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model,
         damping_mode="ekfac",
         constraint="exact",
@@ -473,8 +471,8 @@ def test_step_does_not_synchronize_on_cuda():
 def test_a_target_alone_selects_the_measured_best_form():
     """The defaults are what benchmarks/loss_change.py found best: the exact form, with c in
     units of the variance of the per-example losses."""
-    pre = KFACPreconditioner(_mlp(), lr=LR, target_loss_change=1.0)
+    pre = seed_preconditioner(_mlp(), lr=LR, target_loss_change=1.0)
     assert pre.options.constraint == "exact" and pre.options.loss_change_unit == "spread"
-    other = KFACPreconditioner(_mlp(), lr=LR, max_loss_change=1.0)
+    other = seed_preconditioner(_mlp(), lr=LR, max_loss_change=1.0)
     assert other.options.constraint == "exact"
-    assert KFACPreconditioner(_mlp()).options.constraint == "none"
+    assert seed_preconditioner(_mlp()).options.constraint == "none"

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kfac_ef import KFACPreconditioner
-
 from . import internals
+from .helpers import seed_preconditioner
 from .reference import (
     block_diagonal_part,
     embedding_factors,
@@ -231,7 +230,7 @@ def test_ekfac_scale_and_solve_with_structured_factors(large_factor_block, reduc
     tokens and a padding index) and attention's projections included."""
     model = TokenModel(tied=False)
     damping = 1e-2
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model,
         damping=damping,
         damping_mode="ekfac",

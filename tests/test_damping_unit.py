@@ -7,11 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_ef import KFACPreconditioner
 from kfac_ef.kernels import precondition_eigen, precondition_eigen_with_form
 
 from . import internals
-from .helpers import conv_head, step_once
+from .helpers import conv_head, seed_preconditioner, step_once
 from .kernel_checks import assert_within_bound, eigen_truth, eigenbasis
 from .reference import (
     block_diagonal_part,
@@ -87,7 +86,7 @@ def _expected(mode, module, name, A, G, gm, pe, dec, damping):
 def test_matches_dense_solve_with_per_block_eps(case, mode):
     make, names, xs, ys = CASES[case]
     model = make()
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model,
         damping=DAMPING,
         damping_unit="relative",
@@ -122,7 +121,7 @@ def test_relative_unit_makes_the_step_independent_of_the_loss_scale(mode):
             make, in_shape, _ = DIAGONAL_MODELS["rmsnorm"]
             torch.manual_seed(0)
             model = make()
-            pre = KFACPreconditioner(
+            pre = seed_preconditioner(
                 model,
                 damping=DAMPING,
                 damping_unit=unit,
@@ -145,7 +144,7 @@ def test_relative_unit_makes_the_step_independent_of_the_loss_scale(mode):
 def test_diagonal_parameters_use_the_mean_of_their_fisher():
     make, in_shape, names = DIAGONAL_MODELS["layernorm-seq"]
     model = make()
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model,
         damping=DAMPING,
         damping_unit="relative",
@@ -215,7 +214,7 @@ def test_state_dict_round_trip(mode):
     )
     batches = [(torch.randn(5, *in_shape), torch.randn(5, 2)) for _ in range(4)]
     model = make()
-    pre = KFACPreconditioner(model, damping=DAMPING, damping_unit="relative", **kw)
+    pre = seed_preconditioner(model, damping=DAMPING, damping_unit="relative", **kw)
     _train(pre, model, batches[:2])
     state, params = pre.state_dict(), {k: v.clone() for k, v in model.state_dict().items()}
     assert state["options"]["damping_unit"] == "relative"
@@ -224,7 +223,7 @@ def test_state_dict_round_trip(mode):
     def resumed(**opts):
         m = make()
         m.load_state_dict(params)
-        p = KFACPreconditioner(m, **kw, **opts)
+        p = seed_preconditioner(m, **kw, **opts)
         p.load_state_dict(state)
         return p, _train(p, m, batches[2:])
 
@@ -258,7 +257,7 @@ def test_state_dict_round_trip(mode):
     ],
 )
 def test_default_unit_is_absolute(kwargs, unit):
-    pre = KFACPreconditioner(_mlp(), **kwargs)
+    pre = seed_preconditioner(_mlp(), **kwargs)
     assert pre.options.damping_unit == unit
     pre.remove()
 
@@ -266,7 +265,7 @@ def test_default_unit_is_absolute(kwargs, unit):
 @pytest.mark.parametrize("bad", ["Relative", "mean", 1.0])
 def test_bad_unit_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="damping_unit"):
-        KFACPreconditioner(_mlp(), damping_unit=bad)
+        seed_preconditioner(_mlp(), damping_unit=bad)
 
 
 @pytest.mark.parametrize("block", [1, 4])
@@ -277,7 +276,7 @@ def test_wide_factors_use_the_traces_of_their_stored_part(block, mode):
     model = nn.Sequential(
         nn.Linear(3, 19), nn.Tanh(), nn.Linear(19, 20), nn.Tanh(), nn.Linear(20, 2)
     )
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model,
         damping=DAMPING,
         damping_unit="relative",

@@ -6,9 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_ef import KFACPreconditioner
-
-from .helpers import step_once
+from .helpers import seed_preconditioner, step_once
 from .reference import mse_per_example, per_example_grads
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -115,7 +113,7 @@ def test_diagonal_fisher_matches_per_example_gradients(name, reduction):
             if n in names:
                 p.add_(0.3 * torch.randn_like(p))
     damping = 1e-2
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model,
         damping=damping,
         factor_dtype=torch.float64,
@@ -136,7 +134,7 @@ def test_diagonal_fisher_matches_per_example_gradients(name, reduction):
 def test_ignore_leaves_them_to_the_optimizer():
     make, in_shape, names = MODELS["layernorm-seq"]
     model = make()
-    pre = KFACPreconditioner(model)
+    pre = seed_preconditioner(model)
     reasons = dict(pre.summary().unpreconditioned)
     assert all("other_params='ignore'" in reasons[n] for n in names)
     x, y = torch.randn(5, *in_shape), torch.randn(5, 2)
@@ -148,7 +146,7 @@ def test_ignore_leaves_them_to_the_optimizer():
 def test_batchnorm_and_custom_parameters_have_reasons():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
     model.register_parameter("scale", nn.Parameter(torch.ones(())))
-    pre = KFACPreconditioner(model, other_params="diagonal")
+    pre = seed_preconditioner(model, other_params="diagonal")
     reasons = dict(pre.summary().unpreconditioned)
     assert "batch statistics" in reasons["1.weight"]
     assert "custom parameter" in reasons["scale"]
@@ -160,7 +158,7 @@ def test_running_average_and_cadence():
     make, in_shape, names = MODELS["rmsnorm"]
     model = make()
     beta, damping = 0.6, 0.1
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model,
         damping=damping,
         factor_decay=beta,

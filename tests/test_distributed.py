@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kfac_ef import DistributedOptions, KFACOptions, KFACPreconditioner
+from kfac_ef import DistributedOptions, KFACOptions
 from kfac_ef._distributed import groups as kfac_groups
 from kfac_ef.distributed import Grid, Plan, _check_supported, grad_workers, lpt, resolve
 
@@ -32,6 +32,7 @@ from .distributed_workers import (
     reference_run,
     train_scenarios,
 )
+from .helpers import seed_preconditioner
 
 # The loss-change constraint (lr: the workers' SGD learning rate).
 ABSOLUTE = {"loss_change_unit": "absolute", "lr": 0.1}
@@ -377,7 +378,7 @@ def test_traffic_follows_the_strategy(runs):
     assert hybrid["decompositions"] < comm["decompositions"]
     # Statistics: one triangle per factor per step, float64 (plus two counts per layer).
     model = make_model()
-    pre = KFACPreconditioner(model, distributed=False)
+    pre = seed_preconditioner(model, distributed=False)
     tri = sum(
         s.blocks * (s.a_shape[0] * (s.a_shape[0] + 1) // 2 + s.g_shape[0] * (s.g_shape[0] + 1) // 2)
         + 2
@@ -402,7 +403,7 @@ def test_checkpoint_names_have_no_ddp_prefix(runs):
     ref = reference_run(SCENARIOS[2][0], 2)
     assert set(got["layers"]) == set(ref["state"]["layers"]) == {"0", "3", "5", "7", "9"}
     model = make_model()
-    pre = KFACPreconditioner(model, distributed=False, **SCENARIOS[2][0].kfac_options())
+    pre = seed_preconditioner(model, distributed=False, **SCENARIOS[2][0].kfac_options())
     pre.load_state_dict(got)
     for name, (a, g) in pre.factors().items():
         torch.testing.assert_close(a, ref["factors"][name][0], rtol=1e-9, atol=1e-12)
@@ -427,7 +428,7 @@ def test_structured_checkpoint_loads_into_one_process(runs):
         diagonal={f"module.{k}": v for k, v in got["diagonal"].items()},
     )
     for state in (got, prefixed):
-        pre = KFACPreconditioner(TokenNet().double(), distributed=False, **sc.kfac_options())
+        pre = seed_preconditioner(TokenNet().double(), distributed=False, **sc.kfac_options())
         pre.load_state_dict(state)
         assert set(pre.factors()) == set(ref["factors"])
         for name, (a, g) in ref["factors"].items():
@@ -555,7 +556,7 @@ def test_plan_puts_big_factors_on_different_ranks():
     model = torch.nn.Sequential(
         torch.nn.Linear(63, 31), torch.nn.Linear(31, 63), torch.nn.Linear(63, 2)
     )
-    pre = KFACPreconditioner(model, distributed=False)
+    pre = seed_preconditioner(model, distributed=False)
     layers = internals.layers(pre)
     comm = Plan.build(layers, Grid(rows=2, columns=1))
     # Three 64³-sized factors (A of 0 and 2: 63+1; G of 1: 63) and small ones: a rank
@@ -610,9 +611,9 @@ def test_single_process_without_torch_distributed():
     assert not dist.is_initialized()
     assert resolve(None) is None and resolve(False) is None
     with pytest.raises(RuntimeError, match="init_process_group"):
-        KFACPreconditioner(make_model(), distributed=True)
+        seed_preconditioner(make_model(), distributed=True)
     with pytest.raises(RuntimeError, match="init_process_group"):
-        KFACPreconditioner(make_model(), distributed=DistributedOptions())
+        seed_preconditioner(make_model(), distributed=DistributedOptions())
     with pytest.raises(TypeError, match="distributed"):
-        KFACPreconditioner(make_model(), distributed="yes")  # type: ignore[arg-type]
-    assert KFACPreconditioner(make_model()).distributed is None
+        seed_preconditioner(make_model(), distributed="yes")  # type: ignore[arg-type]
+    assert seed_preconditioner(make_model()).distributed is None

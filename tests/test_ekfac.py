@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_ef import KFACPreconditioner, _ekfac
+from kfac_ef import _ekfac
 from kfac_ef._factors import FactorSpec
 
 from . import internals
-from .helpers import conv_head, step_once
+from .helpers import conv_head, seed_preconditioner, step_once
 from .reference import (
     dense_exact,
     grad_matrix,
@@ -94,7 +94,7 @@ def test_scale_and_preconditioned_gradient_match_definitions(case, reduction, ap
     make, names, xs, ys = CASES[case]
     model = make()
     damping = 1e-2
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model,
         damping=damping,
         damping_mode="ekfac",
@@ -124,7 +124,7 @@ def test_running_average_carries_over_basis_changes():
     the new basis (its diagonal there, computed densely), then the new batch is folded in."""
     beta = 0.7
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model,
         damping_mode="ekfac",
         factor_decay=beta,
@@ -156,7 +156,7 @@ def test_scale_before_statistics_in_a_basis_is_kfac():
     """A basis computed on a step without statistics starts from λ_G λ_Aᵀ (K-FAC exactly),
     and the first statistics in that basis replace it."""
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model,
         damping_mode="ekfac",
         factor_update_steps=2,
@@ -176,10 +176,10 @@ def test_scale_before_statistics_in_a_basis_is_kfac():
     # A layer whose state lost its scale (a checkpoint of another mode) restarts from K-FAC.
     fresh = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     fresh.load_state_dict(model.state_dict())
-    kfac_state = KFACPreconditioner(fresh, damping_mode="exact", factor_dtype=torch.float64)
+    kfac_state = seed_preconditioner(fresh, damping_mode="exact", factor_dtype=torch.float64)
     step_once(fresh, kfac_state, mse_per_example, x, y)
     kfac_state.remove()
-    pre2 = KFACPreconditioner(
+    pre2 = seed_preconditioner(
         fresh,
         damping_mode="ekfac",
         factor_update_steps=2,
@@ -217,12 +217,12 @@ def test_chunked_second_moment_equals_unchunked(monkeypatch):
 
 def test_checkpoint_round_trip_keeps_the_scale():
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-    pre = KFACPreconditioner(model, damping_mode="ekfac", factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, damping_mode="ekfac", factor_dtype=torch.float64)
     x, y = torch.randn(6, 4), torch.randn(6, 3)
     step_once(model, pre, mse_per_example, x, y)
     state = pre.state_dict()
     pre.remove()
-    other = KFACPreconditioner(model, damping_mode="ekfac", factor_dtype=torch.float64)
+    other = seed_preconditioner(model, damping_mode="ekfac", factor_dtype=torch.float64)
     other.load_state_dict(state)
     torch.testing.assert_close(
         internals.layer(other, "0").decomposition.s, state["layers"]["0"]["decomposition"]["s"]
@@ -236,10 +236,10 @@ def test_checkpoint_round_trip_keeps_the_scale():
 
 def test_summary_counts_the_scale():
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-    exact = KFACPreconditioner(model).summary()
+    exact = seed_preconditioner(model).summary()
     exact_bytes = {r.name: r.decomposition_bytes for r in exact.layers}
     model2 = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-    ekfac = KFACPreconditioner(model2, damping_mode="ekfac").summary()
+    ekfac = seed_preconditioner(model2, damping_mode="ekfac").summary()
     for r in ekfac.layers:
         g, a = r.g_shape[0], r.a_shape[0]
         assert r.decomposition_bytes == exact_bytes[r.name] + 4 * g * a

@@ -6,9 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_ef import KFACPreconditioner
-
-from .helpers import step_once
+from .helpers import seed_preconditioner, step_once
 from .reference import (
     dense_exact_matrix,
     dense_pi,
@@ -61,7 +59,7 @@ def test_reference_is_consistent():
 @pytest.mark.parametrize("padding_idx", [None, 3])
 def test_embedding_factors(approx, reduction, padding_idx):
     model = EmbModel(padding_idx=padding_idx)
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model, factor_dtype=torch.float64, kfac_approx=approx, loss_reduction=reduction
     )
     idx, y = _data()
@@ -82,7 +80,7 @@ def test_embedding_factors(approx, reduction, padding_idx):
 def test_exact_rank_one():
     """N = 1, T = 1: G ⊗ diag(A) equals g gᵀ of the embedding's per-example gradient."""
     model = EmbModel()
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64)
     idx, y = torch.tensor([[7]]), torch.randn(1, 2)
     pe = per_example_grads(model, mse_per_example, idx, y)
     step_once(model, pre, mse_per_example, idx, y)
@@ -96,7 +94,7 @@ def test_exact_rank_one():
 def test_preconditioned_gradient_matches_dense_solve(mode, padding_idx):
     damping = 1e-2
     model = EmbModel(padding_idx=padding_idx)
-    pre = KFACPreconditioner(model, damping=damping, damping_mode=mode, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, damping=damping, damping_mode=mode, factor_dtype=torch.float64)
     idx, y = _data()
     idx[2, 1] = 3
     io = layer_io(model, model.emb, mse_per_example, idx, y)
@@ -114,7 +112,7 @@ def test_preconditioned_gradient_matches_dense_solve(mode, padding_idx):
 
 def test_max_norm_is_preconditioned_like_a_lookup():
     model = EmbModel(max_norm=0.5)
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64)
     idx, y = _data()
     step_once(model, pre, mse_per_example, idx, y)  # renormalizes the rows it touches
     io = layer_io(model, model.emb, mse_per_example, idx, y)
@@ -130,7 +128,7 @@ def test_max_norm_is_preconditioned_like_a_lookup():
     ("kwargs", "why"), [({"sparse": True}, "sparse"), ({"scale_grad_by_freq": True}, "frequency")]
 )
 def test_unsupported_embeddings_are_listed_with_reason(kwargs, why):
-    pre = KFACPreconditioner(EmbModel(**kwargs))
+    pre = seed_preconditioner(EmbModel(**kwargs))
     assert why in dict(pre.summary().unpreconditioned)["emb.weight"]
 
 
@@ -138,7 +136,7 @@ def test_index_tensor_ranks():
     """0-d and 1-d index tensors: a 1-d index tensor is a batch of single tokens."""
     emb = nn.Embedding(V, D)
     model = nn.Sequential(emb, nn.Linear(D, 1))
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64)
     idx, y = torch.tensor([1, 1, 4]), torch.randn(3, 1)
     io = layer_io(model, emb, mse_per_example, idx, y)
     step_once(model, pre, mse_per_example, idx, y)
@@ -176,7 +174,7 @@ def test_tied_embedding_is_preconditioned_once_by_the_head(vocab_diagonal):
     damping = 0.05
     model = TiedLM()
     opts = {"max_factor_dim": V - 1} if vocab_diagonal else {}
-    pre = KFACPreconditioner(model, damping=damping, factor_dtype=torch.float64, **opts)
+    pre = seed_preconditioner(model, damping=damping, factor_dtype=torch.float64, **opts)
     idx, tgt = torch.randint(0, V, (3, 4)), torch.randint(0, V, (3, 4))
     s = pre.summary()
     assert {r.name for r in s.layers} == {"mix", "head"}
@@ -207,7 +205,7 @@ def test_linears_sharing_weight_and_bias_feed_one_block():
     a, b = nn.Linear(3, 3), nn.Linear(3, 3)
     b.weight, b.bias = a.weight, a.bias
     model = nn.Sequential(a, nn.Tanh(), b, nn.Linear(3, 1))
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64)
     s = pre.summary()
     assert {r.name for r in s.layers} == {"0", "3"}
     assert "one Kronecker block fed by 0, 2" in s.ties[0][1]

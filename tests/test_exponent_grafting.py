@@ -58,6 +58,7 @@ def _run(case, **options):
     make, names, xs, ys = CASES[case]
     torch.manual_seed(0)
     model = make()
+    options = {"damping_unit": "absolute", "grafting": "none", **options}
     pre = KFACPreconditioner(model, damping=DAMPING, factor_dtype=torch.float64, **options)
     torch.manual_seed(1)
     x, y = torch.randn(*xs), torch.randn(*ys)
@@ -89,7 +90,7 @@ def test_exponent_half_is_scale_free():
             model = _mlp()
             pre = KFACPreconditioner(
                 model, damping=DAMPING, damping_unit="relative", exponent=p,
-                factor_dtype=torch.float64,
+                factor_dtype=torch.float64, grafting="none",
             )  # fmt: skip
             torch.manual_seed(1)
             x, y = torch.randn(7, 5), torch.randn(7, 3)
@@ -124,7 +125,7 @@ def test_diagonal_parameters_take_the_power_and_the_graft():
         model = make()
         pre = KFACPreconditioner(
             model, damping=DAMPING, other_params="diagonal", exponent=-0.5, grafting=graft,
-            factor_dtype=torch.float64,
+            factor_dtype=torch.float64, damping_unit="absolute",
         )  # fmt: skip
         torch.manual_seed(1)
         x, y = torch.randn(5, *in_shape), torch.randn(5, 2)
@@ -143,9 +144,34 @@ def test_bad_exponent_is_a_clear_error(bad):
         KFACPreconditioner(_mlp(), exponent=bad)
 
 
-def test_exponent_needs_an_eigenbasis():
+def test_pi_kronecker_form_needs_exponent_minus_one():
     with pytest.raises(ValueError, match="damping_mode='pi'"):
-        KFACPreconditioner(_mlp(), exponent=-0.5, damping_mode="pi")
+        KFACPreconditioner(
+            _mlp(), exponent=-0.5, damping_mode="pi", constraint="kronecker", lr=0.1,
+            max_loss_change=1.0,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("p", [-0.5, -1.0])
+def test_pi_raises_both_damped_factors_to_the_power(p):
+    """(G + c_G I)^p ∇ (A + c_A I)^p with π's shifts c_A = √ε·π, c_G = √ε/π."""
+    model, names, ios, before, after = _run("mlp", damping_mode="pi", exponent=p,
+                                            damping_unit="absolute")  # fmt: skip
+    for n in names:
+        module = model.get_submodule(n)
+        A, G = reference_factors(module, ios[n])
+        a, g = A[0], G[0]
+        pi = ((torch.trace(a) / a.shape[0]) / (torch.trace(g) / g.shape[0])).sqrt()
+        root = DAMPING**0.5
+
+        def power(m, c):
+            lam, q = torch.linalg.eigh(m)
+            return q @ torch.diag((lam.clamp_min(0) + c) ** p) @ q.T
+
+        gm = grad_matrix(module, before[f"{n}.weight"], before.get(f"{n}.bias"))[0]
+        got = grad_matrix(module, after[f"{n}.weight"], after.get(f"{n}.bias"))[0]
+        expected = power(g, root / pi) @ gm @ power(a, root * pi)
+        torch.testing.assert_close(got, expected, msg=n)
 
 
 def test_bad_grafting_is_a_clear_error():

@@ -6,9 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_ef import KFACPreconditioner
-
-from .helpers import conv_head, step_once
+from .helpers import conv_head, seed_preconditioner, step_once
 from .reference import (
     ce_per_example,
     grad_matrix,
@@ -75,7 +73,7 @@ def _linear_model(bias=True):
 def test_exact_rank_one_linear():
     """N = 1, T = 1: G ⊗ A equals g gᵀ of the layer's per-example gradient."""
     model = _linear_model()
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64)
     x, y = torch.randn(1, 5), torch.tensor([2])
     pe = per_example_grads(model, ce_per_example, x, y)
     step_once(model, pre, ce_per_example, x, y)
@@ -90,7 +88,7 @@ def test_exact_rank_one_conv_single_position(bias):
     """A conv whose kernel covers its input has one output position: G ⊗ A = g gᵀ."""
     conv = nn.Conv2d(2, 3, (3, 4), bias=bias)
     model = conv_head(conv, (2, 3, 4))
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64)
     x, y = torch.randn(1, 2, 3, 4), torch.randn(1, 2)
     pe = per_example_grads(model, mse_per_example, x, y)
     step_once(model, pre, mse_per_example, x, y)
@@ -103,7 +101,7 @@ def test_exact_rank_one_conv_single_position(bias):
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_factors(reduction, bias):
     model = _linear_model(bias)
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64, loss_reduction=reduction)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64, loss_reduction=reduction)
     x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
     io = layer_io(model, model[0], ce_per_example, x, y)
     io2 = layer_io(model, model[2], ce_per_example, x, y)
@@ -132,7 +130,7 @@ class SeqModel(nn.Module):
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_shared_positions(approx, reduction, bias):
     model = SeqModel(bias)
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model, factor_dtype=torch.float64, kfac_approx=approx, loss_reduction=reduction
     )
     x, y = torch.randn(5, 3, 4), torch.randn(5, 2)
@@ -147,7 +145,7 @@ def test_linear_shared_positions(approx, reduction, bias):
 def test_linear_rank4_input():
     """Every dim between the batch and the features is a position (here 2 x 3 of them)."""
     model = nn.Sequential(nn.Linear(4, 3), nn.Flatten(), nn.Linear(18, 2))
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64)
     x, y = torch.randn(4, 2, 3, 4), torch.randn(4, 2)
     io = layer_io(model, model[0], mse_per_example, x, y)
     step_once(model, pre, mse_per_example, x, y)
@@ -163,7 +161,7 @@ def test_conv_factors(name, approx, reduction):
     conv_fn, in_shape = CONVS[name]
     model = conv_head(conv_fn(), in_shape)
     conv = model[0]
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model, factor_dtype=torch.float64, kfac_approx=approx, loss_reduction=reduction
     )
     x, y = torch.randn(3, *in_shape), torch.randn(3, 2)
@@ -190,7 +188,7 @@ def test_module_called_twice_is_shared_positions():
             return self.head(self.lin(torch.tanh(self.lin(x))))
 
     model = Twice()
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64)
     x, y = torch.randn(4, 3), torch.randn(4, 1)
     io = layer_io(model, model.lin, mse_per_example, x, y)
     assert all(len(calls) == 2 for calls in io)
@@ -204,7 +202,7 @@ def test_running_average():
     """F ← β F + (1-β) F_batch, with the first update taking the batch estimate."""
     model = _linear_model()
     beta = 0.7
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64, factor_decay=beta)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64, factor_decay=beta)
     batches = [(torch.randn(4, 5), torch.randint(0, 3, (4,))) for _ in range(3)]
     expected = None
     for x, y in batches:
@@ -223,7 +221,7 @@ def test_running_average():
 def test_factor_update_steps_cadence():
     """With factor_update_steps=2 only steps 0, 2, 4 contribute statistics."""
     model = _linear_model()
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model, factor_dtype=torch.float64, factor_decay=0.0, factor_update_steps=2
     )
     batches = [(torch.randn(4, 5), torch.randint(0, 3, (4,))) for _ in range(4)]
@@ -239,7 +237,7 @@ def test_factor_update_steps_cadence():
 def test_factor_dtype_float32_with_float64_model_inputs_upcast():
     """Factors stay float32 for a float32 model; bfloat16 activations upcast into float32."""
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).float()
-    pre = KFACPreconditioner(model)
+    pre = seed_preconditioner(model)
     x, y = torch.randn(8, 5, dtype=torch.float32), torch.randn(8, 2, dtype=torch.float32)
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):

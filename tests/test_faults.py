@@ -9,9 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_ef import KFACPreconditioner
-
-from .helpers import step_once
+from .helpers import seed_preconditioner, step_once
 from .reference import mse_per_example
 
 
@@ -33,7 +31,7 @@ def _broken_eigh(*args, **kwargs):
 
 def test_consecutive_decomposition_failures_raise_with_the_statistics(monkeypatch):
     model = _mlp()
-    pre = KFACPreconditioner(model, inv_update_steps=1, max_decomposition_failures=3)
+    pre = seed_preconditioner(model, inv_update_steps=1, max_decomposition_failures=3)
     step_once(model, pre, mse_per_example, *_batch())
     real = torch.linalg.eigh
     monkeypatch.setattr(torch.linalg, "eigh", _broken_eigh)
@@ -66,14 +64,14 @@ def test_consecutive_decomposition_failures_raise_with_the_statistics(monkeypatc
 
 def test_failures_limit_is_validated():
     with pytest.raises(ValueError, match="max_decomposition_failures"):
-        KFACPreconditioner(_mlp(), max_decomposition_failures=0)
+        seed_preconditioner(_mlp(), max_decomposition_failures=0)
     with pytest.raises(ValueError, match="warning_interval"):
-        KFACPreconditioner(_mlp(), warning_interval=0)
+        seed_preconditioner(_mlp(), warning_interval=0)
 
 
 def test_skipped_statistics_are_counted_and_warned_once_per_interval():
     model = _mlp()
-    pre = KFACPreconditioner(model, inv_update_steps=1, warning_interval=5)
+    pre = seed_preconditioner(model, inv_update_steps=1, warning_interval=5)
     poisoned = {1, 2, 3, 7}
     warned_at, messages = [], []
     for step in range(9):
@@ -105,12 +103,12 @@ def test_skipped_statistics_are_counted_and_warned_once_per_interval():
 
 def test_fault_counts_survive_a_checkpoint():
     model = _mlp()
-    pre = KFACPreconditioner(model, inv_update_steps=1)
+    pre = seed_preconditioner(model, inv_update_steps=1)
     step_once(model, pre, mse_per_example, *_batch())
     with pytest.warns(RuntimeWarning, match="were skipped"):
         step_once(model, pre, mse_per_example, *_batch(poison=True))
     state = pre.state_dict()
-    fresh = KFACPreconditioner(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
+    fresh = seed_preconditioner(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
     fresh.load_state_dict(state)
     assert fresh.faults() == pre.faults()
     assert fresh.faults().skipped_steps == 1
@@ -128,7 +126,7 @@ def test_warning_from_a_backward_hook_points_at_user_code():
             return self.lin(x).sum() + self.lin(x[:2]).sum()
 
     model = TwoBatches()
-    pre = KFACPreconditioner(model)
+    pre = seed_preconditioner(model)
     with pytest.warns(RuntimeWarning, match="batch sizes") as record:
         model(torch.randn(4, 3)).backward()
     assert {w.filename for w in record} == {__file__}

@@ -16,7 +16,7 @@ from torch import nn
 from kfac_ef import KFACPreconditioner
 from kfac_ef.linalg import damped_inverse, damped_inverses, eigh_psd
 
-from .helpers import grads, step_once
+from .helpers import grads, seed_preconditioner, step_once
 from .reference import mse_per_example, per_example_grads
 
 
@@ -33,7 +33,7 @@ def _batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 def _clean_factors(**options) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The factors of one plain ``loss.backward(); step()`` on the standard batch."""
     m = _mlp()
-    pre = KFACPreconditioner(m, damping=0.1, **options)
+    pre = seed_preconditioner(m, damping=0.1, **options)
     x, y = _batch()
     F.cross_entropy(m(x), y).backward()
     pre.step()
@@ -48,7 +48,7 @@ def test_input_gradient_before_the_loss_backward_leaves_the_factors_alone(how):
     """A saliency map / gradient-norm log before the real backward: the factors are those of
     the loss the optimizer steps on (it used to make G 664x off)."""
     m = _mlp()
-    pre = KFACPreconditioner(m, damping=0.1)
+    pre = seed_preconditioner(m, damping=0.1)
     x, y = _batch()
     x.requires_grad_(True)
     out = m(x)
@@ -66,7 +66,7 @@ def test_input_gradient_before_the_loss_backward_leaves_the_factors_alone(how):
 
 def test_input_gradient_alone_is_not_a_backward_pass():
     m = _mlp()
-    pre = KFACPreconditioner(m, damping=0.1)
+    pre = seed_preconditioner(m, damping=0.1)
     x, _ = _batch()
     x.requires_grad_(True)
     torch.autograd.grad(m(x).sum(), x)
@@ -76,7 +76,7 @@ def test_input_gradient_alone_is_not_a_backward_pass():
 
 def test_second_loss_through_a_retained_graph_raises():
     m = _mlp()
-    pre = KFACPreconditioner(m, damping=0.1)
+    pre = seed_preconditioner(m, damping=0.1)
     x, y = _batch()
     out = m(x)
     F.cross_entropy(out, y).backward(retain_graph=True)
@@ -87,7 +87,7 @@ def test_second_loss_through_a_retained_graph_raises():
 
 def test_second_loss_inside_ignored_is_left_out_of_the_factors():
     m = _mlp()
-    pre = KFACPreconditioner(m, damping=0.1)
+    pre = seed_preconditioner(m, damping=0.1)
     x, y = _batch()
     out = m(x)
     F.cross_entropy(out, y).backward(retain_graph=True)
@@ -106,7 +106,7 @@ def test_second_loss_inside_ignored_is_left_out_of_the_factors():
 
 def test_gradient_penalty_with_create_graph_raises_unless_ignored():
     m = _mlp()
-    pre = KFACPreconditioner(m, damping=0.1)
+    pre = seed_preconditioner(m, damping=0.1)
     x, y = _batch()
     x.requires_grad_(True)
     out = m(x)
@@ -124,7 +124,7 @@ def test_gradient_penalty_with_create_graph_raises_unless_ignored():
 def test_statistics_free_steps_do_not_mind_extra_backward_passes():
     """Off statistics steps nothing is kept, so nothing can be wrong: no error."""
     m = _mlp()
-    pre = KFACPreconditioner(m, damping=0.1, factor_update_steps=2)
+    pre = seed_preconditioner(m, damping=0.1, factor_update_steps=2)
     x, y = _batch()
     F.cross_entropy(m(x), y).backward()
     pre.step()
@@ -189,7 +189,7 @@ def test_input_buffer_overwritten_before_step_changes_nothing(options):
     results = []
     for overwrite in (False, True):
         m = _mlp()
-        pre = KFACPreconditioner(m, damping=0.1, **options)
+        pre = seed_preconditioner(m, damping=0.1, **options)
         buffer = x.clone()
         F.cross_entropy(m(buffer), y).backward()
         if overwrite:
@@ -202,7 +202,7 @@ def test_input_buffer_overwritten_before_step_changes_nothing(options):
 
 def _trained(**options) -> KFACPreconditioner:
     m = _mlp()
-    pre = KFACPreconditioner(m, damping=0.1, other_params="diagonal", **options)
+    pre = seed_preconditioner(m, damping=0.1, other_params="diagonal", **options)
     x, y = _batch()
     F.cross_entropy(m(x), y).backward()
     pre.step()
@@ -210,7 +210,7 @@ def _trained(**options) -> KFACPreconditioner:
 
 
 def _fresh() -> KFACPreconditioner:
-    return KFACPreconditioner(_mlp(), damping=0.1, other_params="diagonal")
+    return seed_preconditioner(_mlp(), damping=0.1, other_params="diagonal")
 
 
 @pytest.mark.parametrize(
@@ -239,7 +239,7 @@ def test_factor_decay_keeps_float64_precision():
     factors = {}
     for decay in (0.0, 0.95):
         m = _mlp().double()
-        pre = KFACPreconditioner(m, factor_decay=decay, factor_dtype=torch.float64)
+        pre = seed_preconditioner(m, factor_decay=decay, factor_dtype=torch.float64)
         seen = []
         for xb in (x, x2):
             m.zero_grad()
@@ -255,7 +255,7 @@ def test_factor_decay_keeps_float64_precision():
 @pytest.mark.parametrize("value", [math.nan, math.inf, -1.0])
 def test_lr_callable_returning_a_bad_value_raises(value):
     m = _mlp()
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         m, constraint="kronecker", target_loss_change=1e-3, lr=lambda step: value
     )
     x, y = _batch()
@@ -275,7 +275,7 @@ def _tensors_of_shape(shape: tuple[int, ...]) -> int:
 
 def test_mc_forwards_never_backpropagated_keep_nothing():
     m = _mlp()
-    pre = KFACPreconditioner(m, fisher_type="mc")
+    pre = seed_preconditioner(m, fisher_type="mc")
     before = _tensors_of_shape((13, 6))
     for _ in range(20):
         m(torch.randn(13, 6))  # train mode, grad on, never backpropagated
@@ -285,7 +285,7 @@ def test_mc_forwards_never_backpropagated_keep_nothing():
 
 def test_dropped_preconditioner_is_collected_and_unhooks():
     m = _mlp()
-    pre = KFACPreconditioner(m)
+    pre = seed_preconditioner(m)
     x, y = _batch()
     F.cross_entropy(m(x), y).backward()
     pre.step()
@@ -294,7 +294,7 @@ def test_dropped_preconditioner_is_collected_and_unhooks():
     gc.collect()
     assert ref() is None
     assert not m[0]._forward_hooks and not m[2]._forward_hooks
-    again = KFACPreconditioner(m)  # no "call remove() on that one first"
+    again = seed_preconditioner(m)  # no "call remove() on that one first"
     m.zero_grad()
     F.cross_entropy(m(x), y).backward()
     again.step()
@@ -302,7 +302,7 @@ def test_dropped_preconditioner_is_collected_and_unhooks():
 
 def test_backward_passes_without_step_warn_once_when_calls_pile_up():
     m = _mlp()
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         m, constraint="exact", target_loss_change=1e-3, loss_change_unit="absolute", lr=0.1
     )
     x, y = _batch(4)
@@ -336,7 +336,7 @@ def test_an_empty_micro_batch_adds_nothing(options):
         torch.manual_seed(3)
         for p in m.parameters():
             nn.init.normal_(p, std=0.5)
-        pre = KFACPreconditioner(m, damping=0.1, loss_reduction="sum", **options)
+        pre = seed_preconditioner(m, damping=0.1, loss_reduction="sum", **options)
         F.cross_entropy(m(x), y, reduction="sum").backward()
         if empty:
             F.cross_entropy(m(x[:0]), y[:0], reduction="sum").backward()
@@ -367,14 +367,14 @@ def test_sum_form_scale_survives_a_checkpoint_between_statistics_steps():
             lr=0.1,
             factor_update_steps=2,
         )
-        pre = KFACPreconditioner(m, damping=0.1, **opts)
+        pre = seed_preconditioner(m, damping=0.1, **opts)
         x, y = _batch(16)
         F.cross_entropy(m(x), y, reduction="sum").backward()
         pre.step()  # statistics step, N = 16
         if resume:
             state = pre.state_dict()
             pre.remove()
-            pre = KFACPreconditioner(m, damping=0.1, **opts)
+            pre = seed_preconditioner(m, damping=0.1, **opts)
             pre.load_state_dict(state)
         m.zero_grad()
         F.cross_entropy(m(x[:4]), y[:4], reduction="sum").backward()
@@ -392,7 +392,7 @@ def test_diagonal_form_uses_the_curvature_of_the_last_decomposition(float64):
     with torch.no_grad():
         model[0].weight.add_(0.3 * torch.randn(5))
     lr = 0.1
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model,
         damping=1e-2,
         other_params="diagonal",
@@ -428,7 +428,7 @@ def test_channels_last_gradient_keeps_its_layout_and_identity():
         if channels_last:
             m = m.to(memory_format=torch.channels_last)
             xm = x.to(memory_format=torch.channels_last)
-        pre = KFACPreconditioner(m, damping=0.1)
+        pre = seed_preconditioner(m, damping=0.1)
         mse_per_example(m(xm), y).mean().backward()
         grad = m[0].weight.grad
         assert grad.is_contiguous() != channels_last

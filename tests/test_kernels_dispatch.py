@@ -15,7 +15,7 @@ from torch import nn
 from kfac_ef import KFACPreconditioner
 from kfac_ef.kernels import check_backend, use_triton
 
-from .helpers import step_once
+from .helpers import seed_preconditioner, step_once
 from .reference import mse_per_example
 
 # Kernel failures fall back to the reference with this warning: here it would hide the bug.
@@ -167,7 +167,7 @@ def _close_to_truth(got: dict, ref: dict, truth: dict, what: str) -> None:
 def _float64_twin(model: nn.Module, **options) -> tuple[nn.Module, KFACPreconditioner]:
     twin = copy.deepcopy(model).double()
     options = {**options, "backend": "torch", "factor_dtype": torch.float64}
-    return twin, KFACPreconditioner(twin, **options)
+    return twin, seed_preconditioner(twin, **options)
 
 
 def _sync_twin(twin: nn.Module, model: nn.Module) -> None:
@@ -219,7 +219,7 @@ def test_preconditioner_triton_backend_matches_torch(mode, constraint, monkeypat
     # in the range of factors that hold it, where S does not depend on that choice.
     inv = 1 if mode == "ekfac" else 2
     options = dict(damping=1e-2, damping_mode=mode, inv_update_steps=inv, **_constraint(constraint))
-    pres = {b: KFACPreconditioner(m, backend=b, **options) for b, m in models.items()}
+    pres = {b: seed_preconditioner(m, backend=b, **options) for b, m in models.items()}
     twin, pre64 = _float64_twin(models["torch"], **options)
     for step in range(3):  # decompositions on steps 0 and 2, step 1 reuses them
         x, y = torch.randn(6, 3, 7, 7), torch.randn(6, 5)
@@ -283,7 +283,7 @@ def test_structured_factors_triton_backend_matches_torch(mode, constraint, monke
         large_factor_block=16,
         **_constraint(constraint),
     )
-    pres = {b: KFACPreconditioner(m, backend=b, **options) for b, m in models.items()}
+    pres = {b: seed_preconditioner(m, backend=b, **options) for b, m in models.items()}
     twin, pre64 = _float64_twin(models["torch"], **options)
     kinds = {s.name: (s.a_factor, s.g_factor) for s in pres["torch"].summary().layers}
     assert kinds == {
@@ -320,7 +320,7 @@ def test_float64_factors_with_triton_backend_run_the_references(monkeypatch):
     models = {b: _OddNet().double() for b in ("torch", "triton")}
     models["triton"].load_state_dict(models["torch"].state_dict())
     pres = {
-        b: KFACPreconditioner(m, factor_dtype=torch.float64, inv_update_steps=1, backend=b)
+        b: seed_preconditioner(m, factor_dtype=torch.float64, inv_update_steps=1, backend=b)
         for b, m in models.items()
     }
     x, y = torch.randn(4, 3, 7, 7, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)

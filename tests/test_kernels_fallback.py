@@ -19,7 +19,6 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_ef import KFACPreconditioner
 from kfac_ef.kernels import (
     KernelFallbackWarning,
     check_backend,
@@ -35,7 +34,7 @@ from kfac_ef.kernels import (
     verified_kernels,
 )
 
-from .helpers import step_once
+from .helpers import seed_preconditioner, step_once
 from .kernel_checks import (
     assert_within_bound,
     eigen_truth,
@@ -392,14 +391,14 @@ def test_invalid_environment_variable_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="KFAC_EF_BACKEND"):
         factor_stats(torch.randn(1, 3, 2), torch.zeros(1, 2, 2))
     with pytest.raises(ValueError, match="KFAC_EF_BACKEND='cuda'"):
-        KFACPreconditioner(nn.Linear(3, 2))
+        seed_preconditioner(nn.Linear(3, 2))
 
 
 def test_environment_triton_without_interpreter_names_the_variable(monkeypatch):
     monkeypatch.setenv("KFAC_EF_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="KFAC_EF_BACKEND=triton cannot run"):
-        KFACPreconditioner(nn.Linear(3, 2), backend="torch")
+        seed_preconditioner(nn.Linear(3, 2), backend="torch")
     monkeypatch.delenv("KFAC_EF_BACKEND")
     with pytest.raises(ValueError, match="backend='triton' cannot run"):
         check_backend("triton", CPU)
@@ -508,7 +507,7 @@ def test_preconditioner_auto_backend_through_the_safety_net(fault, auto_on_cpu, 
     models = {b: _Net() for b in ("torch", "auto")}
     models["auto"].load_state_dict(models["torch"].state_dict())
     pres = {
-        b: KFACPreconditioner(m, damping=1e-2, inv_update_steps=2, backend=b)
+        b: seed_preconditioner(m, damping=1e-2, inv_update_steps=2, backend=b)
         for b, m in models.items()
     }
     with warnings.catch_warnings(record=True) as record:

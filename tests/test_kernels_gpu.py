@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_ef import KFACPreconditioner
 from kfac_ef.kernels import (
     disabled_kernels,
     factor_stats,
@@ -27,6 +26,7 @@ from kfac_ef.kernels._dispatch import GRID_YZ_LIMIT, interpreter_enabled
 from kfac_ef.kernels.eigen_precondition import precondition_eigen_triton
 from kfac_ef.kernels.factor_stats import factor_stats_triton
 
+from .helpers import seed_preconditioner
 from .kernel_checks import (
     assert_within_bound,
     eigen_truth,
@@ -179,8 +179,8 @@ def test_preconditioner_cuda_triton_matches_cpu_reference(mode):
     gpu_model = _model().to(CUDA)
     gpu_model.load_state_dict(cpu_model.state_dict())
     kw = dict(damping=1e-2, damping_mode=mode, inv_update_steps=2)
-    pre_cpu = KFACPreconditioner(cpu_model, backend="torch", **kw)
-    pre_gpu = KFACPreconditioner(gpu_model, backend="triton", **kw)
+    pre_cpu = seed_preconditioner(cpu_model, backend="torch", **kw)
+    pre_gpu = seed_preconditioner(gpu_model, backend="triton", **kw)
     for _ in range(3):
         x, y = torch.randn(32, 3, 16, 16), torch.randn(32, 10)
         for model, pre, dev in ((cpu_model, pre_cpu, "cpu"), (gpu_model, pre_gpu, CUDA)):
@@ -203,7 +203,7 @@ def test_preconditioner_cuda_triton_matches_cpu_reference(mode):
 def test_steady_state_step_does_not_synchronize(mode, backend):
     """Statistics (in the hooks) and step() between decompositions: no host-device sync."""
     model = _model().to(CUDA)
-    pre = KFACPreconditioner(model, damping_mode=mode, inv_update_steps=100, backend=backend)
+    pre = seed_preconditioner(model, damping_mode=mode, inv_update_steps=100, backend=backend)
     x, y = torch.randn(32, 3, 16, 16, device=CUDA), torch.randn(32, 10, device=CUDA)
 
     def one_step() -> None:

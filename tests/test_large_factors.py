@@ -8,9 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_ef import KFACPreconditioner
-
-from .helpers import conv_head, step_once
+from .helpers import conv_head, seed_preconditioner, step_once
 from .reference import (
     block_diagonal_part,
     dense_pi,
@@ -48,7 +46,7 @@ def test_wide_factors_match_dense_solve(block, mode):
     model = nn.Sequential(
         nn.Linear(3, 19), nn.Tanh(), nn.Linear(19, 20), nn.Tanh(), nn.Linear(20, 2)
     )
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model,
         damping=damping,
         damping_mode=mode,
@@ -86,7 +84,7 @@ def test_grouped_conv_with_block_diagonal_factor():
     conv = nn.Conv2d(4, 6, 3, groups=2, padding=1)  # per group: A 2·9 + 1 = 19, G 3
     model = conv_head(conv, (4, 4, 4))
     damping = 0.1
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model, damping=damping, factor_dtype=torch.float64, max_factor_dim=8, large_factor_block=8
     )
     x, y = torch.randn(3, 4, 4, 4), torch.randn(3, 2)
@@ -108,7 +106,7 @@ def test_vocabulary_sized_head_is_never_squared():
     """A 50257-wide output layer: G is a vector, the plan and the state say so."""
     vocab = 50257
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, vocab, bias=False))
-    pre = KFACPreconditioner(model.float())
+    pre = seed_preconditioner(model.float())
     s = pre.summary()
     row = {r.name: r for r in s.layers}["2"]
     assert row.g_factor == "diagonal" and row.g_shape == (vocab, vocab)
@@ -130,15 +128,15 @@ def test_vocabulary_sized_head_is_never_squared():
 
 def test_memory_budget_raises_with_the_plan():
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3))
-    probe = KFACPreconditioner(model)
+    probe = seed_preconditioner(model)
     planned = probe.summary().total_bytes
     probe.remove()
-    KFACPreconditioner(model, memory_budget=planned).remove()
+    seed_preconditioner(model, memory_budget=planned).remove()
     with pytest.raises(ValueError, match="exceeds memory_budget") as err:
-        KFACPreconditioner(model, memory_budget=planned - 1)
+        seed_preconditioner(model, memory_budget=planned - 1)
     assert "total" in str(err.value) and "64x64" in str(err.value)
     # The fix the message suggests works: a smaller max_factor_dim fits.
-    KFACPreconditioner(model, memory_budget=planned // 4, max_factor_dim=16)
+    seed_preconditioner(model, memory_budget=planned // 4, max_factor_dim=16)
 
 
 @pytest.mark.parametrize(
@@ -154,4 +152,4 @@ def test_memory_budget_raises_with_the_plan():
 )
 def test_bad_size_options(option, value):
     with pytest.raises(ValueError, match=option):
-        KFACPreconditioner(nn.Linear(3, 3), **{option: value})
+        seed_preconditioner(nn.Linear(3, 3), **{option: value})

@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kfac_ef import KFACPreconditioner, mc_backward
+from kfac_ef import mc_backward
 from kfac_ef.mc import sample_targets
 
 from . import internals
+from .helpers import seed_preconditioner
 from .reference import (
     ce_per_example,
     clean_copy,
@@ -44,7 +45,7 @@ def _draw_gaussian(out, variance, seed):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_categorical_factors_match_definition_and_grads_are_the_users(reduction):
     model = _model()
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model, fisher_type="mc", loss_reduction=reduction, factor_dtype=torch.float64
     )
     x, y = torch.randn(8, 5), torch.randint(0, 4, (8,))
@@ -76,7 +77,7 @@ def test_gaussian_factors_match_definition_over_positions():
     """Regression outputs per position (N, T, D): ℓ̂_n = Σ ||f - ŷ||² / (2σ²)."""
     model = SeqModel()
     variance = 0.3
-    pre = KFACPreconditioner(model, fisher_type="mc", factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, fisher_type="mc", factor_dtype=torch.float64)
     x, y = torch.randn(5, 3, 4), torch.randn(5, 2)
     with torch.no_grad():
         sampled = _draw_gaussian(model(x), variance, seed=3)
@@ -106,7 +107,7 @@ def test_mc_ekfac_scale_uses_sampled_gradients_and_exact_constraint_the_users():
     """EKFAC's S comes from the sampled backward; the exact loss-change form from the
     gradients of the user's loss (what the step does to the actual losses)."""
     model = _model()
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model,
         fisher_type="mc",
         damping_mode="ekfac",
@@ -147,7 +148,7 @@ def test_mc_ekfac_scale_uses_sampled_gradients_and_exact_constraint_the_users():
 
 def test_statistics_step_without_sampled_backward_is_an_error():
     model = _model()
-    pre = KFACPreconditioner(model, fisher_type="mc")
+    pre = seed_preconditioner(model, fisher_type="mc")
     x, y = torch.randn(4, 5), torch.randint(0, 4, (4,))
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(RuntimeError, match="mc_backward"):
@@ -156,7 +157,7 @@ def test_statistics_step_without_sampled_backward_is_an_error():
 
 def test_sampled_backward_only_on_statistics_steps():
     model = _model()
-    pre = KFACPreconditioner(model, fisher_type="mc", factor_update_steps=2)
+    pre = seed_preconditioner(model, fisher_type="mc", factor_update_steps=2)
     x, y = torch.randn(4, 5), torch.randint(0, 4, (4,))
     calls = []
     original = torch.autograd.grad
@@ -180,8 +181,8 @@ def test_sampled_backward_only_on_statistics_steps():
 def test_empirical_preconditioner_mc_backward_is_plain_backward():
     model = _model()
     twin = clean_copy(model)
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64)
-    twin_pre = KFACPreconditioner(twin, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64)
+    twin_pre = seed_preconditioner(twin, factor_dtype=torch.float64)
     x, y = torch.randn(6, 5), torch.randint(0, 4, (6,))
     out = model(x)
     mc_backward(pre, F.cross_entropy(out, y), out, likelihood="categorical")
@@ -216,7 +217,7 @@ def test_sample_targets_follow_the_predictive_distribution():
 )
 def test_bad_likelihood_names_itself(kw, match):
     model = _model()
-    pre = KFACPreconditioner(model, fisher_type="mc")
+    pre = seed_preconditioner(model, fisher_type="mc")
     out = model(torch.randn(3, 5))
     with pytest.raises(ValueError, match=match):
         mc_backward(pre, out.sum(), out, **kw)
@@ -235,7 +236,7 @@ def test_factors_do_not_depend_on_how_the_loss_is_divided_or_scaled(reduction):
         torch.manual_seed(0)
         model = _model()
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**7) if how == "grad scaler" else None
-        pre = KFACPreconditioner(
+        pre = seed_preconditioner(
             model,
             fisher_type="mc",
             loss_reduction=reduction,

@@ -8,9 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_ef import KFACPreconditioner
-
-from .helpers import grads
+from .helpers import grads, seed_preconditioner
 from .models import GPT, lm_loss
 from .reference import grad_matrix
 
@@ -83,7 +81,7 @@ def test_autocast_factors_are_float32_and_match_their_activations(dtype):
     x, y = _batch()
     results = []
     for m, autocast in ((model, False), (twin, True)):
-        pre = KFACPreconditioner(m, other_params="diagonal")
+        pre = seed_preconditioner(m, other_params="diagonal")
         with torch.autocast("cpu", dtype=dtype, enabled=autocast):
             loss = lm_loss(m(x), y)
         loss.backward()
@@ -141,11 +139,11 @@ def test_grad_scaler_statistics_are_unscaled():
     model = GPT(vocab=VOCAB)
     twin = copy.deepcopy(model)
     x, y = _batch()
-    pre = KFACPreconditioner(model, other_params="diagonal", damping=1e-2)
+    pre = seed_preconditioner(model, other_params="diagonal", damping=1e-2)
     lm_loss(model(x), y).backward()
     pre.step()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
-    pre2 = KFACPreconditioner(twin, other_params="diagonal", damping=1e-2, grad_scaler=scaler)
+    pre2 = seed_preconditioner(twin, other_params="diagonal", damping=1e-2, grad_scaler=scaler)
     opt = torch.optim.SGD(twin.parameters(), lr=0.0)
     after = _scaled_step(twin, pre2, scaler, opt, x, y)
     for name, (a, g) in pre.factors().items():
@@ -161,7 +159,9 @@ def test_overflow_step_leaves_every_factor_untouched():
     torch.manual_seed(0)
     model = GPT(vocab=VOCAB)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    pre = KFACPreconditioner(model, other_params="diagonal", grad_scaler=scaler, inv_update_steps=2)
+    pre = seed_preconditioner(
+        model, other_params="diagonal", grad_scaler=scaler, inv_update_steps=2
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = _batch()
     _scaled_step(model, pre, scaler, opt, x, y, autocast=torch.float16)
@@ -185,7 +185,7 @@ def test_overflow_step_leaves_every_factor_untouched():
 
 def test_grad_scaler_must_be_a_grad_scaler():
     with pytest.raises(TypeError, match="grad_scaler"):
-        KFACPreconditioner(GPT(vocab=VOCAB), grad_scaler=2.0**16)  # type: ignore[arg-type]
+        seed_preconditioner(GPT(vocab=VOCAB), grad_scaler=2.0**16)  # type: ignore[arg-type]
 
 
 @pytest.mark.gpu
@@ -194,7 +194,9 @@ def test_cuda_step_does_not_synchronize_under_autocast_and_scaler():
     torch.manual_seed(0)
     model = GPT(vocab=50257, dim=64, dropout=0.1).to(device)
     scaler = torch.amp.GradScaler("cuda")
-    pre = KFACPreconditioner(model, other_params="diagonal", grad_scaler=scaler, inv_update_steps=4)
+    pre = seed_preconditioner(
+        model, other_params="diagonal", grad_scaler=scaler, inv_update_steps=4
+    )
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randint(0, 50257, (4, 17), device=device)
     for step in range(4):
@@ -220,7 +222,7 @@ def test_a_non_finite_gradient_alone_skips_the_statistics_step():
     that no activation shows): no factor moves."""
     torch.manual_seed(0)
     model = GPT(vocab=VOCAB)
-    pre = KFACPreconditioner(model, other_params="diagonal", inv_update_steps=5)
+    pre = seed_preconditioner(model, other_params="diagonal", inv_update_steps=5)
     x, y = _batch()
     lm_loss(model(x), y).backward()
     pre.step()
@@ -256,7 +258,7 @@ def test_step_reads_no_tensor_value_on_the_host(options, monkeypatch):
     torch.manual_seed(0)
     model = GPT(vocab=VOCAB)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model,
         other_params="diagonal",
         grad_scaler=scaler,
@@ -292,7 +294,7 @@ def test_constraint_with_grad_scaler_needs_the_documented_order():
     def build(scaler=None):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
-        pre = KFACPreconditioner(
+        pre = seed_preconditioner(
             model, damping=0.1, max_loss_change=1e-3, loss_change_unit="absolute", lr=0.1,
             grad_scaler=scaler,
         )  # fmt: skip

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from kfac_ef import KFACPreconditioner
 
+from .helpers import seed_preconditioner
 from .models import GPT, lm_loss
 
 
@@ -45,7 +46,7 @@ def test_gpt_builds_stays_within_plan_and_memorizes_a_batch():
     torch.manual_seed(0)
     vocab = 50257
     model = GPT(vocab=vocab, attention=("mha", "sdpa"))
-    pre = KFACPreconditioner(model, other_params="diagonal", damping=0.1, inv_update_steps=5)
+    pre = seed_preconditioner(model, other_params="diagonal", damping=0.1, inv_update_steps=5)
     s = pre.summary()
     rows = {r.name: r for r in s.layers}
     assert rows["head"].g_factor == "diagonal" and rows["wpe"].a_factor == "diagonal"
@@ -248,7 +249,7 @@ def test_module_kind_works_or_is_listed_with_reason(kind):
         warnings.simplefilter("ignore")
         module = make()
     model = Harness(module)
-    pre = KFACPreconditioner(model, other_params="diagonal")
+    pre = seed_preconditioner(model, other_params="diagonal")
     s = pre.summary()
     covered = {p for r in s.layers for p in r.parameters} | {d.name for d in s.diagonal}
     left = dict(s.unpreconditioned)
@@ -301,11 +302,11 @@ def test_checkpoint_round_trip_with_structured_factors_and_diagonal_parameters(m
 
     straight = GPT(vocab=97)
     straight.load_state_dict(init)
-    run(straight, KFACPreconditioner(straight, **opts), batches)
+    run(straight, seed_preconditioner(straight, **opts), batches)
 
     first = GPT(vocab=97)
     first.load_state_dict(init)
-    pre = KFACPreconditioner(first, **opts)
+    pre = seed_preconditioner(first, **opts)
     run(first, pre, batches[:3])
     buf = io.BytesIO()
     torch.save({"model": first.state_dict(), "kfac": pre.state_dict()}, buf)
@@ -313,7 +314,7 @@ def test_checkpoint_round_trip_with_structured_factors_and_diagonal_parameters(m
     ckpt = torch.load(buf, weights_only=True)
     resumed = GPT(vocab=97)
     resumed.load_state_dict(ckpt["model"])
-    pre2 = KFACPreconditioner(resumed, **opts)
+    pre2 = seed_preconditioner(resumed, **opts)
     pre2.load_state_dict(ckpt["kfac"])
     run(resumed, pre2, batches[3:])
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):

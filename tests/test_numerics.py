@@ -6,9 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_ef import KFACPreconditioner
-
-from .helpers import grads, step_once
+from .helpers import grads, seed_preconditioner, step_once
 from .reference import dense_exact, grad_matrix, layer_io, mse_per_example, reference_factors
 
 
@@ -19,7 +17,7 @@ def _mlp():
 @pytest.mark.parametrize("poison", ["input", "loss"])
 def test_non_finite_statistics_never_enter_factors(poison):
     model = _mlp()
-    pre = KFACPreconditioner(model, inv_update_steps=2)
+    pre = seed_preconditioner(model, inv_update_steps=2)
     x, y = torch.randn(6, 4), torch.randn(6, 3)
     step_once(model, pre, mse_per_example, x, y)
     saved = {k: (a.clone(), g.clone()) for k, (a, g) in pre.factors().items()}
@@ -43,7 +41,7 @@ def test_non_finite_statistics_never_enter_factors(poison):
 def test_failed_eigh_retries_in_float64(monkeypatch):
     model = _mlp().double()
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
-    pre = KFACPreconditioner(model, damping=1e-2)  # float32 factors
+    pre = seed_preconditioner(model, damping=1e-2)  # float32 factors
     real = torch.linalg.eigh
     seen = []
 
@@ -65,7 +63,7 @@ def test_failed_eigh_retries_in_float64(monkeypatch):
 
 def test_failed_eigh_keeps_previous_decomposition(monkeypatch):
     model = _mlp()
-    pre = KFACPreconditioner(model, damping=1e-2, inv_update_steps=1, factor_decay=0.0)
+    pre = seed_preconditioner(model, damping=1e-2, inv_update_steps=1, factor_decay=0.0)
     x, y = torch.randn(6, 4), torch.randn(6, 3)
     step_once(model, pre, mse_per_example, x, y)
     real = torch.linalg.eigh
@@ -82,7 +80,7 @@ def test_failed_eigh_keeps_previous_decomposition(monkeypatch):
     monkeypatch.setattr(torch.linalg, "eigh", real)
     model2 = _mlp()
     model2.load_state_dict(model.state_dict())
-    pre2 = KFACPreconditioner(model2, damping=1e-2)
+    pre2 = seed_preconditioner(model2, damping=1e-2)
     _, expected = step_once(model2, pre2, mse_per_example, x, y)
     for k, v in expected.items():
         torch.testing.assert_close(after[k], v)
@@ -90,7 +88,7 @@ def test_failed_eigh_keeps_previous_decomposition(monkeypatch):
 
 def test_failed_first_eigh_leaves_gradients_alone(monkeypatch):
     model = _mlp()
-    pre = KFACPreconditioner(model)
+    pre = seed_preconditioner(model)
 
     def broken(*args, **kwargs):
         raise torch.linalg.LinAlgError("simulated failure")
@@ -107,7 +105,7 @@ def test_failed_first_eigh_leaves_gradients_alone(monkeypatch):
 def test_degenerate_statistics_give_finite_gradients(mode, scale):
     """All-zero inputs, rank-deficient factors, extreme scales: finite results."""
     model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2))
-    pre = KFACPreconditioner(model, damping_mode=mode)
+    pre = seed_preconditioner(model, damping_mode=mode)
     x = torch.randn(2, 6) * scale  # 2 examples: rank-deficient A (6+1 wide)
     model.zero_grad()
     (model(x).sum() * (1.0 if scale == 0 else 1.0)).backward()
@@ -120,7 +118,7 @@ def test_pi_cholesky_failure_falls_back_to_eigh(monkeypatch, float64):
     from .reference import dense_pi
 
     model = _mlp()
-    pre = KFACPreconditioner(model, damping=1e-2, damping_mode="pi", factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, damping=1e-2, damping_mode="pi", factor_dtype=torch.float64)
     real = torch.linalg.cholesky_ex
 
     def failing(m, *args, **kwargs):

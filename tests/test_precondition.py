@@ -6,10 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_ef import KFACPreconditioner
 from kfac_ef import kernels as kfac_kernels
 
-from .helpers import conv_head, step_once
+from .helpers import conv_head, seed_preconditioner, step_once
 from .reference import (
     dense_exact,
     dense_pi,
@@ -40,7 +39,7 @@ def test_mlp_matches_dense(mode, damping, reduction):
     model = nn.Sequential(
         nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4, bias=False), nn.Tanh(), nn.Linear(4, 3)
     )
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model,
         damping=damping,
         damping_mode=mode,
@@ -59,7 +58,7 @@ def test_mlp_matches_dense(mode, damping, reduction):
 def test_conv_matches_dense(name, mode):
     conv_fn, in_shape = CONVS[name]
     model = conv_head(conv_fn(), in_shape)
-    pre = KFACPreconditioner(model, damping=1e-2, damping_mode=mode, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, damping=1e-2, damping_mode=mode, factor_dtype=torch.float64)
     x, y = torch.randn(3, *in_shape), torch.randn(3, 2)
     io = layer_io(model, model[0], mse_per_example, x, y)
     io3 = layer_io(model, model[3], mse_per_example, x, y)
@@ -71,7 +70,7 @@ def test_conv_matches_dense(name, mode):
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_shared_positions_match_dense(approx):
     model = SeqModel()
-    pre = KFACPreconditioner(model, damping=1e-2, kfac_approx=approx, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, damping=1e-2, kfac_approx=approx, factor_dtype=torch.float64)
     x, y = torch.randn(5, 3, 4), torch.randn(5, 2)
     io = layer_io(model, model.proj, mse_per_example, x, y)
     before, after = step_once(model, pre, mse_per_example, x, y)
@@ -82,7 +81,7 @@ def test_decomposition_reused_between_inverse_updates():
     """Between decompositions the factors move but the preconditioner stays the one computed
     at the last decomposition step."""
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model, damping=1e-2, inv_update_steps=3, factor_dtype=torch.float64, factor_decay=0.0
     )
     b0 = (torch.randn(6, 4), torch.randn(6, 2))
@@ -104,7 +103,7 @@ def test_batch_size_does_not_change_damping_meaning():
         for tag, (xx, yy) in {"1x": (x, y), "2x": (x2, y2)}.items():
             torch.manual_seed(1)
             model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
-            pre = KFACPreconditioner(
+            pre = seed_preconditioner(
                 model, damping=1e-2, loss_reduction=reduction, factor_dtype=torch.float64
             )
             _, after = step_once(model, pre, mse_per_example, xx, yy, reduction)
@@ -153,7 +152,7 @@ def test_same_shaped_layers_preconditioned_in_one_call(mode, monkeypatch):
         monkeypatch.setattr(kfac_kernels, name, counting(name, getattr(kfac_kernels, name)))
     layers = [nn.Linear(6, 6) for _ in range(5)]
     model = nn.Sequential(*[m for lin in layers for m in (lin, nn.Tanh())], nn.Linear(6, 2))
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64, **options)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64, **options)
     x, y = torch.randn(4, 6), torch.randn(4, 2)
     for _ in range(2):  # step 0 decomposes, step 1 reuses the decompositions
         calls.clear()

@@ -14,9 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from kfac_ef import KFACPreconditioner
-
-from .helpers import step_once
+from .helpers import seed_preconditioner, step_once
 from .reference import (
     dense_exact,
     dense_pi,
@@ -125,9 +123,9 @@ def test_random_models_match_dense_or_raise(arch, drawn, batch, seed):
     opts, bad = drawn
     if bad is not None:
         with pytest.raises((ValueError, TypeError), match=bad):
-            KFACPreconditioner(model, factor_dtype=torch.float64, **opts)
+            seed_preconditioner(model, factor_dtype=torch.float64, **opts)
         return
-    pre = KFACPreconditioner(model, factor_dtype=torch.float64, **opts)
+    pre = seed_preconditioner(model, factor_dtype=torch.float64, **opts)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *in_shape, generator=gen)
     y = torch.randn(batch, 2, generator=gen)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kfac_ef import KFACPreconditioner
+from .helpers import seed_preconditioner
 
 
 def _digits():
@@ -27,7 +27,7 @@ def test_soak_2000_steps_bfloat16_autocast():
     model = nn.Sequential(
         nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
     )
-    pre = KFACPreconditioner(model, damping=0.1, inv_update_steps=10)
+    pre = seed_preconditioner(model, damping=0.1, inv_update_steps=10)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
     losses = []
