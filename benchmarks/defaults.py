@@ -32,8 +32,6 @@ from common import RESULTS, append_csv, machine, set_threads, table  # noqa: E40
 from lm import TASKS as LM_TASKS  # noqa: E402
 from tasks import TASKS, Data, Method, Task, train  # noqa: E402
 
-from kfac_ef import KFACPreconditioner  # noqa: E402
-
 
 # ---------------------------------------------------------------------------------- gpt50k
 class _GPT50k(nn.Module):

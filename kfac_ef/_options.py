@@ -236,10 +236,13 @@ class KFACOptions:
             raise ValueError(f"Invalid exponent={p!r}: must be a number in [-1, 0)")
         object.__setattr__(self, "exponent", float(p))
         if p != -1.0 and self.damping_mode == "pi" and self.needs_kronecker_form:
+            what = (
+                f"constraint={self.constraint!r}"
+                if self.constraint == "kronecker"
+                else "track_loss_changes=True"
+            )
             raise ValueError(
-                f"Invalid exponent={p!r} with damping_mode='pi' and "
-                f"{'constraint=' + repr(self.constraint) if self.constraint == 'kronecker' else 'track_loss_changes=True'}"
-                ": the Kronecker form of π-damping is computed from damped inverses, so it "
+                f"Invalid exponent={p!r} with damping_mode='pi' and {what}: the Kronecker form of π-damping is computed from damped inverses, so it "
                 "needs exponent=-1; choose damping_mode='exact' or 'ekfac', or exponent=-1"
             )
 
