@@ -12,6 +12,7 @@ described in docs/empirical_fisher.md.
 
 from ._constraint import LossChangeDiagnostics
 from ._options import KFACOptions
+from .layers.rules import ModuleRule, register_module, unregister_module
 from .distributed import DistributedOptions
 from .mc import mc_backward
 from .preconditioner import Faults, KFACPreconditioner
@@ -27,7 +28,10 @@ __all__ = [
     "KFACPreconditioner",
     "LayerSummary",
     "LossChangeDiagnostics",
+    "ModuleRule",
     "Summary",
     "__version__",
     "mc_backward",
+    "register_module",
+    "unregister_module",
 ]

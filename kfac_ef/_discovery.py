@@ -182,10 +182,16 @@ def _scan_modules(model: nn.Module, opts: KFACOptions) -> _Scan:
             for p in params:
                 scan.left.setdefault(id(p), "skipped by skip_layers")
             continue
+        if not any(p.requires_grad for p in params):
+            for p in params:
+                scan.left.setdefault(id(p), "frozen (requires_grad is False)")
+            continue
         made = make_adapter(module)
         if isinstance(made, str):
             for p in params:
-                scan.left.setdefault(id(p), made)
+                scan.left.setdefault(
+                    id(p), made if p.requires_grad else "frozen (requires_grad is False)"
+                )
             continue
         made.batch_dim = 1 if id(module) in seq_first else 0
         scan.adapters[mname] = made
