@@ -12,8 +12,8 @@ described in docs/empirical_fisher.md.
 
 from ._constraint import LossChangeDiagnostics
 from ._options import KFACOptions
-from .layers.rules import ModuleRule, register_module, unregister_module
 from .distributed import DistributedOptions
+from .layers.rules import ModuleRule, register_module, unregister_module
 from .mc import mc_backward
 from .preconditioner import Faults, KFACPreconditioner
 from .summary import DiagonalSummary, LayerSummary, Summary
