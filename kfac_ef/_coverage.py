@@ -145,11 +145,11 @@ def warn_left_out(entries: list[ParamCoverage]) -> None:
     left = [e for e in mats if not e.covered]
     if not mats or len(left) <= LEFT_OUT_WARNING_SHARE * len(mats):
         return
-    first = left[0]
+    names = ", ".join(e.name for e in left[:3]) + (", ..." if len(left) > 3 else "")
     _warn.warn(
         f"kfac_ef: {len(left)} of {len(mats)} trainable non-embedding weight matrices are left "
-        f"to the optimizer (e.g. {first.name}: {first.reason}); summary() lists each with why, "
-        "and kfac_ef.register_module covers a class that computes a linear map"
+        f"to the optimizer ({names}); summary() says why for each, and "
+        "kfac_ef.register_module covers a class that computes a linear map or a norm"
     )
 
 
