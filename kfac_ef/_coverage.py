@@ -8,7 +8,10 @@ outside embeddings (the Linear, Conv, attention projection weights): the one tha
 whether the blocks are covered, and the one the construction warning watches.
 
 Embedding parameters are those of nn.Embedding modules (any subclass), including weights
-tied to them (a language model's output layer).
+tied to them (a language model's output layer), and learned position embeddings kept as
+plain parameters (a name containing ``pos_emb``, ``pos_embed`` or ``position_emb``, as
+torchvision's and timm's ViTs name them). A weight matrix is a parameter with at least two
+dimensions larger than 1 (a class token of shape (1, 1, D) is not one).
 
 Wide layers: a factor wider than ``max_factor_dim`` is kept diagonal (or block-diagonal,
 ``large_factor_block``) instead of dense; construction warns once, naming the layers and the
@@ -17,6 +20,7 @@ memory a dense factor would need.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
 # Construction warns when more than this share of the trainable non-embedding weight
 # matrices (not skipped by the user) is left to the optimizer.
 LEFT_OUT_WARNING_SHARE = 0.25
+_POSITION_EMBEDDING = re.compile(r"pos(ition)?_?emb", re.IGNORECASE)
 
 
 @dataclass
@@ -104,8 +109,9 @@ def params_of(
         ParamCoverage(
             name=names[id(p)],
             numel=p.numel(),
-            matrix=p.dim() >= 2,
-            embedding=id(p) in embedding_ids,
+            matrix=sum(size > 1 for size in p.shape) >= 2,
+            embedding=id(p) in embedding_ids
+            or bool(_POSITION_EMBEDDING.search(names[id(p)].rsplit(".", 1)[-1])),
             trainable=p.requires_grad,
             covered=id(p) not in left,
             reason=left.get(id(p)),

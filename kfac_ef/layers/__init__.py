@@ -129,6 +129,11 @@ def make_adapter(module: nn.Module) -> ModuleAdapter | str:
     for types, reason in _REASONS:
         if isinstance(module, types):
             return reason
+    if any(True for _ in module.children()):
+        return (
+            f"custom parameter of {kind.__name__} (used by its own forward, not through a "
+            "module with a rule: no Kronecker or per-example gradient rule for it)"
+        )
     return (
         f"module kind {kind.__name__} is not supported (no Kronecker or per-example gradient "
         "rule for a custom parameter or module; kfac_ef.register_module declares one for a "
