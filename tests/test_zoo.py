@@ -47,7 +47,7 @@ def _per_example(
         handles = []
         for m in modules:
 
-            def hook(mod, args, out, m=m):
+            def hook(mod, args, out, m=m, seen=seen):
                 out.retain_grad()
                 seen[m].append((args[0].detach(), out))
 
