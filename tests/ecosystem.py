@@ -2,10 +2,11 @@
 timm, lightning), or skipping with the reason.
 
 transformers (5.x) requires a package named ``kernels``; this repository has a top-level
-``kernels/`` directory (installed as ``kfac_ef.kernels``) that shadows it whenever the
-repository root is on ``sys.path``, as pytest puts it. The libraries are therefore imported
-with the repository root out of ``sys.path`` (restored afterwards), so that ``kernels``
-resolves to the installed package; kfac_ef itself never imports a top-level ``kernels``.
+``kernels/`` directory (installed as ``kfac_ef.kernels``) and a ``benchmarks/kernels.py``
+that shadow it whenever their directory is on ``sys.path`` (pytest puts the repository root
+there, a script its own directory). The libraries are therefore imported with those
+directories out of ``sys.path`` (restored afterwards), so that ``kernels`` resolves to the
+installed package; kfac_ef itself never imports a top-level ``kernels``.
 """
 
 from __future__ import annotations
@@ -19,13 +20,21 @@ from types import ModuleType
 
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def _is_checkout(path: str) -> bool:
+    """A directory of a kfac_ef checkout whose ``kernels`` (the repository root's kernels/,
+    benchmarks/kernels.py) would shadow the installed ``kernels`` package."""
+    path = os.path.abspath(path or os.getcwd())
+    return "site-packages" not in path and (
+        os.path.exists(os.path.join(path, "kernels", "_guard.py"))
+        or os.path.exists(os.path.join(path, "kernels.py"))
+    )
 
 
 @contextlib.contextmanager
 def _without_repo_root() -> Iterator[None]:
     saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _ROOT]
+    sys.path[:] = [p for p in sys.path if not _is_checkout(p)]
     try:
         yield
     finally:
