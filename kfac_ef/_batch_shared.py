@@ -59,7 +59,7 @@ def leave_out(est: Estimator, held: HeldCalls) -> None:
     layers, diagonal, n = find(est)
     if not layers and not diagonal:
         return
-    names = [e.name for e in [*layers, *diagonal]]
+    names = [la.name for la in layers] + [d.name for d in diagonal]
     if est.comm.distributed:
         raise RuntimeError(
             f"kfac_ef: {', '.join(names)} were called once on inputs broadcast over the batch "
