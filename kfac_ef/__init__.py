@@ -11,6 +11,7 @@ described in docs/empirical_fisher.md.
 """
 
 from ._constraint import LossChangeDiagnostics
+from ._coverage import Coverage
 from ._options import KFACOptions
 from .distributed import DistributedOptions
 from .layers.rules import ModuleRule, register_module, unregister_module
@@ -21,6 +22,7 @@ from .summary import DiagonalSummary, LayerSummary, Summary
 __version__ = "0.1.0"
 
 __all__ = [
+    "Coverage",
     "DiagonalSummary",
     "DistributedOptions",
     "Faults",
