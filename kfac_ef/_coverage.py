@@ -105,11 +105,14 @@ def params_of(
         if isinstance(m, nn.Embedding)
         for p in m.parameters(recurse=False)
     }
+    def lazy(p: nn.Parameter) -> bool:  # a lazy module's, not materialized: no size yet
+        return isinstance(p, nn.parameter.UninitializedParameter)
+
     return [
         ParamCoverage(
             name=names[id(p)],
-            numel=p.numel(),
-            matrix=sum(size > 1 for size in p.shape) >= 2,
+            numel=0 if lazy(p) else p.numel(),
+            matrix=not lazy(p) and sum(size > 1 for size in p.shape) >= 2,
             embedding=id(p) in embedding_ids
             or bool(_POSITION_EMBEDDING.search(names[id(p)].rsplit(".", 1)[-1])),
             trainable=p.requires_grad,
