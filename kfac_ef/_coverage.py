@@ -105,6 +105,7 @@ def params_of(
         if isinstance(m, nn.Embedding)
         for p in m.parameters(recurse=False)
     }
+
     def lazy(p: nn.Parameter) -> bool:  # a lazy module's, not materialized: no size yet
         return isinstance(p, nn.parameter.UninitializedParameter)
 
