@@ -11,8 +11,10 @@ described in docs/empirical_fisher.md.
 """
 
 from ._constraint import LossChangeDiagnostics
+from ._coverage import Coverage
 from ._options import KFACOptions
 from .distributed import DistributedOptions
+from .layers.rules import ModuleRule, register_module, unregister_module
 from .mc import mc_backward
 from .preconditioner import Faults, KFACPreconditioner
 from .summary import DiagonalSummary, LayerSummary, Summary
@@ -20,6 +22,7 @@ from .summary import DiagonalSummary, LayerSummary, Summary
 __version__ = "0.1.0"
 
 __all__ = [
+    "Coverage",
     "DiagonalSummary",
     "DistributedOptions",
     "Faults",
@@ -27,7 +30,10 @@ __all__ = [
     "KFACPreconditioner",
     "LayerSummary",
     "LossChangeDiagnostics",
+    "ModuleRule",
     "Summary",
     "__version__",
     "mc_backward",
+    "register_module",
+    "unregister_module",
 ]

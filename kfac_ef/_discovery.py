@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import _coverage
 from ._blocks import DiagonalParam, Layer
+from ._coverage import ParamCoverage
 from ._factors import plan_factor
 from ._options import KFACOptions
 from ._stats import DiagonalStatistics, LayerStatistics
@@ -79,6 +81,7 @@ class Discovered:
     unpreconditioned: list[tuple[str, str]]
     ties: list[tuple[str, str]]
     trainable: list[nn.Parameter]
+    coverage: list[ParamCoverage] = field(default_factory=list)
 
 
 def _seq_first_modules(model: nn.Module) -> set[int]:
@@ -153,7 +156,11 @@ def discover(model: nn.Module, opts: KFACOptions) -> Discovered:
     unpre = [(scan.names[id(p)], scan.left[id(p)]) for p in scan.order if id(p) not in scan.covered]
     routes = {m: scan.routes[m] for m in scan.adapters if m in scan.routes}  # module order
     trainable = [p for p in scan.order if p.requires_grad]
-    return Discovered(layers, diagonal, routes, unpre, scan.ties, trainable)
+    left = {pid: why for pid, why in scan.left.items() if pid not in scan.covered}
+    coverage = _coverage.params_of(model, scan.names, scan.order, left)
+    _coverage.warn_left_out(coverage)
+    _coverage.warn_wide(layers, opts)
+    return Discovered(layers, diagonal, routes, unpre, scan.ties, trainable, coverage)
 
 
 def _scan_modules(model: nn.Module, opts: KFACOptions) -> _Scan:
@@ -182,10 +189,16 @@ def _scan_modules(model: nn.Module, opts: KFACOptions) -> _Scan:
             for p in params:
                 scan.left.setdefault(id(p), "skipped by skip_layers")
             continue
+        if not any(p.requires_grad for p in params):
+            for p in params:
+                scan.left.setdefault(id(p), "frozen (requires_grad is False)")
+            continue
         made = make_adapter(module)
         if isinstance(made, str):
             for p in params:
-                scan.left.setdefault(id(p), made)
+                scan.left.setdefault(
+                    id(p), made if p.requires_grad else "frozen (requires_grad is False)"
+                )
             continue
         made.batch_dim = 1 if id(module) in seq_first else 0
         scan.adapters[mname] = made

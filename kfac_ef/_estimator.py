@@ -92,6 +92,7 @@ class Estimator:
         self.trainable = plan.trainable
         self.unpreconditioned = plan.unpreconditioned
         self.ties = plan.ties
+        self.coverage = plan.coverage
         self.by_name = {layer.name: layer for layer in self.layers}
         self.diag_by_name = {d.name: d for d in self.diagonal}
         self.buckets: list[Bucket] = make_buckets(self.layers)

@@ -105,6 +105,10 @@ class LayerStatistics:
         """Examples accumulated since the last ``take()``/``discard()`` (summed over passes)."""
         return self._passes.total()
 
+    def examples_per_pass(self) -> dict[int, int]:
+        """The batch size of this layer's calls in each pass since the last ``take()``."""
+        return dict(self._passes.examples)
+
     def _rows(self, t: Tensor, reduce_op: str) -> Tensor:
         """``(N, T, blocks, d)`` -> ``(blocks, rows, d)`` for the chosen approximation."""
         n, t_len, blocks, d = t.shape
@@ -208,6 +212,10 @@ class DiagonalStatistics:
     def examples(self) -> int:
         """Examples accumulated since the last ``take()``/``discard()`` (summed over passes)."""
         return self._passes.total()
+
+    def examples_per_pass(self) -> dict[int, int]:
+        """The batch size of this parameter's calls in each pass since the last ``take()``."""
+        return dict(self._passes.examples)
 
     def add(self, per_example: Tensor, pass_id: int) -> None:
         """Add one call's per-example gradients ``(N, *shape)`` to its pass."""

@@ -26,7 +26,12 @@ run inside the owner's ``ignored()`` block (see ``Capture.ignoring``).
 Calls are grouped into *passes*: all forward calls between two backward passes belong to one
 pass, so a module applied several times in one forward pass (shared weights across depth or
 time) is recognised as such, while micro-batches of gradient accumulation (forward, backward,
-forward, backward, ...) are separate passes.
+forward, backward, ...) are separate passes. A forward call made *during* a backward pass is
+a recomputation by activation checkpointing and belongs to the pass being backpropagated:
+with reentrant checkpointing (``use_reentrant=True``) the first forward runs without grad
+(nothing is kept), and the recomputed calls, whose gradients do arrive, are the module's
+calls of that pass; with non-reentrant checkpointing the recomputed outputs receive no
+gradient and record nothing.
 """
 
 from __future__ import annotations
@@ -51,6 +56,13 @@ def _in_functorch_transform() -> bool:
 
 
 _will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def _in_backward() -> bool:
+    """Whether the autograd engine is running a backward pass on this thread (a forward call
+    now is a recomputation by activation checkpointing)."""
+    return _graph_task_id is not None and _graph_task_id() != -1
 
 
 def _accumulators(params: list[nn.Parameter]) -> list[Any]:
@@ -227,7 +239,9 @@ class Capture:
                 return
             if _in_functorch_transform():
                 return
-            if self._backward_since_forward:
+            if self._backward_since_forward and not _in_backward():
+                # A forward call made during a backward pass is a recomputation (activation
+                # checkpointing): its calls belong to the pass being backpropagated.
                 self._pass_id += 1
                 self._backward_since_forward = False
             keep = module.training and self._wants_calls()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
-from . import _checkpoint, kernels, mc, summary
+from . import _batch_shared, _checkpoint, kernels, mc, summary
 from ._constraint import Held, LossChangeDiagnostics, summarize
 from ._controller import LossChangeController
 from ._discovery import Discovered, check_devices, discover
@@ -302,7 +302,11 @@ class KFACPreconditioner:
                 if opts.damping_mode == "ekfac" and route.layers:
                     self._held.fisher[name].append(call())
                 self._est.comm.on_record(name, pass_id)
-        if not self._sampling and opts.needs_loss_records:
+        if (
+            not self._sampling
+            and opts.needs_loss_records
+            and (route.layers or route.params or route.tied)
+        ):
             self._held.loss[name].append(call())
 
     @contextlib.contextmanager
@@ -407,6 +411,8 @@ class KFACPreconditioner:
                 "precond.step(), and step() once per backward (or per accumulated batch)"
             )
         opts, est, ctl = self.options, self._est, self._controller
+        if self._wants_statistics():
+            _batch_shared.leave_out(est, self._held)  # before anything reads the statistics
         if opts.fisher_type == "mc" and self._wants_statistics() and not self._sampled:
             self._clear_step()
             raise RuntimeError(

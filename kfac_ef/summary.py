@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from . import _ekfac
+from . import _coverage, _ekfac
+from ._coverage import Coverage
 
 if TYPE_CHECKING:
     from ._blocks import DiagonalParam
@@ -104,6 +105,17 @@ class Summary:
         workspace_bytes: estimate of the largest transient buffers of one step() (the
             gradients of the largest bucket of same-shaped layers, in and out of the
             preconditioning products); not part of ``total_bytes``.
+        coverage: shares of the trainable parameters preconditioned, with and without
+            embeddings, and the count of non-embedding weight matrices covered.
+        decomposition_flops: estimated floating-point operations of one decomposition of
+            every factor (the first step() does one, then every ``inv_update_steps``):
+            ``DECOMPOSITION_FLOPS_PER_D3`` · d³ per dense or block factor of width d
+            (a symmetric eigendecomposition with eigenvectors; a Cholesky inverse with
+            damping_mode="pi"), diagonal factors nothing.
+        largest_factors: ``(layer, side, width)`` of the widest decomposed factors, widest
+            first (at most five).
+        wide_factors: ``(layer, side, width, storage, dense bytes)`` of the factors kept
+            diagonal or block-diagonal because they are wider than ``max_factor_dim``.
     """
 
     layers: tuple[LayerSummary, ...]
@@ -111,6 +123,10 @@ class Summary:
     diagonal: tuple[DiagonalSummary, ...] = ()
     ties: tuple[tuple[str, str], ...] = ()
     workspace_bytes: int = 0
+    coverage: Coverage | None = None
+    decomposition_flops: float = 0.0
+    largest_factors: tuple[tuple[str, str, int], ...] = ()
+    wide_factors: tuple[tuple[str, str, int, str, int], ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -147,6 +163,23 @@ class Summary:
         lines.insert(1, "  ".join("-" * w for w in widths))
         work = _fmt_bytes(self.workspace_bytes)
         lines.append(f"step workspace (largest bucket, transient): {work}")
+        if self.coverage is not None:
+            lines.append(str(self.coverage))
+        if self.decomposition_flops:
+            widest = ", ".join(f"{n} {side} {d}" for n, side, d in self.largest_factors[:3])
+            lines.append(
+                f"decompositions: ~{self.decomposition_flops / 1e9:.3g} GFLOP each time (the "
+                f"first step(), then every inv_update_steps); widest: {widest}. Trade it with "
+                "inv_update_steps (how often), max_factor_dim / large_factor_block (how wide)"
+            )
+        if self.wide_factors:
+            lines.append(
+                "not dense (wider than max_factor_dim): "
+                + ", ".join(
+                    f"{n} {side} {d} ({st}; dense {_fmt_bytes(b)})"
+                    for n, side, d, st, b in self.wide_factors
+                )
+            )
         if self.ties:
             lines.append("")
             lines.append("tied parameters:")
@@ -214,13 +247,41 @@ def build(est: Estimator) -> Summary:
         # Gathered gradients, the products' intermediates and the result.
         size = 4 * blocks * bucket.g_spec.padded * bucket.a_spec.padded * item
         workspace = max(workspace, size)
+    flops, largest = _decomposition_cost(est)
     return Summary(
         tuple(rows),
         tuple(est.unpreconditioned),
         diagonal=tuple(diag),
         ties=tuple(est.ties),
         workspace_bytes=workspace,
+        coverage=_coverage.shares(est.coverage),
+        decomposition_flops=flops,
+        largest_factors=largest,
+        wide_factors=tuple(_coverage.wide_factors(est.layers)),
     )
+
+
+# Flops of one decomposition of a dense symmetric d×d factor, in units of d³: a symmetric
+# eigendecomposition with eigenvectors (tridiagonal reduction 4/3 d³, divide and conquer
+# and back-transformation ≈ 4 d³ more, rounded up: ≈ 9 d³ as commonly quoted for syevd);
+# a Cholesky factorization and inverse ("pi") ≈ d³.
+DECOMPOSITION_FLOPS_PER_D3 = {"exact": 9.0, "ekfac": 9.0, "pi": 1.0}
+
+
+def _decomposition_cost(est: Estimator) -> tuple[float, tuple[tuple[str, str, int], ...]]:
+    """Estimated flops of one decomposition of every factor, and the widest factors."""
+    per_d3 = DECOMPOSITION_FLOPS_PER_D3.get(est.options.damping_mode, 9.0)
+    flops = 0.0
+    sizes: list[tuple[str, str, int]] = []
+    for layer in est.layers:
+        blocks = layer.adapter.blocks
+        for side, spec in (("A", layer.a_spec), ("G", layer.g_spec)):
+            if spec.diagonal:
+                continue
+            flops += per_d3 * blocks * spec.nb * float(spec.bs) ** 3
+            sizes.append((layer.name, side, spec.bs))
+    sizes.sort(key=lambda t: -t[2])
+    return flops, tuple(sizes[:5])
 
 
 def _param_name(est: Estimator, p: nn.Parameter) -> str:

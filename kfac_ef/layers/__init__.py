@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from . import embedding
+from . import embedding, rules
 from .attention import MultiheadAttentionAdapter
 from .base import (
     Inputs,
@@ -41,6 +41,23 @@ DIAGONAL_KINDS = (
     nn.InstanceNorm3d,
     nn.PReLU,
 )
+
+_INSTANCE = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+# Torch classes whose subclasses are covered after a probe check against the base formula.
+_BASES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Embedding,
+    nn.LayerNorm,
+    nn.RMSNorm,
+    nn.GroupNorm,
+    nn.PReLU,
+)
+# Subclasses never adapted as their base: lazy modules (not materialized), and classes with
+# a reason of their own.
+_NO_SUBCLASS: tuple[type, ...] = (nn.modules.lazy.LazyModuleMixin,)
 
 # Linear subclasses whose forward is nn.Linear's (the out_proj type of MultiheadAttention).
 _LINEAR_TYPES = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
@@ -85,11 +102,76 @@ _REASONS: tuple[tuple[Any, str], ...] = (
 def make_adapter(module: nn.Module) -> ModuleAdapter | str:
     """The adapter for ``module``, or a string saying why it cannot be preconditioned at all.
 
-    Only the exact supported types are adapted: a subclass may change ``forward`` (e.g.
-    quantized or LoRA variants), so it is reported, never silently treated as its base class.
-    An adapter may still cover only some parameters (frozen weights: no Kronecker layer).
+    The exact supported torch types have their adapters. Any other module is matched by what
+    it is expected to compute (``rules``: a rule registered for its class, the torch class
+    it subclasses, or a built-in rule for another library's class) and adapted only if a
+    probe call at construction confirms it: a subclass may change ``forward`` (quantized or
+    LoRA variants), so it is never silently treated as its base class. An adapter may still
+    cover only some parameters (frozen weights: no Kronecker layer).
     """
     kind = type(module)
+    exact = _exact_adapter(module)
+    if exact is not None:
+        return exact
+    found = rules.find_rule(module)
+    if found is not None and not isinstance(module, _BASES):
+        rule, origin = found
+        why = rules.check_rule(module, rule)
+        if why is None:
+            return rules.adapt(module, rule)
+        return (
+            f"{kind.__name__} ({origin}: {rule.computes!r}) failed the probe check, {why}; "
+            "left out (kfac_ef.register_module declares what a class computes)"
+        )
+    for base in _BASES:
+        if isinstance(module, base) and not isinstance(module, _NO_SUBCLASS):
+            return _adapt_subclass(module, base, found)
+    for types, reason in _REASONS:
+        if isinstance(module, types):
+            return reason
+    if any(True for _ in module.children()):
+        return (
+            f"custom parameter of {kind.__name__} (used by its own forward, not through a "
+            "module with a rule: no Kronecker or per-example gradient rule for it)"
+        )
+    return (
+        f"module kind {kind.__name__} is not supported (no Kronecker or per-example gradient "
+        "rule for a custom parameter or module; kfac_ef.register_module declares one for a "
+        "class that computes a linear map, a norm or a scale)"
+    )
+
+
+def _adapt_subclass(
+    module: nn.Module, base: type[nn.Module], found: tuple[rules.ModuleRule, str] | None
+) -> ModuleAdapter | str:
+    """A subclass of a supported torch class: a rule registered for it, else the base
+    class's formula, else a built-in look-alike rule (timm's LayerNorm2d is an nn.LayerNorm
+    over the channels), each only if the probe agrees."""
+    name = type(module).__name__
+    if found is not None and found[1] != "built-in rule":
+        why = rules.check_rule(module, found[0])
+        if why is None:
+            return rules.adapt(module, found[0])
+        return f"{name} ({found[1]}: {found[0].computes!r}) failed the probe check, {why}"
+    why = rules.check_subclass(module, base)
+    if why is None:
+        adapter = _exact_adapter(module, base)
+        assert adapter is not None
+        if isinstance(adapter, ModuleAdapter):
+            adapter.kind = name
+        return adapter
+    if found is not None and rules.check_rule(module, found[0]) is None:
+        return rules.adapt(module, found[0])
+    return (
+        f"{name}, a subclass of nn.{base.__name__}, failed the probe check against "
+        f"nn.{base.__name__}'s formula: {why}; left out (if it computes something a rule "
+        "covers, declare it with kfac_ef.register_module)"
+    )
+
+
+def _exact_adapter(module: nn.Module, kind: type | None = None) -> ModuleAdapter | str | None:
+    """The adapter of an exact supported type (``kind``: treat the module as that type)."""
+    kind = kind or type(module)
     if kind in _LINEAR_TYPES:
         return LinearAdapter(module)  # type: ignore[arg-type]
     if kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
@@ -107,16 +189,8 @@ def make_adapter(module: nn.Module) -> ModuleAdapter | str:
         return ChannelNormAdapter(module)
     if kind is nn.PReLU:
         return PReLUAdapter(module)
-    for types, reason in _REASONS:
-        if isinstance(module, types):
-            return reason
-    return (
-        f"module kind {kind.__name__} is not supported (no Kronecker or per-example gradient "
-        "rule for a custom parameter or module)"
-    )
+    return None
 
-
-_INSTANCE = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 __all__ = [
     "DIAGONAL_KINDS",
@@ -127,4 +201,5 @@ __all__ = [
     "Observation",
     "OneHotInputs",
     "make_adapter",
+    "rules",
 ]

@@ -18,14 +18,12 @@ from torch import Tensor, nn
 
 from .base import LayerAdapter, _prod, flatten_positions
 
-_CONV_NDIM = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-
 
 class ConvAdapter(LayerAdapter):
     kind = "Conv"
 
     def __init__(self, module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
-        self.ndim = _CONV_NDIM[type(module)]
+        self.ndim = len(module.kernel_size)
         groups = module.groups
         k = tuple(module.kernel_size)
         super().__init__(
