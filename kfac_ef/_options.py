@@ -242,8 +242,9 @@ class KFACOptions:
                 else "track_loss_changes=True"
             )
             raise ValueError(
-                f"Invalid exponent={p!r} with damping_mode='pi' and {what}: the Kronecker form of π-damping is computed from damped inverses, so it "
-                "needs exponent=-1; choose damping_mode='exact' or 'ekfac', or exponent=-1"
+                f"Invalid exponent={p!r} with damping_mode='pi' and {what}: the Kronecker "
+                "form of π-damping is computed from damped inverses, so it needs exponent=-1; "
+                "choose damping_mode='exact' or 'ekfac', or exponent=-1"
             )
 
     def _check_constraint(self) -> None:

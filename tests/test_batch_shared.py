@@ -10,10 +10,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kfac_ef import KFACPreconditioner
-
 from . import internals
-from .helpers import step_once
+from .helpers import seed_preconditioner, step_once
 from .reference import layer_io, mse_per_example, reference_factors
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -47,7 +45,7 @@ def _data(n=5, t=4):
 def test_batch_shared_layer_is_left_out_with_one_warning(constraint):
     model = PositionModel()
     kw = dict(target_loss_change=0.1, lr=0.1, loss_change_unit="absolute") if constraint else {}
-    pre = KFACPreconditioner(model, damping=1e-2, factor_dtype=torch.float64, **kw)
+    pre = seed_preconditioner(model, damping=1e-2, factor_dtype=torch.float64, **kw)
     x, y = _data()
     caught = []
     for _ in range(2):
@@ -67,7 +65,7 @@ def test_batch_shared_layer_is_left_out_with_one_warning(constraint):
 def test_other_layers_are_not_mis_scaled():
     """The layers that see the batch get the factors of the per-example reference."""
     model = PositionModel()
-    pre = KFACPreconditioner(model, damping=1e-2, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, damping=1e-2, factor_dtype=torch.float64)
     x, y = _data()
     io = layer_io(model, model.lin, mse_per_example, x, y)
     with pytest.warns(RuntimeWarning, match="broadcast over the batch"):
@@ -80,7 +78,7 @@ def test_other_layers_are_not_mis_scaled():
 
 def test_expanded_positions_are_covered():
     model = PositionModel(expand=True)
-    pre = KFACPreconditioner(model, damping=1e-2, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, damping=1e-2, factor_dtype=torch.float64)
     x, y = _data()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -116,7 +114,7 @@ def test_checkpointing_matches_the_plain_run(reentrant, micro_batches):
     for mode in (None, reentrant):
         torch.manual_seed(0)
         model = Checkpointed(mode)
-        pre = KFACPreconditioner(
+        pre = seed_preconditioner(
             model,
             damping=1e-2,
             factor_dtype=torch.float64,

@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfac_ef
-from kfac_ef import KFACPreconditioner
 
 from . import ecosystem
-from .helpers import step_once
+from .helpers import seed_preconditioner, step_once
 from .reference import (
     dense_exact_matrix,
     layer_io,
@@ -114,7 +113,7 @@ def registered_proj():
 
 
 def _transposed_check(model, name, module, x, y, damping=1e-2, weight="w", bias="b"):
-    pre = KFACPreconditioner(model, damping=damping, factor_dtype=torch.float64)
+    pre = seed_preconditioner(model, damping=damping, factor_dtype=torch.float64)
     assert name in [r.name for r in pre.summary().layers]
     io = layer_io(model, module, mse_per_example, x, y)
     a_rows = [a.reshape(-1, a.shape[-1]) for calls in io for a, _ in calls]
@@ -147,12 +146,12 @@ def test_transformers_conv1d_matches_dense():
             m.bias.normal_(0, 0.1)
     x, y = torch.randn(4, 3, 5), torch.randn(4, 3)
     _transposed_check(model, "0", model[0], x, y, weight="weight", bias="bias")
-    assert {r.kind for r in KFACPreconditioner(model).summary().layers} == {"Conv1D"}
+    assert {r.kind for r in seed_preconditioner(model).summary().layers} == {"Conv1D"}
 
 
 def test_subclasses_are_probed():
     model = nn.Sequential(PlainLinear(4, 5), nn.Tanh(), DoubledLinear(5, 2))
-    pre = KFACPreconditioner(model)
+    pre = seed_preconditioner(model)
     layers = {r.name: r.kind for r in pre.summary().layers}
     assert layers == {"0": "PlainLinear"}
     reasons = dict(pre.summary().unpreconditioned)
@@ -197,7 +196,7 @@ def test_lookalike_norms_match_per_example_gradients(name):
             if n in names:
                 p.add_(0.3 * torch.randn_like(p))
     damping = 1e-2
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model, damping=damping, factor_dtype=torch.float64, other_params="diagonal"
     )
     assert {d.name for d in pre.summary().diagonal} == set(names)
@@ -213,7 +212,7 @@ def test_lookalike_norms_match_per_example_gradients(name):
 
 def test_lookalike_that_computes_something_else_is_left_out():
     model = NormModel(OffsetRMSNorm(6))
-    pre = KFACPreconditioner(model, other_params="diagonal")
+    pre = seed_preconditioner(model, other_params="diagonal")
     reasons = dict(pre.summary().unpreconditioned)
     assert "probe" in reasons["norm.weight"] and "OffsetRMSNorm" in reasons["norm.weight"]
     assert not pre.summary().diagonal
@@ -222,7 +221,7 @@ def test_lookalike_that_computes_something_else_is_left_out():
 def test_frozen_norms_are_listed_as_frozen():
     model = NormModel(HFStyleRMSNorm(6))
     model.norm.weight.requires_grad_(False)
-    reasons = dict(KFACPreconditioner(model, other_params="diagonal").summary().unpreconditioned)
+    reasons = dict(seed_preconditioner(model, other_params="diagonal").summary().unpreconditioned)
     assert reasons["norm.weight"].startswith("frozen")
 
 
@@ -235,7 +234,7 @@ def test_register_module_validates():
 
 def test_unregistered_class_says_how_to_register():
     model = nn.Sequential(nn.Linear(3, 4), Proj(4, 2))
-    reasons = dict(KFACPreconditioner(model).summary().unpreconditioned)
+    reasons = dict(seed_preconditioner(model).summary().unpreconditioned)
     assert "register_module" in reasons["1.w"]
 
 
@@ -243,7 +242,7 @@ def test_registered_class_that_lies_is_left_out():
     kfac_ef.register_module(Proj, "linear", weight="w", bias="b")  # it is "linear_transposed"
     try:
         model = nn.Sequential(nn.Linear(3, 4), Proj(4, 4))
-        reasons = dict(KFACPreconditioner(model).summary().unpreconditioned)
+        reasons = dict(seed_preconditioner(model).summary().unpreconditioned)
         assert "probe" in reasons["1.w"]
     finally:
         kfac_ef.unregister_module(Proj)
@@ -262,19 +261,19 @@ def test_left_out_weight_matrices_warn_once(registered_proj):
 
     model = nn.Sequential(blocks(), *[Proj(4, 4) for _ in range(3)])
     kfac_ef.unregister_module(Proj)
-    pre, caught = _warnings(lambda: KFACPreconditioner(model))
+    pre, caught = _warnings(lambda: seed_preconditioner(model))
     assert len([m for m in caught if "non-embedding weight matrices" in m]) == 1
     assert any("3 of 5" in m and "1.w, 2.w, 3.w" in m for m in caught)
     pre.remove()
     kfac_ef.register_module(Proj, "linear_transposed", weight="w", bias="b")
-    _, caught = _warnings(lambda: KFACPreconditioner(model))
+    _, caught = _warnings(lambda: seed_preconditioner(model))
     assert not [m for m in caught if "non-embedding weight matrices" in m]
 
 
 def test_coverage_shares_with_and_without_embeddings():
     emb = nn.Embedding(100, 4)  # 400 entries, covered
     model = nn.Sequential(emb, nn.Linear(4, 4), Proj(4, 4))  # 20 covered, 20 left out
-    pre = KFACPreconditioner(model)
+    pre = seed_preconditioner(model)
     cov = pre.summary().coverage
     assert cov is not None
     assert cov.params == pytest.approx(420 / 440)
@@ -286,7 +285,7 @@ def test_coverage_shares_with_and_without_embeddings():
 
 def test_wide_factors_warn_and_the_decomposition_cost_is_estimated():
     model = nn.Sequential(nn.Linear(40, 3), nn.Tanh(), nn.Linear(3, 2))
-    pre, caught = _warnings(lambda: KFACPreconditioner(model, max_factor_dim=16))
+    pre, caught = _warnings(lambda: seed_preconditioner(model, max_factor_dim=16))
     wide = [m for m in caught if "max_factor_dim=16" in m]
     assert len(wide) == 1 and "0 A (41 wide, diagonal" in wide[0]
     s = pre.summary()
@@ -296,5 +295,5 @@ def test_wide_factors_warn_and_the_decomposition_cost_is_estimated():
     assert s.decomposition_flops == pytest.approx(9.0 * (3**3 + 4**3 + 2**3))
     assert s.largest_factors[0] == ("2", "A", 4)
     assert "inv_update_steps" in str(s) and "max_factor_dim" in str(s)
-    s_pi = KFACPreconditioner(nn.Linear(3, 2), damping_mode="pi").summary()
+    s_pi = seed_preconditioner(nn.Linear(3, 2), damping_mode="pi").summary()
     assert s_pi.decomposition_flops == pytest.approx(4**3 + 2**3)

@@ -12,8 +12,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from kfac_ef import KFACPreconditioner
-
+from .helpers import seed_preconditioner
 from .reference import clean_copy, homogeneous, positions
 from .zoo_models import ZOO, ZooModel
 
@@ -103,7 +102,7 @@ def _prepare(entry: ZooModel) -> nn.Module:
 def test_zoo(name):
     entry = ZOO[name]
     model = _prepare(entry)
-    pre = KFACPreconditioner(
+    pre = seed_preconditioner(
         model, damping=1e-2, factor_dtype=torch.float64, other_params="diagonal"
     )
     gen = torch.Generator().manual_seed(1)
@@ -166,7 +165,7 @@ def test_hf_llama_gradient_checkpointing_matches_the_plain_run(reentrant):
                 gradient_checkpointing_kwargs={"use_reentrant": reentrant}
             )
         model.train()
-        pre = KFACPreconditioner(
+        pre = seed_preconditioner(
             model, damping=1e-2, factor_dtype=torch.float64, target_loss_change=0.5, lr=0.1,
             loss_change_unit="absolute",
         )  # fmt: skip
