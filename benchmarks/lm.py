@@ -348,8 +348,9 @@ def _methods(task: str, names: list[str] | None, extra: list[str]) -> list[LMMet
         opts = json.loads(options)
         lr = opts.pop("lr", base)
         optimizer = opts.pop("optimizer", "adamw")
+        adamw_lr = opts.pop("adamw_lr", None)
         kfac = opts if opts.pop("kfac", True) is not None else None
-        methods.append(LMMethod(name, optimizer, lr, kfac=kfac))
+        methods.append(LMMethod(name, optimizer, lr, kfac=kfac, adamw_lr=adamw_lr))
     if soap_class() is None:
         print("SOAP skipped: pip install pytorch_optimizer (the bench extra)")
         methods = [m for m in methods if m.optimizer != "soap"]

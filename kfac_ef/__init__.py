@@ -1,6 +1,6 @@
 """kfac_ef: Kronecker-factored preconditioning with the empirical Fisher.
 
-precond = KFACPreconditioner(model, damping=1e-3)
+precond = KFACPreconditioner(model)
 loss.backward()
 precond.step()        # rewrites p.grad in place
 optimizer.step()      # any torch optimizer

@@ -104,9 +104,10 @@ class KFACOptions:
 
     Attributes:
         damping: ε > 0, added to the Kronecker-factored curvature: (G⊗A + εI)⁻¹.
-        damping_unit: "absolute" (default: ε as given) or "relative" (ε times each Kronecker
-            block's mean curvature eigenvalue (tr G / dim G)(tr A / dim A), set at every
-            decomposition; for a diagonal parameter ε times the mean of its F; docs/math.md).
+        damping_unit: "relative" (default: ε times each Kronecker block's mean curvature
+            eigenvalue (tr G / dim G)(tr A / dim A), set at every decomposition; for a
+            diagonal parameter ε times the mean of its F; docs/math.md) or "absolute" (ε as
+            given).
         factor_decay: β ∈ [0, 1); running average F ← β F + (1-β) F_batch of A and G.
             0 keeps only the latest statistics. The first update sets F = F_batch.
         factor_update_steps: statistics are captured on steps 0, k, 2k, ...
@@ -155,9 +156,10 @@ class KFACOptions:
             "exact" and "ekfac" apply it to their eigenvalues (or S); "pi" raises both
             damped factors to p (its Kronecker form, for constraint="kronecker" or
             track_loss_changes, needs p = -1).
-        grafting: "none" or "gradient": each Kronecker block's (and diagonal parameter's)
+        grafting: "gradient" (each Kronecker block's, and diagonal parameter's,
             preconditioned gradient rescaled to the norm of its raw gradient, so that the
-            preconditioner chooses the direction and the optimizer's own step size holds.
+            preconditioner chooses the direction and the optimizer's own step size holds)
+            or "none".
     """
 
     damping: float = 1e-2

@@ -74,11 +74,17 @@ class KFACPreconditioner:
 
     Args:
         model: the model; its supported submodules are hooked at construction.
-        damping: ε > 0.
-        damping_unit: "absolute" (default: ε as given) or "relative" (per Kronecker block,
-            ε times the mean eigenvalue of G⊗A, (tr G/dim G)(tr A/dim A), fixed at each
-            decomposition; for a diagonal parameter ε times the mean of its F). Relative ε
+        damping: ε > 0 (default 1e-2, in the unit below).
+        damping_unit: "relative" (default: per Kronecker block, ε times the mean eigenvalue
+            of G⊗A, (tr G/dim G)(tr A/dim A), fixed at each decomposition; for a diagonal
+            parameter ε times the mean of its F) or "absolute" (ε as given). Relative ε
             means the same at every scale of the loss and of the layer's activations.
+        exponent: p of the update (G⊗A + εI)^p ∇, in [-1, 0). Default -1/4 (measured best
+            under AdamW on the benchmarks, docs/guides/transformers.md); -1 is the seed's
+            natural-gradient step, -1/2 the power of Adam and Shampoo.
+        grafting: "gradient" (default: each Kronecker block's, and diagonal parameter's,
+            preconditioned gradient rescaled to its raw gradient's norm, so the optimizer's
+            learning rate keeps its meaning) or "none".
         factor_decay: β ∈ [0, 1) of the running averages of A and G.
         factor_update_steps: collect statistics every k-th step (steps 0, k, 2k, ...).
         inv_update_steps: recompute decompositions at step 0 and every k-th step.
