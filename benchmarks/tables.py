@@ -272,6 +272,8 @@ TASK_LABELS = {
     "autoencoder": "digits autoencoder",
     "classification": "digits classification",
     "chargpt": "char-level GPT",
+    "lm256": "char-level GPT, dim 256 × 4 blocks",
+    "gpt50k": "GPT, 50 257-token vocabulary (one batch)",
 }
 METRIC_UNITS = {"autoencoder": "MSE", "classification": "loss", "chargpt": "nats/char"}
 METHOD_LABELS = {
@@ -744,8 +746,61 @@ def memory(results: Path, date: str) -> str:
     return markdown(header, out)
 
 
+# ------------------------------------------------------------------------------ language models
+def lm(results: Path, task: str, run: str) -> str:
+    """benchmarks/lm.py: one task of one run (date or revision), per method over the seeds."""
+    rows = [r for r in run_of(read(results, "lm.csv"), run, "lm.csv") if r["task"] == task]
+    out = []
+    for method in unique(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        steps = [num(r["steps_to_target"]) if r["steps_to_target"] else math.inf for r in mine]
+        secs = [num(r["seconds_to_target"]) if r["seconds_to_target"] else math.inf for r in mine]
+        base = {r["seed"]: r for r in rows if r["method"] == "AdamW"}
+        step_ratio = [v / num(base[r["seed"]]["steps"]) for v, r in zip(steps, mine)]
+        time_ratio = [v / num(base[r["seed"]]["seconds"]) for v, r in zip(secs, mine)]
+        hit = [v for v in step_ratio if math.isfinite(v)]
+        out.append(
+            [
+                method,
+                short(num(mine[0]["lr"])),
+                pm(_col(mine, "final"), 3),
+                pm(_col(mine, "loss_at_adamw_time"), 3),
+                f"{pm(hit, 2) if hit else DASH} ({len(hit)}/{len(mine)})",
+                pm([v for v in time_ratio if math.isfinite(v)], 2) if hit else DASH,
+                pm(_col(mine, "ms_per_step"), 1),
+                str(sum(int(r["diverged"]) or bool(r["error"]) for r in mine)),
+            ]
+        )
+    header = ["method", "lr", "final loss", "loss at AdamW's time", "steps to target / AdamW's",
+              "time to target / AdamW's", "ms/step", "diverged"]  # fmt: skip
+    return markdown(header, out)
+
+
+def defaults(results: Path, run: str) -> str:
+    """benchmarks/defaults.py: per task and optimizer, the final metric at 0.3×, 1×, 3× the
+    tuned learning rate, alone / with KFACPreconditioner(model)."""
+    rows = run_of(read(results, "defaults.csv"), run, "defaults.csv")
+    out = []
+    for task in unique(r["task"] for r in rows):
+        for opt in unique(r["optimizer"] for r in rows if r["task"] == task):
+            cells = []
+            for factor in unique(r["lr_factor"] for r in rows):
+                pair = {}
+                for r in rows:
+                    if (r["task"], r["optimizer"], r["lr_factor"]) == (task, opt, factor):
+                        value = num(r["final"])
+                        pair[bool(r["kfac"])] = "diverged" if int(r["diverged"]) else f"{value:.3g}"
+                cells.append(f"{pair.get(False, DASH)} / {pair.get(True, DASH)}")
+            name = {"adamw": "AdamW", "sgd": "SGD (momentum 0.9)"}[opt]
+            out.append([TASK_LABELS.get(task, task), name, *cells])
+    factors = [f"{short(num(f))}× lr" for f in unique(r["lr_factor"] for r in rows)]
+    return markdown(["task", "optimizer", *factors], out)
+
+
 TABLES: dict[str, Callable[..., str]] = {
     "demo": demo,
+    "lm": lm,
+    "defaults": defaults,
     "step-overhead-2threads": step_overhead_readme,
     "transformer": transformer,
     "summary": summary,

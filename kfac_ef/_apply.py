@@ -112,12 +112,28 @@ class Bucket:
             if extra is not None:
                 extra = extra * ratio.square()
 
+        if stacked is not self.stacked and stacked.n is not None:
+            # eigen_adam updated the moments of a copy (some members had no gradient this
+            # step): write them back to the members' own
+            self._write_back(stacked, [layer for layer, _ in members])
         if out is not grads:  # a new tensor, laid out like the gathered one
             slots = self._part_views(out, members)
         torch._foreach_copy_(sources, slots)
         for _, parts in members:
             parts.flush()
         return [layer for layer, _ in members], extra
+
+    @staticmethod
+    def _write_back(stacked: Decomposition, layers: list[Layer]) -> None:
+        offset = 0
+        for layer in layers:
+            dec = layer.decomposition
+            assert dec is not None and dec.s is not None and dec.n is not None
+            assert stacked.s is not None and stacked.n is not None
+            k = dec.n.shape[0]
+            dec.s.copy_(stacked.s[offset : offset + k])
+            dec.n.copy_(stacked.n[offset : offset + k])
+            offset += k
 
     def _part_views(
         self, stack: Tensor, members: list[tuple[Layer, GradientParts]]

@@ -238,16 +238,33 @@ def carried_scale(layer: Layer, new: Decomposition) -> Tensor:
     return _ekfac.initial_scale(new.lg, new.la, layer.g_spec, layer.a_spec)
 
 
+def carried_moment(layer: Layer, new: Decomposition) -> tuple[Tensor, Tensor]:
+    """damping_mode="eigen_adam": the running second moment of the minibatch gradient in the
+    new eigenbasis and its update count per Kronecker block: the previous moment transported
+    to the new basis (as EKFAC's scale, ``_ekfac.transport``), or zeros with a count of 0
+    (Adam's bias correction then makes the first moment that step's squared gradient)."""
+    old = layer.decomposition
+    assert new.lg is not None
+    if old is not None and old.s is not None and old.n is not None:
+        return _ekfac.transport(old.s, old, new, layer.g_spec, layer.a_spec), old.n.clone()
+    b = layer.adapter.blocks
+    shape = (b, layer.g_spec.padded, layer.a_spec.padded)
+    s = torch.zeros(shape, dtype=new.lg.dtype, device=new.lg.device)
+    return s, torch.zeros(b, dtype=new.lg.dtype, device=new.lg.device)
+
+
 def decomposition_keys(layer: Layer, damping_mode: str, damping_unit: str = "absolute") -> set[str]:
     """The entries of a complete decomposition of ``layer`` (a checkpoint missing one is
     decomposed afresh): a diagonal factor has eigenvalues but no eigenbasis; relative
     damping adds the blocks' ε ("eps")."""
     if damping_mode == "pi":
         return {"ig", "ia", "cg", "ca"}
-    keys = {"lg", "la"} | ({"eps"} if damping_unit == "relative" else set())
+    keys = {"lg", "la"}
+    keys |= {"eps"} if damping_unit == "relative" and damping_mode != "eigen_adam" else set()
     keys |= {"qg"} if layer.g_spec.has_basis else set()
     keys |= {"qa"} if layer.a_spec.has_basis else set()
-    return keys | ({"s"} if damping_mode == "ekfac" else set())
+    keys |= {"s"} if damping_mode == "ekfac" else set()
+    return keys | ({"s", "n"} if damping_mode == "eigen_adam" else set())
 
 
 @dataclass(eq=False)
@@ -560,7 +577,9 @@ def _install(
         new.ca = shifts[(id(layer), "A")].to(new.ig.dtype)
     elif damping_mode == "ekfac":
         new.s = carried_scale(layer, new)
-    if damping_mode != "pi" and scale is not None:
+    elif damping_mode == "eigen_adam":
+        new.s, new.n = carried_moment(layer, new)
+    if damping_mode in ("exact", "ekfac") and scale is not None:
         assert new.lg is not None
         new.eps = (damping * scale).to(new.lg.dtype)
     layer.decomposition = new

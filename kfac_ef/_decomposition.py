@@ -6,7 +6,9 @@ _factors); a bucket stacks its layers' along the same dimension.
 - "exact" and "ekfac": eigenbases ``qg``, ``qa`` (None for a diagonal factor, whose basis is
   the identity) and eigenvalues ``lg``, ``la``, so that (G⊗A + εI)⁻¹ is applied in the
   eigenbasis; "ekfac" adds the scale ``s`` that replaces λ_G λ_Aᵀ; relative damping adds
-  ``eps``, one ε per Kronecker block.
+  ``eps``, one ε per Kronecker block. "eigen_adam": the eigenbases and eigenvalues of
+  "exact", the running second moment ``s`` of the minibatch gradient in them and its update
+  count ``n`` per Kronecker block (Adam's bias correction).
 - "pi": damped inverses ``ig`` = (G + c_G I)⁻¹ and ``ia`` = (A + c_A I)⁻¹ and their shifts
   ``cg``, ``ca`` (one per stored block).
 
@@ -35,6 +37,7 @@ class Decomposition:
     ca: Tensor | None = None
     s: Tensor | None = None
     eps: Tensor | None = None
+    n: Tensor | None = None
 
     @classmethod
     def of_sides(

@@ -29,6 +29,7 @@ from ._decomposition import Decomposition
 from ._discovery import Discovered, Route
 from ._factors import (
     FactorSpec,
+    precondition_eigen_adam,
     precondition_inverse_with_form,
     precondition_structured_eigen,
     precondition_structured_inverse,
@@ -379,6 +380,16 @@ class Estimator:
             return factored
 
         exponent = self.options.exponent
+        if mode == "eigen_adam":
+            relative = self.options.damping_unit == "relative"
+            decay = self.options.factor_decay
+
+            def adam(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Any:
+                return precondition_eigen_adam(
+                    grads, st, gs, as_, eps, relative, decay, exponent, with_form
+                )
+
+            return adam
 
         def eigen(grads: Tensor, st: Decomposition, gs: FactorSpec, as_: FactorSpec) -> Any:
             scale = st.s  # EKFAC

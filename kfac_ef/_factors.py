@@ -300,6 +300,51 @@ def precondition_structured_eigen(
     return out, (k * v.square()).sum(dim=(1, 2))
 
 
+def precondition_eigen_adam(
+    grads: Tensor,
+    dec: Decomposition,
+    g_spec: FactorSpec,
+    a_spec: FactorSpec,
+    damping: float,
+    relative: bool,
+    decay: float,
+    exponent: float,
+    with_form: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """damping_mode="eigen_adam": the gradient in the factors' eigenbasis, V = Q_Gᵀ ∇ Q_A,
+    scaled by Adam's second moment of it, then rotated back:
+
+        S ← β S + (1 - β) V⊙V,   Ŝ = S / (1 - βⁿ),   ∇̃ = Q_G [V ⊙ (Ŝ + ε)^p] Q_Aᵀ,
+
+    updated in place in ``dec`` (``s``, and the count ``n`` per block). ε is ``damping``, or
+    with ``relative`` ``damping`` times the mean of Ŝ over the block. With p = -1/2 this is
+    an Adam step (without its momentum) in K-FAC's eigenbasis. With ``with_form`` also the
+    ``(B,)`` forms Σ_ij K_ij Ṽ_ij² of K-FAC's curvature K = λ_G λ_Aᵀ.
+    """
+    s, n = dec.s, dec.n
+    assert s is not None and n is not None
+    b = grads.shape[0]
+    v = rotate_a(rotate_g(grads, dec.qg, g_spec, transpose=True), dec.qa, a_spec, transpose=False)
+    n.add_(1.0)
+    s.mul_(decay).addcmul_(v, v, value=1.0 - decay)
+    s_hat = s / (1.0 - torch.pow(decay, n)).view(b, 1, 1)
+    eps: float | Tensor = damping
+    if relative:
+        mean = s_hat.mean(dim=(1, 2), keepdim=True)
+        eps = damping * torch.where((mean > 0) & torch.isfinite(mean), mean, 1.0)
+    v = (
+        v.mul_(s_hat.add_(eps).pow_(exponent))
+        if v is not grads
+        else v * (s_hat + eps).pow(exponent)
+    )
+    out = rotate_a(rotate_g(v, dec.qg, g_spec, transpose=False), dec.qa, a_spec, transpose=True)
+    if not with_form:
+        return out
+    assert dec.lg is not None and dec.la is not None
+    k = dec.lg.reshape(b, g_spec.padded, 1) * dec.la.reshape(b, 1, a_spec.padded)
+    return out, (k * v.square()).sum(dim=(1, 2))
+
+
 def _inverse_g(x: Tensor, ig: Tensor, spec: FactorSpec) -> Tensor:
     """(G + c_G I)⁻¹ x for x ``(B, g_pad, a)`` and a stored block-diagonal damped inverse."""
     if spec.bs == 1:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 LossReduction = Literal["mean", "sum"]
-DampingMode = Literal["exact", "pi", "ekfac"]
+DampingMode = Literal["exact", "pi", "ekfac", "eigen_adam"]
 KFACApprox = Literal["expand", "reduce"]
 Backend = Literal["auto", "torch", "triton"]
 FisherType = Literal["empirical", "mc"]
@@ -28,7 +28,7 @@ OtherParams = Literal["ignore", "diagonal"]
 Grafting = Literal["none", "gradient"]
 
 LOSS_REDUCTIONS = ("mean", "sum")
-DAMPING_MODES = ("exact", "pi", "ekfac")
+DAMPING_MODES = ("exact", "pi", "ekfac", "eigen_adam")
 KFAC_APPROXES = ("expand", "reduce")
 BACKENDS = ("auto", "torch", "triton")
 FISHER_TYPES = ("empirical", "mc")

@@ -205,7 +205,7 @@ def build(est: Estimator) -> Summary:
         dec_a = layer.a_spec.decomposition_numel(b, opts.damping_mode)
         dec_g = layer.g_spec.decomposition_numel(b, opts.damping_mode)
         scale = 0
-        if opts.damping_mode == "ekfac":
+        if opts.damping_mode in ("ekfac", "eigen_adam"):
             scale = _ekfac.scale_numel(b, layer.g_spec, layer.a_spec)
         if not est.comm.preconditions(layer):
             dec_a = dec_g = scale = 0  # another rank holds it (grad_worker_fraction < 1)
@@ -265,7 +265,7 @@ def build(est: Estimator) -> Summary:
 # eigendecomposition with eigenvectors (tridiagonal reduction 4/3 d³, divide and conquer
 # and back-transformation ≈ 4 d³ more, rounded up: ≈ 9 d³ as commonly quoted for syevd);
 # a Cholesky factorization and inverse ("pi") ≈ d³.
-DECOMPOSITION_FLOPS_PER_D3 = {"exact": 9.0, "ekfac": 9.0, "pi": 1.0}
+DECOMPOSITION_FLOPS_PER_D3 = {"exact": 9.0, "ekfac": 9.0, "eigen_adam": 9.0, "pi": 1.0}
 
 
 def _decomposition_cost(est: Estimator) -> tuple[float, tuple[tuple[str, str, int], ...]]:

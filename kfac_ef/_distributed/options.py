@@ -124,6 +124,15 @@ def _check_supported(kfac: KFACOptions, options: DistributedOptions, world: int)
     global batch at every statistics step (factor_sync="update"), as the preconditioner uses
     S itself, not a decomposition of it.
     """
+    if kfac.damping_mode == "eigen_adam":
+        if grad_workers(options.grad_worker_fraction, world) != world:
+            raise ValueError(
+                f"damping_mode='eigen_adam' with grad_worker_fraction="
+                f"{options.grad_worker_fraction!r}: the second moment in each eigenbasis is "
+                "updated by the ranks that precondition the layer, so every rank must hold "
+                "every eigenbasis; use grad_worker_fraction='comm_opt' (the default)"
+            )
+        return
     if kfac.damping_mode != "ekfac":
         return
     if options.factor_sync != "update":
