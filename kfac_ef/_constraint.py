@@ -249,11 +249,14 @@ def step_scale(form: Tensor, target: Tensor, lr: float, equality: bool) -> Tenso
 
     Where the form is 0 (no gradient, or a step in the null space of C: no loss change is
     predicted, so no ν meets a positive target) or not finite, ν = 1 leaves the step as the
-    optimizer's learning rate makes it.
+    optimizer's learning rate makes it. So does a target of 0: a relative unit whose
+    reference is 0 (loss_change_unit="spread" with every per-example loss equal, as under a
+    zero-initialized classifier head) gives no scale, and ν = 0 would stop training for good.
     """
     form = form.to(torch.float64)
-    ok = torch.isfinite(form) & (form > 0)
-    nu = (target.to(torch.float64) / (lr * lr * torch.where(ok, form, 1.0))).sqrt()
+    target = target.to(torch.float64)
+    ok = torch.isfinite(form) & (form > 0) & (target > 0)
+    nu = (target / (lr * lr * torch.where(ok, form, 1.0))).sqrt()
     if not equality:
         nu = nu.clamp(max=1.0)
     return torch.where(ok, nu, 1.0)

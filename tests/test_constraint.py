@@ -476,3 +476,27 @@ def test_a_target_alone_selects_the_measured_best_form():
     other = seed_preconditioner(_mlp(), lr=LR, max_loss_change=1.0)
     assert other.options.constraint == "exact"
     assert seed_preconditioner(_mlp()).options.constraint == "none"
+
+
+def test_zero_spread_leaves_the_step_to_the_optimizer():
+    """A zero-initialized classifier head: every per-example loss is ln(classes), their
+    spread is 0, so the "spread" unit gives no scale; ν = 1 (the optimizer's step), not 0
+    (which would stop training for good)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    nn.init.zeros_(model[2].weight)
+    nn.init.zeros_(model[2].bias)
+    pre = seed_preconditioner(model, lr=0.1, max_loss_change=1.0, loss_change_unit="spread")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    first = None
+    for _ in range(3):
+        opt.zero_grad()
+        losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+        first = losses.detach() if first is None else first
+        losses.mean().backward()
+        pre.step(loss=losses.detach())
+        opt.step()
+    assert torch.allclose(first, torch.full_like(first, math.log(4)))
+    assert pre.diagnostics().nu > 0
+    assert losses.mean() < first.mean()
