@@ -83,29 +83,27 @@ class LMMethod:
         return ", ".join(parts)
 
 
-# The K-FAC configurations measured here (docs/guides/transformers.md says what each did).
-KFAC: dict[str, Any] = {
-    "exponent": -0.25,
-    "damping": 1e-2,
-    "damping_unit": "relative",
-    "grafting": "gradient",
-    "factor_update_steps": 5,
-    "inv_update_steps": 10,
-}
+# The K-FAC configurations measured here (docs/guides/transformers.md says what each did):
+# KFACPreconditioner(model) under AdamW at AdamW's rate (the defaults), and the transformer
+# recipe: Adam's second moment in K-FAC's eigenbasis (the default damping_mode) without
+# grafting, under SGD with momentum 0.9 (the preconditioner is the adaptive part).
+RECIPE: dict[str, Any] = {"damping_mode": "eigen_adam", "exponent": -0.5, "grafting": "none"}
 
 # Learning rates picked by --tune (seed 0; results/lm_tuning.csv).
 METHODS: dict[str, list[LMMethod]] = {
     "chargpt": [
         LMMethod("AdamW", "adamw", 3e-3),
         LMMethod("Muon", "muon", 3e-2, adamw_lr=3e-3),
-        LMMethod("SOAP", "soap", 3e-3),
-        LMMethod("AdamW + K-FAC", "adamw", 3e-3, kfac=KFAC),
+        LMMethod("SOAP", "soap", 9e-3),
+        LMMethod("AdamW + K-FAC (defaults)", "adamw", 3e-3, kfac={}),
+        LMMethod("SGD + K-FAC (eigen_adam recipe)", "sgd", 1e-3, kfac=RECIPE),
     ],
     "lm256": [
         LMMethod("AdamW", "adamw", 1e-3),
-        LMMethod("Muon", "muon", 1e-2, adamw_lr=1e-3),
-        LMMethod("SOAP", "soap", 1e-3),
-        LMMethod("AdamW + K-FAC", "adamw", 1e-3, kfac=KFAC),
+        LMMethod("Muon", "muon", 3e-2, adamw_lr=1e-3),
+        LMMethod("SOAP", "soap", 3e-3),
+        LMMethod("AdamW + K-FAC (defaults)", "adamw", 1e-3, kfac={}),
+        LMMethod("SGD + K-FAC (eigen_adam recipe)", "sgd", 1e-3, kfac=RECIPE),
     ],
 }
 # Learning-rate grids of --tune, around each method's rate above (the same three factors).
@@ -337,10 +335,13 @@ def plot(task: str, results: Path = RESULTS) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------- main
-def _methods(task: str, names: list[str] | None, extra: list[str]) -> list[LMMethod]:
+def _methods(
+    task: str, names: list[str] | None, extra: list[str], baseline: bool = True
+) -> list[LMMethod]:
+    """The task's methods (``names``: those, and AdamW with ``baseline``), then ``extra``."""
     methods = list(METHODS[task])
     if names:
-        methods = [m for m in methods if m.name in names or m.name == BASELINE]
+        methods = [m for m in methods if m.name in names or (baseline and m.name == BASELINE)]
     base = methods[0].lr
     for spec in extra:  # NAME=JSON: K-FAC options, plus "lr" and "optimizer" (default: AdamW
         # at the task's AdamW rate); "kfac": null runs the optimizer alone
@@ -366,6 +367,8 @@ def main(argv: list[str] | None = None) -> list[Run]:
     ap.add_argument("--methods", nargs="*", default=None, help="names (AdamW always runs)")
     ap.add_argument("--kfac", nargs="*", default=[], help="NAME=JSON extra K-FAC methods")
     ap.add_argument("--tune", action="store_true", help="the learning-rate grids, seed 0")
+    ap.add_argument("--grid", nargs="+", type=float, default=list(GRID),
+                    help="factors of each method's rate that --tune tries")  # fmt: skip
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -378,11 +381,11 @@ def main(argv: list[str] | None = None) -> list[Run]:
     for task_name in args.tasks:
         task = TASKS[task_name]
         steps = args.steps or STEPS[task_name]
-        methods = _methods(task_name, args.methods, args.kfac)
+        methods = _methods(task_name, args.methods, args.kfac, baseline=not args.tune)
         if args.tune:
             runs = []
             for m in methods:
-                for f in GRID:
+                for f in args.grid:
                     run = run_one(task, m.with_lr(m.lr * f), 0, steps)
                     runs.append(run)
                     print(f"{task_name} {m.name} lr={run.method.lr:g}: final {run.final:.4f}")

@@ -168,7 +168,7 @@ class KFACOptions:
     factor_update_steps: int = 5
     inv_update_steps: int = 10
     loss_reduction: LossReduction = "mean"
-    damping_mode: DampingMode = "exact"
+    damping_mode: DampingMode = "eigen_adam"
     kfac_approx: KFACApprox = "expand"
     skip_layers: tuple[SkipSpec, ...] = field(default=())
     factor_dtype: torch.dtype = torch.float32
@@ -186,7 +186,7 @@ class KFACOptions:
     memory_budget: int | None = None
     max_decomposition_failures: int = 3
     warning_interval: int = 100
-    exponent: float = -0.25
+    exponent: float = -0.5
     grafting: Grafting = "gradient"
 
     def __post_init__(self) -> None:

@@ -152,7 +152,7 @@ class KFACPreconditioner:
         factor_update_steps: int = 5,
         inv_update_steps: int = 10,
         loss_reduction: str = "mean",
-        damping_mode: str = "exact",
+        damping_mode: str = "eigen_adam",
         kfac_approx: str = "expand",
         skip_layers: SkipSpec | Iterable[SkipSpec] | None = (),
         factor_dtype: torch.dtype = torch.float32,
@@ -173,7 +173,7 @@ class KFACPreconditioner:
         lr: LearningRate | None = None,
         track_loss_changes: bool = False,
         damping_unit: str = "relative",
-        exponent: float = -0.25,
+        exponent: float = -0.5,
         grafting: str = "gradient",
     ) -> None:
         if not isinstance(model, nn.Module):

@@ -207,6 +207,8 @@ def build(est: Estimator) -> Summary:
         scale = 0
         if opts.damping_mode in ("ekfac", "eigen_adam"):
             scale = _ekfac.scale_numel(b, layer.g_spec, layer.a_spec)
+        if opts.damping_mode == "eigen_adam":
+            scale += b  # the moment's update count per block
         if not est.comm.preconditions(layer):
             dec_a = dec_g = scale = 0  # another rank holds it (grad_worker_fraction < 1)
         decomp = dec_a + dec_g + scale

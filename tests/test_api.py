@@ -101,7 +101,8 @@ def test_summary_lists_layers_and_left_out_parameters():
     assert rows["3"].a_shape == (49, 49) and rows["3"].parameters == ("3.weight", "3.bias")
     # float32 factors + accumulators: 2 * 4 bytes * (a² + g²); eigen: 4 * (a² + g² + a + g).
     assert rows["3"].factor_bytes == 2 * 4 * (49**2 + 8**2)
-    assert rows["3"].decomposition_bytes == 4 * (49**2 + 8**2 + 49 + 8)
+    # eigenbases and eigenvalues, and the default mode's second moment (8 × 49) and count
+    assert rows["3"].decomposition_bytes == 4 * (49**2 + 8**2 + 49 + 8 + 8 * 49 + 1)
     assert s.total_bytes == sum(r.total_bytes for r in s.layers)
     reasons = dict(s.unpreconditioned)
     assert "LayerNorm" in reasons["4.weight"] and "LayerNorm" in reasons["4.bias"]

@@ -14,39 +14,48 @@ from kfac_ef import KFACOptions, KFACPreconditioner
 
 from .models import GPT
 from .reference import grad_matrix, layer_io, mse_per_example, reference_factors
-from .test_exponent_grafting import dense_power
 
 
 def test_the_defaults_are_the_measured_ones():
     """benchmarks/defaults.py and benchmarks/lm.py measured these (docs/guides/transformers.md);
     a change here is a change of the documented defaults."""
     o = KFACOptions()
-    assert (o.exponent, o.grafting) == (-0.25, "gradient")
+    assert (o.exponent, o.grafting) == (-0.5, "gradient")
     assert (o.damping, o.damping_unit) == (1e-2, "relative")
     assert (o.factor_update_steps, o.inv_update_steps, o.factor_decay) == (5, 10, 0.95)
-    assert (o.damping_mode, o.constraint) == ("exact", "none")
+    assert (o.damping_mode, o.constraint) == ("eigen_adam", "none")
 
 
-def test_the_default_update_is_the_grafted_power(float64):
-    """Per layer: (G⊗A + εI)^(-1/4) vec(∇) with ε = 0.01 · (tr G/dim G)(tr A/dim A), rescaled to
-    the norm of ∇."""
+def test_the_default_update_is_grafted_adam_in_the_eigenbasis(float64):
+    """Per layer, with the eigenbases Q_G, Q_A of the first batch's factors (per-example
+    definitions) and V_t = Q_Gᵀ ∇_t Q_A: S_t = 0.95 S + 0.05 V_t², Ŝ = S_t / (1 - 0.95ᵗ),
+    ∇̃ = Q_G [V_t ⊙ (Ŝ + 0.01 · mean Ŝ)^(-1/2)] Q_Aᵀ, rescaled to the norm of ∇_t."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
     pre = KFACPreconditioner(model, factor_dtype=torch.float64)
-    x, y = torch.randn(9, 5), torch.randn(9, 3)
-    ios = {n: layer_io(model, model.get_submodule(n), mse_per_example, x, y) for n in ("0", "2")}
-    mse_per_example(model(x), y).mean().backward()
-    before = {k: p.grad.clone() for k, p in model.named_parameters()}
-    pre.step()
-    for n in ("0", "2"):
-        module = model.get_submodule(n)
-        A, G = reference_factors(module, ios[n])
-        eps = 0.01 * (A[0].trace() / A.shape[1]) * (G[0].trace() / G.shape[1])
-        gm = grad_matrix(module, before[f"{n}.weight"], before[f"{n}.bias"])
-        want = dense_power(A, G, gm, float(eps), -0.25)
-        want = want * gm.norm() / want.norm()
-        got = grad_matrix(module, module.weight.grad, module.bias.grad)
-        torch.testing.assert_close(got, want, msg=n)
+    bases, moments = {}, {}
+    for t in (1, 2):
+        x, y = torch.randn(9, 5), torch.randn(9, 3)
+        if t == 1:
+            for n in ("0", "2"):
+                module = model.get_submodule(n)
+                A, G = reference_factors(module, layer_io(model, module, mse_per_example, x, y))
+                bases[n] = (torch.linalg.eigh(G[0])[1], torch.linalg.eigh(A[0])[1])
+        model.zero_grad()
+        mse_per_example(model(x), y).mean().backward()
+        before = {k: p.grad.clone() for k, p in model.named_parameters()}
+        pre.step()
+        for n in ("0", "2"):
+            module = model.get_submodule(n)
+            qg, qa = bases[n]
+            gm = grad_matrix(module, before[f"{n}.weight"], before[f"{n}.bias"])[0]
+            v = qg.T @ gm @ qa
+            moments[n] = 0.95 * moments.get(n, torch.zeros_like(v)) + 0.05 * v.square()
+            s_hat = moments[n] / (1 - 0.95**t)
+            want = qg @ (v * (s_hat + 0.01 * s_hat.mean()).rsqrt()) @ qa.T
+            want = want * gm.norm() / want.norm()
+            got = grad_matrix(module, module.weight.grad, module.bias.grad)[0]
+            torch.testing.assert_close(got, want, msg=f"step {t}, layer {n}")
 
 
 def _memorize(optimizer: str, **options) -> list[float]:

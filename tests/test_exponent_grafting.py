@@ -58,7 +58,7 @@ def _run(case, **options):
     make, names, xs, ys = CASES[case]
     torch.manual_seed(0)
     model = make()
-    options = {"damping_unit": "absolute", "grafting": "none", **options}
+    options = {"damping_unit": "absolute", "grafting": "none", "damping_mode": "exact", **options}
     pre = KFACPreconditioner(model, damping=DAMPING, factor_dtype=torch.float64, **options)
     torch.manual_seed(1)
     x, y = torch.randn(*xs), torch.randn(*ys)
@@ -90,7 +90,7 @@ def test_exponent_half_is_scale_free():
             model = _mlp()
             pre = KFACPreconditioner(
                 model, damping=DAMPING, damping_unit="relative", exponent=p,
-                factor_dtype=torch.float64, grafting="none",
+                factor_dtype=torch.float64, grafting="none", damping_mode="exact",
             )  # fmt: skip
             torch.manual_seed(1)
             x, y = torch.randn(7, 5), torch.randn(7, 3)
