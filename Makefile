@@ -38,11 +38,14 @@ demo: env
 docs: env
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
-# The CPU suite (about 15 minutes on 2 cores): step cost, memory, time to target on the three
-# tasks (3 seeds), then the plots and the tables of README.md and docs/benchmarks.md (each
+# The CPU suite (about an hour on 2 cores): the language models (lm.py, about 35 minutes) and
+# the defaults under every optimizer (defaults.py), step cost, memory, time to target on the
+# three tasks (3 seeds), then the plots and the tables of README.md and docs/benchmarks.md (each
 # shows the run its marker names: edit the marker to show the new one). Progress bars on a
 # terminal; CSVs in benchmarks/results/.
 bench: env
+	$(PY) benchmarks/lm.py
+	$(PY) benchmarks/defaults.py
 	$(PY) benchmarks/step_overhead.py
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/time_to_target.py

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import digits, mlp  # noqa: E402
+from common import digits, mlp, seed_options  # noqa: E402
 
 from kfac_ef import DistributedOptions, KFACPreconditioner  # noqa: E402
 
@@ -62,7 +62,9 @@ def main() -> None:
     if distributed:
         model = DistributedDataParallel(model)
     options = DistributedOptions(grad_worker_fraction=args.strategy) if distributed else False
-    precond = KFACPreconditioner(model, damping=0.1, inv_update_steps=10, distributed=options)
+    precond = KFACPreconditioner(
+        model, distributed=options, **seed_options(damping=0.1, inv_update_steps=10)
+    )
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     if rank == 0 and precond.distributed is not None:
         print(precond.distributed.describe())

@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                             opt,
                             lr,
                             kfac=dict(options) if with_kfac else None,
+                            library_defaults=True,
                         )
                         run = train(task, method, seed, budget_s=math.inf, max_steps=STEPS[name])
                         bad = run.diverged or bool(run.error)

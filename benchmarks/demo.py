@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_csv, digits, machine, mlp  # noqa: E402
+from common import RESULTS, append_csv, digits, machine, mlp, seed_options  # noqa: E402
 
 from kfac_ef import KFACPreconditioner  # noqa: E402
 
@@ -48,7 +48,9 @@ def train(run: Run, data, epochs: int, batch: int, seed: int) -> dict:
         opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=run.lr, momentum=0.9)
-    precond = KFACPreconditioner(model, **run.kfac) if run.kfac is not None else None
+    precond = (
+        KFACPreconditioner(model, **seed_options(**run.kfac)) if run.kfac is not None else None
+    )
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = (len(x_tr) + batch - 1) // batch
     curve: list[tuple[float, float]] = []  # (seconds, full train loss) after each epoch

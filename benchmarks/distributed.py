@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_csv, machine, mlp  # noqa: E402
+from common import RESULTS, append_csv, machine, mlp, seed_options  # noqa: E402
 
 from kfac_ef import DistributedOptions, KFACPreconditioner  # noqa: E402
 
@@ -74,7 +74,9 @@ def run_one(
             if world > 1
             else False
         )
-        pre = KFACPreconditioner(model, damping=0.1, inv_update_steps=10, distributed=dist_opts)
+        pre = KFACPreconditioner(
+            model, distributed=dist_opts, **seed_options(damping=0.1, inv_update_steps=10)
+        )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(batch, SIZES[0], generator=gen)

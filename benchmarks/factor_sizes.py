@@ -26,7 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, append_csv, machine  # noqa: E402
+from common import RESULTS, append_csv, machine, seed_options  # noqa: E402
 
 from kfac_ef import KFACPreconditioner  # noqa: E402
 from tests import internals  # noqa: E402
@@ -84,7 +84,10 @@ def vocab_head(
         torch.manual_seed(0)
         model = nn.Linear(dim, vocab, bias=False).to(device)
         pre = KFACPreconditioner(
-            model, max_factor_dim=max(dim, block), large_factor_block=block, inv_update_steps=10**9
+            model,
+            **seed_options(
+                max_factor_dim=max(dim, block), large_factor_block=block, inv_update_steps=10**9
+            ),
         )
         row = pre.summary().layers[0]
 

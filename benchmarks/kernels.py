@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_csv, machine  # noqa: E402
+from common import RESULTS, append_csv, machine, seed_options  # noqa: E402
 
 FULL = {
     "stats_d": [1024, 2048, 4096],
@@ -282,7 +282,9 @@ def bench_step(b: Bench, cfg: dict) -> bool:
         pre = None
         if backend != "none":
             # Decompositions on step 0 only: the timed steps are statistics + preconditioning.
-            pre = KFACPreconditioner(model, inv_update_steps=10_000, backend=backend)
+            pre = KFACPreconditioner(
+                model, **seed_options(inv_update_steps=10_000, backend=backend)
+            )
 
         def one_step(model=model, opt=opt, pre=pre) -> None:
             opt.zero_grad(set_to_none=False)

@@ -94,8 +94,8 @@ METHODS: dict[str, list[LMMethod]] = {
     "chargpt": [
         LMMethod("AdamW", "adamw", 3e-3),
         LMMethod("Muon", "muon", 3e-2, adamw_lr=3e-3),
-        LMMethod("SOAP", "soap", 9e-3),
-        LMMethod("AdamW + K-FAC (defaults)", "adamw", 3e-3, kfac={}),
+        LMMethod("SOAP", "soap", 2.7e-2),
+        LMMethod("AdamW + K-FAC (defaults)", "adamw", 9e-3, kfac={}),
         LMMethod("SGD + K-FAC (eigen_adam recipe)", "sgd", 1e-3, kfac=RECIPE),
     ],
     "lm256": [

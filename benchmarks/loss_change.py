@@ -54,7 +54,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
-from common import RESULTS, append_csv, digits, machine, mlp  # noqa: E402
+from common import RESULTS, append_csv, digits, machine, mlp, seed_options  # noqa: E402
 
 from kfac_ef import KFACPreconditioner, mc_backward  # noqa: E402
 from tests.reference import per_example_grads  # noqa: E402
@@ -168,7 +168,7 @@ def train(task: Task, cfg: Config, data, seed: int, probe_every: int, keep_at: s
         kw = {"damping": task.damping, "inv_update_steps": 10, **cfg.kfac}
         if kw.get("constraint", "none") != "none":
             kw["lr"] = lr
-        precond = KFACPreconditioner(model, **kw)
+        precond = KFACPreconditioner(model, **seed_options(**kw))
     mc = precond is not None and precond.options.fisher_type == "mc"
     likelihood = "categorical" if task.loss == "ce" else "gaussian"
     variance = 1.0 if task.loss == "ce" else x_tr.shape[1] / 2  # mean over D pixels: σ² = D/2

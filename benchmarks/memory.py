@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
-from common import RESULTS, append_csv, machine, set_threads, table  # noqa: E402
+from common import RESULTS, append_csv, machine, seed_options, set_threads, table  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from tests import internals  # noqa: E402
@@ -71,7 +71,9 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     pre = None
     planned = 0
     if config["kfac"]:
-        pre = KFACPreconditioner(model, damping=1e-2, inv_update_steps=INV_STEPS, **bench.kfac)
+        pre = KFACPreconditioner(
+            model, **seed_options(damping=1e-2, inv_update_steps=INV_STEPS, **bench.kfac)
+        )
         planned = pre.summary().total_bytes
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     base_rss = _rss_bytes()

@@ -10,7 +10,8 @@ task, model or damping rule):
 - memory.png: parameters, optimizer state, the preconditioner's state and the measured extra
   peak, per model;
 - autoencoder_damping.png: the damping sweep of benchmarks/autoencoder.py (final MSE per
-  damping, best learning rate, per damping rule; diverged and crashed runs marked).
+  damping, best learning rate, per damping rule; diverged and crashed runs marked);
+- lm_<task>.png: benchmarks/lm.py's validation loss against steps and time, per method.
 
 The PNGs are also copied to docs/img/, where docs/benchmarks.md shows them (``--no-docs``
 leaves docs/ alone).
@@ -202,13 +203,27 @@ def autoencoder_damping(results: Path) -> list[Path]:
     return [_save(plt, fig, results / "autoencoder_damping.png")]
 
 
+def language_models(results: Path) -> list[Path]:
+    """lm_<task>.png for every task of results/lm_curves.csv (benchmarks/lm.py draws them)."""
+    if not (results / "lm_curves.csv").exists():
+        return []
+    import lm
+
+    tasks = unique_tasks(read_csv(results / "lm_curves.csv"))
+    return [p for t in tasks if (p := lm.plot(t, results)) is not None]
+
+
+def unique_tasks(rows: list[dict[str, str]]) -> list[str]:
+    return list(dict.fromkeys(r["task"] for r in rows))
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-docs", action="store_true", help="do not copy into docs/img/")
     args = parser.parse_args(argv)
     paths = []
-    for plot in (time_to_target, step_cost, memory, autoencoder_damping):
+    for plot in (time_to_target, step_cost, memory, autoencoder_damping, language_models):
         paths += plot(args.results)
     for p in paths:
         print(p)

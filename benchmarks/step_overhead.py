@@ -52,7 +52,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
-from common import RESULTS, append_csv, gpt, load1, machine, set_threads, table  # noqa: E402
+from common import RESULTS, append_csv, gpt, load1, machine, seed_options, set_threads, table  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from kfac_ef import KFACPreconditioner  # noqa: E402
@@ -273,11 +273,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 if mode is not None:
                     pre = KFACPreconditioner(
                         model,
-                        damping=1e-2,
-                        damping_mode=mode,
-                        factor_update_steps=1,
-                        inv_update_steps=INV_STEPS,
-                        **bench.kfac,
+                        **seed_options(
+                            damping=1e-2,
+                            damping_mode=mode,
+                            factor_update_steps=1,
+                            inv_update_steps=INV_STEPS,
+                            **bench.kfac,
+                        ),
                     )
                 configs.append(
                     {

@@ -776,6 +776,32 @@ def lm(results: Path, task: str, run: str) -> str:
     return markdown(header, out)
 
 
+def lm_levers(results: Path) -> str:
+    """results/lm_levers.csv: the single-seed exploration on chargpt (400 steps, seed 0),
+    every configuration tried, the full preconditioner options of each (repeated baselines
+    once)."""
+    out, seen = [], set()
+    for r in read(results, "lm_levers.csv"):
+        opts = dict(p.split("=", 1) for p in r["kfac_options"].split(", ") if "=" in p)
+        opt = {"adamw": "AdamW", "sgd": "SGD (momentum 0.9)", "muon": "Muon"}[r["optimizer"]]
+        lr = short(num(r["lr"]))
+        if opts:
+            eps = f"{short(num(opts['damping']))} {opts['damping_unit']}"
+            cadence = f"{opts['factor_update_steps']}/{opts['inv_update_steps']}"
+            cells = [opts["damping_mode"], opts["exponent"], eps, opts["grafting"], cadence]
+        else:
+            cells = ["(alone)", "", "", "", ""]
+        row = [opt, lr, *cells]
+        if tuple(row) in seen:
+            continue
+        seen.add(tuple(row))
+        final = num(r["final"])
+        out.append([*row, f"{final:.3f}" if math.isfinite(final) else "diverged"])
+    header = ["optimizer", "lr", "damping_mode", "exponent", "ε", "grafting",
+              "statistics / decomposition every", "final loss"]  # fmt: skip
+    return markdown(header, out)
+
+
 def defaults(results: Path, run: str) -> str:
     """benchmarks/defaults.py: per task and optimizer, the final metric at 0.3×, 1×, 3× the
     tuned learning rate, alone / with KFACPreconditioner(model)."""
@@ -800,6 +826,7 @@ def defaults(results: Path, run: str) -> str:
 TABLES: dict[str, Callable[..., str]] = {
     "demo": demo,
     "lm": lm,
+    "lm-levers": lm_levers,
     "defaults": defaults,
     "step-overhead-2threads": step_overhead_readme,
     "transformer": transformer,

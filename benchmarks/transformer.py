@@ -42,7 +42,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
-from common import RESULTS, append_csv, machine  # noqa: E402
+from common import RESULTS, append_csv, machine, seed_options  # noqa: E402
 
 from tests.models import GPT  # noqa: E402
 
@@ -77,10 +77,12 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     if config["inv"] is not None:
         pre = KFACPreconditioner(
             model,
-            damping=1e-2,
-            other_params="diagonal",
-            factor_update_steps=config["fus"],
-            inv_update_steps=config["inv"],
+            **seed_options(
+                damping=1e-2,
+                other_params="diagonal",
+                factor_update_steps=config["fus"],
+                inv_update_steps=config["inv"],
+            ),
         )
         planned = pre.summary().total_bytes
     x = torch.randint(0, config["vocab"], (config["batch"], config["seq"] + 1), device=device)
