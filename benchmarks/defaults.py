@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--kfac", default="{}", help="options as JSON ({}: the defaults)")
     ap.add_argument("--label", default="defaults")
+    ap.add_argument("--steps", type=int, default=None, help="override the tasks' step counts")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                             kfac=dict(options) if with_kfac else None,
                             library_defaults=True,
                         )
-                        run = train(task, method, seed, budget_s=math.inf, max_steps=STEPS[name])
+                        steps = args.steps or STEPS[name]
+                        run = train(task, method, seed, budget_s=math.inf, max_steps=steps)
                         bad = run.diverged or bool(run.error)
                         result[with_kfac] = run
                         rows.append(

@@ -124,3 +124,39 @@ def test_demo_runs_end_to_end(tmp_path):
         assert int(r["epochs"]) == 1
         assert math.isfinite(float(r["train_loss"])) and 0 <= float(r["test_acc"]) <= 1
     assert (tmp_path / "demo.png").stat().st_size > 0
+
+
+def _script(script: str, *args: str) -> str:
+    cmd = [sys.executable, str(BENCH / script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_lm_benchmark_runs_every_method(tmp_path):
+    """benchmarks/lm.py end to end for a few steps: every method's row, the curves, the plot,
+    and the table tables.py makes from them."""
+    _script("lm.py", "--tasks", "chargpt", "--seeds", "1", "--steps", "3", "--out",
+            str(tmp_path), "--plot")  # fmt: skip
+    rows = _rows(tmp_path / "lm.csv")
+    names = {r["method"] for r in rows}
+    assert {"AdamW", "Muon", "AdamW + K-FAC (defaults)", "SGD + K-FAC (eigen_adam recipe)"} <= names
+    assert all(int(r["steps"]) == 3 and math.isfinite(float(r["final"])) for r in rows)
+    assert (tmp_path / "lm_chargpt.png").exists()
+    assert {r["method"] for r in _rows(tmp_path / "lm_curves.csv")} == names
+    sys.path.insert(0, str(BENCH))
+    try:
+        import tables
+    finally:
+        sys.path.remove(str(BENCH))
+    table = tables.lm(tmp_path, task="chargpt", run=rows[0]["date"])
+    assert table.count("\n") == len(names) + 2  # a header, its rule and a row per method
+
+
+def test_defaults_benchmark_compares_alone_and_with(tmp_path):
+    _script("defaults.py", "--tasks", "classification", "--optimizers", "sgd", "--steps", "3",
+            "--out", str(tmp_path))  # fmt: skip
+    rows = _rows(tmp_path / "defaults.csv")
+    assert len(rows) == 6  # three learning rates, alone and with the preconditioner
+    assert sorted({r["kfac"] for r in rows}) == ["", "defaults"]
+    assert all(math.isfinite(float(r["final"])) for r in rows)
