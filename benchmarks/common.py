@@ -108,6 +108,7 @@ SEED_UPDATE: dict[str, object] = {
     "exponent": -1.0,
     "grafting": "none",
     "factor_update_steps": 1,
+    "wide_layers": "diagonal",
 }
 
 

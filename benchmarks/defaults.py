@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = ap.parse_args(argv)
     threads = set_threads(args.threads)
     options = json.loads(args.kfac)
+    stamp = machine()  # one date and revision for the run (tables.py picks runs by them)
     rows: list[dict[str, Any]] = []
     lines: list[list[object]] = []
     for name in args.tasks:
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         result[with_kfac] = run
                         rows.append(
                             {
-                                **machine(),
+                                **stamp,
                                 "threads": threads,
                                 "task": name,
                                 "optimizer": opt,

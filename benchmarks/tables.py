@@ -805,7 +805,7 @@ def lm_levers(results: Path) -> str:
 def defaults(results: Path, run: str) -> str:
     """benchmarks/defaults.py: per task and optimizer, the final metric at 0.3×, 1×, 3× the
     tuned learning rate, alone / with KFACPreconditioner(model)."""
-    rows = run_of(read(results, "defaults.csv"), run, "defaults.csv")
+    rows = _runs(read(results, "defaults.csv"), run, "defaults.csv")
     out = []
     for task in unique(r["task"] for r in rows):
         for opt in unique(r["optimizer"] for r in rows if r["task"] == task):

@@ -285,6 +285,25 @@ def _tie(scan: _Scan, members: list[int], feeds: dict[int, int]) -> None:
                 )
 
 
+def _wide_targets(scan: _Scan, opts: KFACOptions, feeds: dict[int, int]) -> dict[int, str]:
+    """wide_layers="optimizer": the feeding layers (by index) that a layer with a factor wider
+    than max_factor_dim feeds (a tied group goes as one), with the reason for summary()."""
+    limit = opts.max_factor_dim
+    if opts.wide_layers != "optimizer" or limit is None:
+        return {}
+    wide: dict[int, str] = {}
+    for i, (_, _, la) in enumerate(scan.kron):
+        target = feeds.get(i)
+        width = max(la.a_dim, la.g_dim)
+        if target is not None and width > limit:
+            wide[target] = (
+                f"vocabulary-sized: a factor {width} wide, above max_factor_dim={limit} "
+                "(wide_layers='optimizer' leaves it to the optimizer; 'diagonal' "
+                "preconditions it with diagonal factors)"
+            )
+    return wide
+
+
 def _kronecker_layers(
     scan: _Scan, opts: KFACOptions, groups: dict[int, list[int]], feeds: dict[int, int]
 ) -> list[Layer]:
@@ -297,9 +316,14 @@ def _kronecker_layers(
         for i in members:
             if i not in feeds and owners:
                 owner_of[i] = owners[0]
+    wide = _wide_targets(scan, opts, feeds)
     for i, (mname, idx, la) in enumerate(scan.kron):
         target = feeds.get(i)
         if target is None:
+            continue
+        if target in wide:
+            for p in la.parameters():
+                scan.left.setdefault(id(p), wide[target])
             continue
         if target == i:
             a_spec = plan_factor(
@@ -321,6 +345,8 @@ def _kronecker_layers(
         scan.route(mname).layers.append((idx, by_index[target]))
     if opts.needs_loss_records:
         for i, owner in owner_of.items():
+            if owner not in by_index:  # left to the optimizer with its group
+                continue
             mname, idx, _ = scan.kron[i]
             scan.route(mname).tied.append((idx, by_index[owner]))
     return layers

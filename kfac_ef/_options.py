@@ -26,6 +26,7 @@ DampingUnit = Literal["absolute", "relative"]
 LearningRate = float | Callable[[int], float]
 OtherParams = Literal["ignore", "diagonal"]
 Grafting = Literal["none", "gradient"]
+WideLayers = Literal["optimizer", "diagonal"]
 
 LOSS_REDUCTIONS = ("mean", "sum")
 DAMPING_MODES = ("exact", "pi", "ekfac", "eigen_adam")
@@ -37,6 +38,7 @@ LOSS_CHANGE_UNITS = ("absolute", "loss", "spread")
 DAMPING_UNITS = ("absolute", "relative")
 OTHER_PARAMS = ("ignore", "diagonal")
 GRAFTINGS = ("none", "gradient")
+WIDE_LAYERS = ("optimizer", "diagonal")
 FACTOR_DTYPES = (torch.float32, torch.float64)
 
 SkipSpec = str | type[nn.Module]
@@ -140,7 +142,12 @@ class KFACOptions:
             "diagonal" preconditions those with a per-example gradient rule by their diagonal
             empirical Fisher, p.grad / (F + ε).
         max_factor_dim: widest factor kept dense (None: no limit). Wider factors are
-            block-diagonal with blocks of at most ``large_factor_block``.
+            block-diagonal with blocks of at most ``large_factor_block``, or their layers
+            left to the optimizer (``wide_layers``).
+        wide_layers: "optimizer" (default): a layer with a factor wider than
+            ``max_factor_dim`` (a vocabulary-sized embedding or head, tied ones together) is
+            left to the optimizer, listed by summary() with the reason; "diagonal": it is
+            preconditioned with diagonal (or block-diagonal) wide factors.
         large_factor_block: block size of factors wider than ``max_factor_dim``; 1 (default)
             keeps them diagonal. At most ``max_factor_dim``.
         memory_budget: bytes the preconditioner's state may take (None: no limit);
@@ -188,6 +195,7 @@ class KFACOptions:
     warning_interval: int = 100
     exponent: float = -0.5
     grafting: Grafting = "gradient"
+    wide_layers: WideLayers = "optimizer"
 
     def __post_init__(self) -> None:
         d = self.damping
@@ -228,6 +236,7 @@ class KFACOptions:
         self._check_constraint()
         _choice("damping_unit", self.damping_unit, DAMPING_UNITS)
         _choice("grafting", self.grafting, GRAFTINGS)
+        _choice("wide_layers", self.wide_layers, WIDE_LAYERS)
         p = self.exponent
         if (
             isinstance(p, bool)

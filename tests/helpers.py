@@ -18,6 +18,7 @@ SEED_UPDATE = {
     "exponent": -1.0,
     "grafting": "none",
     "factor_update_steps": 1,
+    "wide_layers": "diagonal",
     "damping_mode": "exact",
 }
 

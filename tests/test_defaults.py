@@ -24,6 +24,7 @@ def test_the_defaults_are_the_measured_ones():
     assert (o.damping, o.damping_unit) == (1e-2, "relative")
     assert (o.factor_update_steps, o.inv_update_steps, o.factor_decay) == (5, 10, 0.95)
     assert (o.damping_mode, o.constraint) == ("eigen_adam", "none")
+    assert (o.wide_layers, o.max_factor_dim) == ("optimizer", 4096)
 
 
 def test_the_default_update_is_grafted_adam_in_the_eigenbasis(float64):
@@ -93,5 +94,27 @@ def test_defaults_do_not_diverge_where_the_old_ones_did(optimizer):
     assert losses[-1] < 1.1 * alone[-1], (losses, alone)
     if optimizer == "sgd":
         old = _memorize(optimizer, damping=1e-3, damping_unit="absolute", exponent=-1.0,
-                        grafting="none", factor_update_steps=1, inv_update_steps=5)  # fmt: skip
+                        grafting="none", factor_update_steps=1, inv_update_steps=5,
+                        damping_mode="exact", wide_layers="diagonal")  # fmt: skip
         assert not all(math.isfinite(v) and v < 2 * alone[0] for v in old), old
+
+
+def test_vocabulary_sized_layers_are_left_to_the_optimizer_by_default():
+    """A tied 50 257-token embedding and head: left to the optimizer as one (with the reason),
+    the blocks covered; wide_layers="diagonal" preconditions them with a diagonal factor."""
+    model = GPT(vocab=50257, dim=32, context=16, attention=("sdpa",))
+    left = dict(KFACPreconditioner(model).summary().unpreconditioned)
+    assert "vocabulary-sized" in left["wte.weight"]
+    assert "max_factor_dim=4096" in left["wte.weight"]
+    covered = {la.name for la in KFACPreconditioner(model).summary().layers}
+    assert "wte" not in covered and "head" not in covered and len(covered) > 0
+    with pytest.warns(RuntimeWarning, match="not dense"):
+        diagonal = KFACPreconditioner(model, wide_layers="diagonal").summary()
+    assert "wte.weight" not in dict(diagonal.unpreconditioned)
+    x = torch.randint(0, 50257, (2, 9))
+    pre = KFACPreconditioner(model)
+    logits = model(x[:, :-1])
+    nn.functional.cross_entropy(logits.reshape(-1, 50257), x[:, 1:].reshape(-1)).backward()
+    raw = model.wte.weight.grad.clone()
+    pre.step()
+    torch.testing.assert_close(model.wte.weight.grad, raw)  # untouched: the optimizer's

@@ -11,7 +11,13 @@ from torch import Tensor, nn
 
 # The options the golden files were made with that have changed their defaults since: written
 # out, so that these runs stay the runs that made the files.
-MADE_WITH = {"damping_unit": "absolute", "exponent": -1.0, "grafting": "none"}
+MADE_WITH = {
+    "damping_mode": "exact",
+    "damping_unit": "absolute",
+    "exponent": -1.0,
+    "grafting": "none",
+    "wide_layers": "diagonal",
+}
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "exact_diagonal_constraint": dict(
