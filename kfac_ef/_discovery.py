@@ -285,22 +285,28 @@ def _tie(scan: _Scan, members: list[int], feeds: dict[int, int]) -> None:
                 )
 
 
-def _wide_targets(scan: _Scan, opts: KFACOptions, feeds: dict[int, int]) -> dict[int, str]:
-    """wide_layers="optimizer": the feeding layers (by index) that a layer with a factor wider
-    than max_factor_dim feeds (a tied group goes as one), with the reason for summary()."""
+def _wide_targets(
+    scan: _Scan, opts: KFACOptions, groups: dict[int, list[int]], feeds: dict[int, int]
+) -> dict[int, str]:
+    """wide_layers="optimizer": the feeding layers (by index) of every embedding with more
+    rows than max_factor_dim and of the layers tied to it (a vocabulary-sized LM head), with
+    the reason for summary(). Other wide layers (a wide MLP) keep their wide factors."""
     limit = opts.max_factor_dim
     if opts.wide_layers != "optimizer" or limit is None:
         return {}
+    group_of = {i: members for members in groups.values() for i in members}
     wide: dict[int, str] = {}
     for i, (_, _, la) in enumerate(scan.kron):
-        target = feeds.get(i)
-        width = max(la.a_dim, la.g_dim)
-        if target is not None and width > limit:
-            wide[target] = (
-                f"vocabulary-sized: a factor {width} wide, above max_factor_dim={limit} "
-                "(wide_layers='optimizer' leaves it to the optimizer; 'diagonal' "
-                "preconditions it with diagonal factors)"
-            )
+        if not (la.one_hot_inputs and la.a_dim > limit):
+            continue
+        reason = (
+            f"vocabulary-sized: an embedding of {la.a_dim} rows (or a layer tied to it), above "
+            f"max_factor_dim={limit} (wide_layers='optimizer' leaves it to the optimizer; "
+            "'diagonal' preconditions it with diagonal factors)"
+        )
+        for m in group_of.get(i, [i]):
+            if feeds.get(m) is not None:
+                wide[feeds[m]] = reason
     return wide
 
 
@@ -316,7 +322,7 @@ def _kronecker_layers(
         for i in members:
             if i not in feeds and owners:
                 owner_of[i] = owners[0]
-    wide = _wide_targets(scan, opts, feeds)
+    wide = _wide_targets(scan, opts, groups, feeds)
     for i, (mname, idx, la) in enumerate(scan.kron):
         target = feeds.get(i)
         if target is None:

@@ -144,10 +144,12 @@ class KFACOptions:
         max_factor_dim: widest factor kept dense (None: no limit). Wider factors are
             block-diagonal with blocks of at most ``large_factor_block``, or their layers
             left to the optimizer (``wide_layers``).
-        wide_layers: "optimizer" (default): a layer with a factor wider than
-            ``max_factor_dim`` (a vocabulary-sized embedding or head, tied ones together) is
-            left to the optimizer, listed by summary() with the reason; "diagonal": it is
-            preconditioned with diagonal (or block-diagonal) wide factors.
+        wide_layers: "optimizer" (default): an embedding with more rows than
+            ``max_factor_dim`` (a vocabulary), and the layers tied to it (an LM head), are
+            left to the optimizer, listed by summary() with the reason; "diagonal": they are
+            preconditioned with diagonal wide factors. Other layers wider than
+            ``max_factor_dim`` (a wide MLP, an untied head) keep diagonal or block-diagonal
+            factors either way.
         large_factor_block: block size of factors wider than ``max_factor_dim``; 1 (default)
             keeps them diagonal. At most ``max_factor_dim``.
         memory_budget: bytes the preconditioner's state may take (None: no limit);

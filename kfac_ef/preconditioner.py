@@ -85,10 +85,10 @@ class KFACPreconditioner:
         grafting: "gradient" (default: each Kronecker block's, and diagonal parameter's,
             preconditioned gradient rescaled to its raw gradient's norm, so the optimizer's
             learning rate keeps its meaning) or "none".
-        wide_layers: "optimizer" (default: layers with a factor wider than
-            ``max_factor_dim``, such as vocabulary-sized embeddings and heads, are left to the
-            optimizer and listed by summary()) or "diagonal" (preconditioned with diagonal or
-            block-diagonal wide factors).
+        wide_layers: "optimizer" (default: embeddings with more rows than
+            ``max_factor_dim``, and the layers tied to them, are left to the optimizer and
+            listed by summary()) or "diagonal" (preconditioned with a diagonal factor). Other
+            wide layers keep diagonal or block-diagonal factors either way.
         factor_decay: β ∈ [0, 1) of the running averages of A and G.
         factor_update_steps: collect statistics every k-th step (steps 0, k, 2k, ...).
         inv_update_steps: recompute decompositions at step 0 and every k-th step.

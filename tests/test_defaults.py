@@ -106,6 +106,10 @@ def test_vocabulary_sized_layers_are_left_to_the_optimizer_by_default():
     left = dict(KFACPreconditioner(model).summary().unpreconditioned)
     assert "vocabulary-sized" in left["wte.weight"]
     assert "max_factor_dim=4096" in left["wte.weight"]
+    # a wide layer that is not an embedding (nor tied to one) keeps its diagonal factor
+    with pytest.warns(RuntimeWarning, match="not dense"):
+        wide = KFACPreconditioner(nn.Sequential(nn.Linear(8, 5000), nn.Tanh(), nn.Linear(5000, 2)))
+    assert {la.name for la in wide.summary().layers} == {"0", "2"}
     covered = {la.name for la in KFACPreconditioner(model).summary().layers}
     assert "wte" not in covered and "head" not in covered and len(covered) > 0
     with pytest.warns(RuntimeWarning, match="not dense"):
