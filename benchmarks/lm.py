@@ -102,8 +102,8 @@ METHODS: dict[str, list[LMMethod]] = {
         LMMethod("AdamW", "adamw", 1e-3),
         LMMethod("Muon", "muon", 3e-2, adamw_lr=1e-3),
         LMMethod("SOAP", "soap", 3e-3),
-        LMMethod("AdamW + K-FAC (defaults)", "adamw", 1e-3, kfac={}),
-        LMMethod("SGD + K-FAC (eigen_adam recipe)", "sgd", 1e-3, kfac=RECIPE),
+        LMMethod("AdamW + K-FAC (defaults)", "adamw", 3e-3, kfac={}),
+        LMMethod("SGD + K-FAC (eigen_adam recipe)", "sgd", 1e-3 / 3, kfac=RECIPE),
     ],
 }
 # Learning-rate grids of --tune, around each method's rate above (the same three factors).
