@@ -103,7 +103,7 @@ METHODS: dict[str, list[LMMethod]] = {
         LMMethod("Muon", "muon", 3e-2, adamw_lr=1e-3),
         LMMethod("SOAP", "soap", 3e-3),
         LMMethod("AdamW + K-FAC (defaults)", "adamw", 3e-3, kfac={}),
-        LMMethod("SGD + K-FAC (eigen_adam recipe)", "sgd", 1e-3 / 3, kfac=RECIPE),
+        LMMethod("SGD + K-FAC (eigen_adam recipe)", "sgd", 1e-3 / 9, kfac=RECIPE),
     ],
 }
 # Learning-rate grids of --tune, around each method's rate above (the same three factors).

@@ -748,8 +748,9 @@ def memory(results: Path, date: str) -> str:
 
 # ------------------------------------------------------------------------------ language models
 def lm(results: Path, task: str, run: str) -> str:
-    """benchmarks/lm.py: one task of one run (date or revision), per method over the seeds."""
-    rows = [r for r in run_of(read(results, "lm.csv"), run, "lm.csv") if r["task"] == task]
+    """benchmarks/lm.py: one task of a run (date or revision; several, comma-separated, for
+    seeds run in parallel processes), per method over the seeds."""
+    rows = [r for r in _runs(read(results, "lm.csv"), run, "lm.csv") if r["task"] == task]
     out = []
     for method in unique(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
