@@ -29,6 +29,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..preconditioner import KFACPreconditioner
+from . import callback_options
 
 __all__ = ["KFACCallback"]
 
@@ -64,10 +65,7 @@ class KFACCallback(TrainerCallback):  # type: ignore[misc]
     """
 
     def __init__(self, **options: Any) -> None:
-        for key in ("model", "grad_scaler"):
-            if key in options:
-                raise TypeError(f"KFACCallback takes {key!r} from the Trainer, not as an option")
-        self.options = options
+        self.options = callback_options(options)
         self.preconditioner: KFACPreconditioner | None = None
 
     def on_train_begin(

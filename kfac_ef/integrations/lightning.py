@@ -25,6 +25,7 @@ except ImportError:  # the standalone package
     from pytorch_lightning import Callback  # type: ignore[no-redef]
 
 from ..preconditioner import KFACPreconditioner
+from . import callback_options
 
 __all__ = ["KFACCallback"]
 
@@ -48,10 +49,7 @@ class KFACCallback(Callback):  # type: ignore[misc]
     """
 
     def __init__(self, **options: Any) -> None:
-        for key in ("model", "grad_scaler"):
-            if key in options:
-                raise TypeError(f"KFACCallback takes {key!r} from the Trainer, not as an option")
-        self.options = options
+        self.options = callback_options(options)
         self.preconditioner: KFACPreconditioner | None = None
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:

@@ -18,11 +18,11 @@ from torch import Tensor, nn
 from .base import LayerAdapter, flatten_positions, is_batched
 
 
-class LinearAdapter(LayerAdapter):
-    kind = "Linear"
+class FeatureRows:
+    """Inputs and output gradients with the features on the last dimension (every other
+    dimension but the batch's a position), as rows ``(rows, features, 1)``: a Linear's."""
 
-    def __init__(self, module: nn.Linear) -> None:
-        super().__init__(module, blocks=1, a_dim0=module.in_features, g_dim=module.out_features)
+    batch_dim: int
 
     def _rows(self, t: Tensor) -> Tensor:
         batched = is_batched(t, 1, self.batch_dim)
@@ -33,6 +33,13 @@ class LinearAdapter(LayerAdapter):
 
     def output_grads(self, grad: Tensor) -> Tensor:
         return self._rows(grad).unsqueeze(2)
+
+
+class LinearAdapter(FeatureRows, LayerAdapter):
+    kind = "Linear"
+
+    def __init__(self, module: nn.Linear) -> None:
+        super().__init__(module, blocks=1, a_dim0=module.in_features, g_dim=module.out_features)
 
 
 class BilinearAdapter(LayerAdapter):

@@ -46,8 +46,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .base import LayerAdapter, ModuleAdapter, Observation, flatten_positions, is_batched
+from .base import LayerAdapter, ModuleAdapter, Observation
 from .diagonal import _compute_dtype
+from .linear import FeatureRows
 
 COMPUTES = (
     "linear",
@@ -382,7 +383,7 @@ def check_subclass(module: nn.Module, base: type[nn.Module]) -> str | None:
 # ------------------------------------------------------------------ adapters
 
 
-class RuleLinearAdapter(LayerAdapter):
+class RuleLinearAdapter(FeatureRows, LayerAdapter):
     """A module following ``"linear"`` (W of shape (out, in)) or ``"linear_transposed"``
     (W of shape (in, out): the Kronecker layer is over Wᵀ, G over the out features)."""
 
@@ -395,16 +396,6 @@ class RuleLinearAdapter(LayerAdapter):
             module, blocks=1, a_dim0=d_in, g_dim=d_out, weight=w, bias=_param(module, rule.bias)
         )
         self.kind = type(module).__name__
-
-    def _rows(self, t: Tensor) -> Tensor:
-        batched = is_batched(t, 1, self.batch_dim)
-        return flatten_positions(t, batched, channels_last=True, batch_dim=self.batch_dim)
-
-    def inputs(self, x: Tensor) -> Tensor:
-        return self._rows(x).unsqueeze(2)
-
-    def output_grads(self, grad: Tensor) -> Tensor:
-        return self._rows(grad).unsqueeze(2)
 
     def weight_matrix(self, t: Tensor) -> Tensor:
         # W of shape (in, out) reads as the Linear weight Wᵀ (out, in): a transposed view,
