@@ -1,4 +1,5 @@
-"""The benchmark tables of README.md and docs/benchmarks.md, regenerated from the CSVs.
+"""The benchmark tables of README.md, docs/benchmarks.md and docs/guides/transformers.md,
+regenerated from the CSVs.
 
 Every such table sits between two marker comments:
 
@@ -36,7 +37,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-FILES = [ROOT / "README.md", ROOT / "docs" / "benchmarks.md"]
+FILES = [
+    ROOT / "README.md",
+    ROOT / "docs" / "benchmarks.md",
+    ROOT / "docs" / "guides" / "transformers.md",
+]
 
 MARKER = re.compile(
     r"<!-- tables:(?P<name>[\w-]+):begin(?P<args>[^>]*?)-->\n"
@@ -803,6 +808,18 @@ def lm_levers(results: Path) -> str:
     return markdown(header, out)
 
 
+def lm_cost(results: Path, run: str) -> str:
+    """benchmarks/lm_cost.py: milliseconds per kind of step and part of it."""
+    out = []
+    for r in run_of(read(results, "lm_cost.csv"), run, "lm_cost.csv"):
+        parts = [num(r[k]) for k in ("forward+backward", "step()", "optimizer")]
+        out.append([TASK_LABELS.get(r["task"], r["task"]), r["method"], r["step"],
+                    *(f"{v:.1f}" for v in parts), f"{sum(parts):.1f}"])  # fmt: skip
+    header = ["task", "method", "step", "forward + backward (hooks) ms", "precond.step() ms",
+              "optimizer ms", "total ms"]  # fmt: skip
+    return markdown(header, out)
+
+
 def defaults(results: Path, run: str) -> str:
     """benchmarks/defaults.py: per task and optimizer, the final metric at 0.3×, 1×, 3× the
     tuned learning rate, alone / with KFACPreconditioner(model)."""
@@ -828,6 +845,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "demo": demo,
     "lm": lm,
     "lm-levers": lm_levers,
+    "lm-cost": lm_cost,
     "defaults": defaults,
     "step-overhead-2threads": step_overhead_readme,
     "transformer": transformer,
