@@ -112,6 +112,14 @@ SCENARIOS: dict[int, list[Scenario]] = {
             kfac=TOKEN_KFAC | TOKEN_DIAG | RELATIVE,
         ),
         Scenario(
+            "tokens/comm_opt/eigen_adam/mean/relative",
+            "comm_opt",
+            "eigen_adam",
+            "mean",
+            model="tokens",
+            kfac=TOKEN_KFAC | TOKEN_DIAG | RELATIVE,
+        ),
+        Scenario(
             "tokens/comm_opt/ekfac/mean/relative",
             "comm_opt",
             "ekfac",
@@ -310,12 +318,19 @@ def runs():
 def test_same_parameters_as_one_process(runs, world, sc):
     ref = reference_run(sc, world)
     members = sc.ranks if sc.ranks is not None else range(world)
+    # eigen_adam divides by the root of the gradient's own second moment, which scales the
+    # float64 rounding of the all-reduce's summation order up by about |g|/√S, and the
+    # trajectory (so the later factors) follows: parameters to 1e-9 absolute, factors to 1e-7
+    # relative. An error in the method would show at O(1).
+    loose = sc.mode == "eigen_adam"
+    params_tol = {"rtol": 1e-9, "atol": 1e-9 if loose else 1e-10}
+    factors_tol = {"rtol": 1e-7 if loose else 1e-9, "atol": 1e-12}
     for r in members:
         got = runs(world)[r][sc.name]
         assert len(got["params"]) == sc.steps
         for step, (a, b) in enumerate(zip(got["params"], ref["params"])):
             torch.testing.assert_close(
-                a, b, rtol=1e-9, atol=1e-10, msg=lambda m, r=r, s=step: f"rank {r} step {s}: {m}"
+                a, b, **params_tol, msg=lambda m, r=r, s=step: f"rank {r} step {s}: {m}"
             )
     if sc.factor_sync == "update":
         # The running factors are those of the global batch on every rank.
@@ -323,13 +338,13 @@ def test_same_parameters_as_one_process(runs, world, sc):
             got = runs(world)[r][sc.name]["factors"]
             assert set(got) == set(ref["factors"])
             for name, (a, g) in ref["factors"].items():
-                torch.testing.assert_close(got[name][0], a, rtol=1e-9, atol=1e-12)
-                torch.testing.assert_close(got[name][1], g, rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(got[name][0], a, **factors_tol)
+                torch.testing.assert_close(got[name][1], g, **factors_tol)
         for r in members:  # the diagonal empirical Fishers too
             got = runs(world)[r][sc.name]["fishers"]
             assert set(got) == set(ref["fishers"])
             for name, f in ref["fishers"].items():
-                torch.testing.assert_close(got[name], f, rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(got[name], f, **factors_tol)
     if sc.measures:
         # ν, the target and E[(Δℓ)²] in both forms are those of the global batch.
         keys = ("nu", "target", "kronecker", "exact")
@@ -604,7 +619,8 @@ def test_ekfac_needs_every_eigenbasis_on_every_rank(kwargs, world, match):
     with pytest.raises(ValueError, match=match):
         _check_supported(kfac, DistributedOptions(**kwargs), world)
     _check_supported(kfac, DistributedOptions(), world)  # comm_opt, update: fine
-    _check_supported(KFACOptions(), DistributedOptions(**kwargs), world)  # exact: fine
+    exact = KFACOptions(damping_mode="exact")
+    _check_supported(exact, DistributedOptions(**kwargs), world)  # exact: fine
 
 
 def test_single_process_without_torch_distributed():

@@ -130,7 +130,8 @@ def _check_supported(kfac: KFACOptions, options: DistributedOptions, world: int)
                 f"damping_mode='eigen_adam' with grad_worker_fraction="
                 f"{options.grad_worker_fraction!r}: the second moment in each eigenbasis is "
                 "updated by the ranks that precondition the layer, so every rank must hold "
-                "every eigenbasis; use grad_worker_fraction='comm_opt' (the default)"
+                "every eigenbasis; use grad_worker_fraction='comm_opt' (the default), or "
+                "damping_mode='exact'"
             )
         return
     if kfac.damping_mode != "ekfac":
