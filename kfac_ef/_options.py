@@ -116,9 +116,11 @@ class KFACOptions:
         inv_update_steps: eigendecompositions at step 0 and every k steps after.
         loss_reduction: how the loss reduces over the batch, "mean" or "sum" (fixes the
             scale of G, see docs/math.md).
-        damping_mode: "exact" (eigenbasis of the Kronecker product), "pi" (factored
-            Tikhonov damping with π-scaling) or "ekfac" (eigenvalue-corrected: the
-            eigenbasis of "exact" with the exact second moment S in it).
+        damping_mode: "eigen_adam" (default: the eigenbasis of "exact" with Adam's
+            running second moment of the minibatch gradient in it), "exact" (eigenbasis of
+            the Kronecker product), "pi" (factored Tikhonov damping with π-scaling) or
+            "ekfac" (eigenvalue-corrected: the eigenbasis of "exact" with the exact
+            per-example second moment S in it).
         kfac_approx: "expand" or "reduce" for layers with shared positions.
         skip_layers: module names / regexes (full match) / module types to leave alone.
         factor_dtype: float32 (default) or float64 for factors and decompositions.

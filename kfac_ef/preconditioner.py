@@ -79,9 +79,9 @@ class KFACPreconditioner:
             of G⊗A, (tr G/dim G)(tr A/dim A), fixed at each decomposition; for a diagonal
             parameter ε times the mean of its F) or "absolute" (ε as given). Relative ε
             means the same at every scale of the loss and of the layer's activations.
-        exponent: p of the update (G⊗A + εI)^p ∇, in [-1, 0). Default -1/4 (measured best
-            under AdamW on the benchmarks, docs/guides/transformers.md); -1 is the seed's
-            natural-gradient step, -1/2 the power of Adam and Shampoo.
+        exponent: p of the update (G⊗A + εI)^p ∇ (with "eigen_adam", (Ŝ + ε)^p in the
+            eigenbasis), in [-1, 0). Default -1/2, the power of Adam and Shampoo
+            (docs/guides/transformers.md); -1 is the seed's natural-gradient step.
         grafting: "gradient" (default: each Kronecker block's, and diagonal parameter's,
             preconditioned gradient rescaled to its raw gradient's norm, so the optimizer's
             learning rate keeps its meaning) or "none".
@@ -93,8 +93,10 @@ class KFACPreconditioner:
         factor_update_steps: collect statistics every k-th step (steps 0, k, 2k, ...).
         inv_update_steps: recompute decompositions at step 0 and every k-th step.
         loss_reduction: "mean" or "sum", the reduction of the loss over the batch.
-        damping_mode: "exact" (ε added to the eigenvalues of G⊗A), "pi" (factored damping)
-            or "ekfac" (the eigenbases of "exact" with the exact second moment S of the
+        damping_mode: "eigen_adam" (default: the eigenbases of "exact" with Adam's running
+            second moment of the minibatch gradient in them, β = factor_decay at every
+            step), "exact" (ε added to the eigenvalues of G⊗A), "pi" (factored damping) or
+            "ekfac" (the eigenbases of "exact" with the exact second moment S of the
             per-example gradients in them, George et al. 2018).
         kfac_approx: "expand" or "reduce", for layers with shared positions.
         skip_layers: module names, full-match regexes or module types to leave alone.
