@@ -316,7 +316,8 @@ def precondition_eigen_adam(
 
         S ← β S + (1 - β) V⊙V,   Ŝ = S / (1 - βⁿ),   ∇̃ = Q_G [V ⊙ (Ŝ + ε)^p] Q_Aᵀ,
 
-    updated in place in ``dec`` (``s``, and the count ``n`` per block). ε is ``damping``, or
+    updated in place in ``dec`` (``s``, and the count ``n`` per block; a block whose gradient
+    is not finite keeps both). ε is ``damping``, or
     with ``relative`` ``damping`` times the mean of Ŝ over the block. With p = -1/2 this is
     an Adam step (without its momentum) in K-FAC's eigenbasis. With ``with_form`` also the
     ``(B,)`` forms Σ_ij K_ij Ṽ_ij² of K-FAC's curvature K = λ_G λ_Aᵀ.
@@ -325,9 +326,13 @@ def precondition_eigen_adam(
     assert s is not None and n is not None
     b = grads.shape[0]
     v = rotate_a(rotate_g(grads, dec.qg, g_spec, transpose=True), dec.qa, a_spec, transpose=False)
-    n.add_(1.0)
-    s.mul_(decay).addcmul_(v, v, value=1.0 - decay)
-    s_hat = s / (1.0 - torch.pow(decay, n)).view(b, 1, 1)
+    # A block whose gradient is not finite (a loss-scale overflow) leaves its moment as it was,
+    # decided on the device: one inf would otherwise stay in S for good.
+    finite = torch.isfinite(v).all(dim=(1, 2))
+    n.add_(finite.to(n.dtype))
+    updated = (s * decay).addcmul_(v, v, value=1.0 - decay)
+    s.copy_(torch.where(finite.view(b, 1, 1), updated, s))
+    s_hat = s / (1.0 - torch.pow(decay, n)).view(b, 1, 1).clamp_min(1e-30)
     eps: float | Tensor = damping
     if relative:
         mean = s_hat.mean(dim=(1, 2), keepdim=True)

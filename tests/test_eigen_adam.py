@@ -116,3 +116,33 @@ def test_needs_every_eigenbasis_on_every_rank():
     with pytest.raises(ValueError, match="eigen_adam"):
         check_supported(kfac, DistributedOptions(grad_worker_fraction="mem_opt"), 2)
     check_supported(kfac, DistributedOptions(), 2)
+
+
+def test_a_non_finite_gradient_leaves_the_moments_alone():
+    """A loss-scale overflow: the step's gradient is inf; the second moments and their counts
+    stay as they were (the scaler skips that optimizer step), and the next finite step is
+    preconditioned as if the overflow had not happened."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 5), torch.randn(8, 3)) for _ in range(3)]
+    results = []
+    for overflow in (False, True):
+        torch.manual_seed(1)
+        model = _mlp()
+        pre = KFACPreconditioner(model, damping_mode="eigen_adam", factor_update_steps=1,
+                                 inv_update_steps=10)  # fmt: skip
+        for i, (x, y) in enumerate(batches):
+            if overflow and i == 1:
+                model.zero_grad()
+                mse_per_example(model(x), y).mean().backward()
+                for p in model.parameters():
+                    p.grad.fill_(float("inf"))
+                pre.step()
+            model.zero_grad()
+            mse_per_example(model(x), y).mean().backward()
+            pre.step()
+        results.append([p.grad.clone() for p in model.parameters()])
+        counts = pre.state_dict()["layers"]["0"]["decomposition"]["n"]
+        assert counts.tolist() == [3.0]
+    for a, b in zip(*results):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b)
