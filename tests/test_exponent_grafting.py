@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from kfac_ef import KFACPreconditioner
 
-from .helpers import conv_head, step_once
+from .helpers import step_once
 from .reference import (
     grad_matrix,
     layer_io,
@@ -18,28 +17,16 @@ from .reference import (
     per_example_grads,
     reference_factors,
 )
+from .test_damping_unit import CASES as DAMPING_CASES
+from .test_damping_unit import _mlp
 from .test_diagonal import MODELS as DIAGONAL_MODELS
-from .test_factors import CONVS
 
 pytestmark = pytest.mark.usefixtures("float64")
 
 DAMPING = 0.05
 
 
-def _mlp():
-    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4, bias=False), nn.Tanh(),
-                         nn.Linear(4, 3))  # fmt: skip
-
-
-CASES = {
-    "mlp": (_mlp, ["0", "2", "4"], (7, 5), (7, 3)),
-    "conv-groups": (
-        lambda: conv_head(CONVS["conv2d-same-reflect-dil-groups"][0](), (4, 6, 5)),
-        ["0", "3"],
-        (3, 4, 6, 5),
-        (3, 2),
-    ),
-}
+CASES = {k: DAMPING_CASES[k] for k in ("mlp", "conv-groups")}
 
 
 def dense_power(A, G, gm, damping, p):
