@@ -185,12 +185,16 @@ def precondition_diagonal(
             inverses.append(d.inverse)
     if not grads:
         return [], None
-    raw_norms = torch._foreach_norm(grads) if graft else None
+    home = grads[0].device
+
+    def norms() -> Tensor:  # one per parameter, gathered on one device
+        return torch.stack([n.to(home) for n in torch._foreach_norm(grads)])
+
+    raw_norms = norms() if graft else None
     torch._foreach_mul_(grads, inverses)
-    ratios = None
-    if raw_norms is not None:
-        ratios = [graft_ratio(r, n) for r, n in zip(raw_norms, torch._foreach_norm(grads))]
-        torch._foreach_mul_(grads, ratios)
+    if raw_norms is not None:  # the ratios of every parameter at once
+        ratios = graft_ratio(raw_norms, norms()).unbind()
+        torch._foreach_mul_(grads, [r.to(g.device) for r, g in zip(ratios, grads)])
     if not with_form:
         return done, None
     parts = []

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from . import _ekfac, _warn, linalg
 from ._decomposition import Decomposition
-from ._factors import FactorSpec, block_traces
+from ._factors import FactorSpec, block_traces, eigenvalue_products
 from ._scaling import Scale
 from ._stats import DiagonalStatistics, LayerStatistics
 
@@ -235,7 +235,8 @@ def carried_scale(layer: Layer, new: Decomposition) -> Tensor:
     if old is not None and old.s is not None and layer.scale_updates is not None:
         return _ekfac.transport(old.s, old, new, layer.g_spec, layer.a_spec)
     layer.scale_updates = torch.zeros(layer.adapter.blocks, dtype=torch.int64, device=new.lg.device)
-    return _ekfac.initial_scale(new.lg, new.la, layer.g_spec, layer.a_spec)
+    # K-FAC's own diagonal: with it, EKFAC preconditions exactly like K-FAC
+    return eigenvalue_products(new, layer.g_spec, layer.a_spec)
 
 
 def carried_moment(layer: Layer, new: Decomposition) -> tuple[Tensor, Tensor]:

@@ -38,16 +38,6 @@ Record = tuple[Inputs, Tensor, int]
 output gradients ``(N, T, blocks, g_dim)``, and the pass it belongs to."""
 
 
-def initial_scale(lg: Tensor, la: Tensor, g_spec: FactorSpec, a_spec: FactorSpec) -> Tensor:
-    """λ_G λ_Aᵀ per Kronecker block, ``(blocks, g_pad, a_pad)``: K-FAC's own diagonal.
-
-    The scale of a basis that has no statistics of its own yet: with it, EKFAC preconditions
-    exactly like K-FAC. ``lg``, ``la`` are the stored eigenvalues ``(blocks·nb, bs)``.
-    """
-    blocks = lg.shape[0] // g_spec.nb
-    return lg.reshape(blocks, g_spec.padded, 1) * la.reshape(blocks, 1, a_spec.padded)
-
-
 def transport(
     s: Tensor,
     old: Decomposition,
@@ -200,7 +190,6 @@ __all__ = [
     "MAX_ELEMENTS",
     "Record",
     "batch_second_moment",
-    "initial_scale",
     "scale_numel",
     "transport",
 ]

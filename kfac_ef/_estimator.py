@@ -260,8 +260,8 @@ class Estimator:
                 bucket.restack()
             self._check_failures()
             names = [layer.name for layer in waiting]
+            relative = opts.damping_unit == "relative"
             for entry in self.diagonal:
-                relative = opts.damping_unit == "relative"
                 if not entry.decompose(opts.damping, relative, opts.exponent):
                     names.append(entry.name)
         self.force_decompose = False

@@ -249,6 +249,14 @@ def rotate_a(x: Tensor, q: Tensor | None, spec: FactorSpec, transpose: bool) -> 
     return _rotate(x, q, spec, transpose, left=False)
 
 
+def eigenvalue_products(dec: Decomposition, g_spec: FactorSpec, a_spec: FactorSpec) -> Tensor:
+    """K = λ_G λ_Aᵀ per Kronecker block, ``(B, g_pad, a_pad)``: the eigenvalues of G⊗A, from
+    the stored eigenvalues ``lg``, ``la`` ``(B·nb, bs)``."""
+    assert dec.lg is not None and dec.la is not None
+    b = dec.lg.shape[0] // g_spec.nb
+    return dec.lg.reshape(b, g_spec.padded, 1) * dec.la.reshape(b, 1, a_spec.padded)
+
+
 def precondition_structured_eigen(
     grads: Tensor,
     dec: Decomposition,
@@ -281,9 +289,7 @@ def precondition_structured_eigen(
     v = rotate_a(rotate_g(grads, qg, g_spec, transpose=True), qa, a_spec, transpose=False)
     if scale is None:
         assert dec.lg is not None and dec.la is not None
-        lg = dec.lg.reshape(b, g_spec.padded, 1)
-        la = dec.la.reshape(b, 1, a_spec.padded)
-        k = lg * la  # one (B, g, a) temporary, then in place (these can be vocab-sized)
+        k = eigenvalue_products(dec, g_spec, a_spec)  # a (B, g, a) temporary, then in place
         denominator = k + damping if with_form else k.add_(damping)
     else:
         k = scale
@@ -345,8 +351,7 @@ def precondition_eigen_adam(
     out = rotate_a(rotate_g(v, dec.qg, g_spec, transpose=False), dec.qa, a_spec, transpose=True)
     if not with_form:
         return out
-    assert dec.lg is not None and dec.la is not None
-    k = dec.lg.reshape(b, g_spec.padded, 1) * dec.la.reshape(b, 1, a_spec.padded)
+    k = eigenvalue_products(dec, g_spec, a_spec)
     return out, (k * v.square()).sum(dim=(1, 2))
 
 

@@ -42,14 +42,14 @@ class AffineDiagonalAdapter(ModuleAdapter):
     def __init__(self, module: nn.Module) -> None:
         super().__init__(module)
         self.kind = type(module).__name__
+        weight = getattr(module, "weight", None)
+        bias = getattr(module, "bias", None)
+        # γ and β (None where absent); a rule for another class may name them otherwise.
+        self.weight = weight if isinstance(weight, nn.Parameter) else None
+        self.bias = bias if isinstance(bias, nn.Parameter) else None
 
     def diagonal_candidates(self) -> list[nn.Parameter]:
-        out = []
-        for name in ("weight", "bias"):
-            p = getattr(self.module, name, None)
-            if isinstance(p, nn.Parameter) and p.requires_grad:
-                out.append(p)
-        return out
+        return [p for p in (self.weight, self.bias) if p is not None and p.requires_grad]
 
     def _normalized(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -65,12 +65,10 @@ class AffineDiagonalAdapter(ModuleAdapter):
         x: Tensor = saved
         dtype = _compute_dtype(grad)
         delta = grad.to(dtype)
-        weight = getattr(self.module, "weight", None)
-        bias = getattr(self.module, "bias", None)
         for p in params:
-            if p is weight:
+            if p is self.weight:
                 obs.per_example[id(p)] = self._per_example(delta * self._normalized(x), x)
-            elif p is bias:
+            elif p is self.bias:
                 obs.per_example[id(p)] = self._per_example(delta, x)
         return obs
 

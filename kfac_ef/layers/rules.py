@@ -37,7 +37,7 @@ parameters are preconditioned by their diagonal empirical Fisher with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .base import LayerAdapter, ModuleAdapter, Observation
-from .diagonal import _compute_dtype
+from .base import LayerAdapter, ModuleAdapter
+from .diagonal import AffineDiagonalAdapter, _compute_dtype
 from .linear import FeatureRows
 
 COMPUTES = (
@@ -403,44 +403,28 @@ class RuleLinearAdapter(FeatureRows, LayerAdapter):
         return t.t().unsqueeze(0) if self.transposed else t.unsqueeze(0)
 
 
-class RuleNormAdapter(ModuleAdapter):
+class RuleNormAdapter(AffineDiagonalAdapter):
     """A module following a norm or scale formula: per-example gradients Σ_t δ ⊙ x̂ of γ
     and Σ_t δ of β, summed over the positions (every dim but the batch and the feature dim:
     the last one, or dim 1 for the channel formulas)."""
 
     def __init__(self, module: nn.Module, rule: ModuleRule) -> None:
         super().__init__(module)
-        self.kind = type(module).__name__
         self.computes = rule.computes
         self.eps = _eps(module, rule) or 0.0
         self.weight = _param(module, rule.weight)
         self.bias = _param(module, rule.bias)
         self.channel = rule.computes.startswith("channel")
 
-    def diagonal_candidates(self) -> list[nn.Parameter]:
-        return [p for p in (self.weight, self.bias) if p is not None and p.requires_grad]
+    def _normalized(self, x: Tensor) -> Tensor:
+        return _normalize(self.computes, x.to(_compute_dtype(x)), self.eps)
 
-    def _per_example(self, t: Tensor) -> Tensor:
+    def _per_example(self, t: Tensor, x: Tensor) -> Tensor:
         if self.channel:
             return t.reshape(t.shape[0], t.shape[1], -1).sum(dim=2)
         if self.batch_dim:
             t = t.movedim(self.batch_dim, 0)
         return t.reshape(t.shape[0], -1, t.shape[-1]).sum(dim=1)
-
-    def observe(
-        self, saved: Any, grad: Tensor, layers: Sequence[int], params: Sequence[nn.Parameter]
-    ) -> Observation:
-        obs = Observation()
-        x: Tensor = saved
-        dtype = _compute_dtype(grad)
-        delta = grad.to(dtype)
-        for p in params:
-            if p is self.weight:
-                xhat = _normalize(self.computes, x.to(_compute_dtype(x)), self.eps)
-                obs.per_example[id(p)] = self._per_example(delta * xhat.to(dtype))
-            elif p is self.bias:
-                obs.per_example[id(p)] = self._per_example(delta)
-        return obs
 
 
 def adapt(module: nn.Module, rule: ModuleRule) -> ModuleAdapter:
