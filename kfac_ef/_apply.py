@@ -18,6 +18,7 @@ from torch import Tensor
 from ._blocks import BucketKey, DiagonalParam, Layer
 from ._decomposition import Decomposition
 from ._factors import FactorSpec
+from ._grads import grad_of
 from .layers.base import GradientParts
 
 PreconditionFn = Callable[
@@ -179,9 +180,10 @@ def precondition_diagonal(
     """
     done, grads, inverses = [], [], []
     for d in params:
-        if d.inverse is not None and d.param.grad is not None:
+        g = grad_of(d.param)
+        if d.inverse is not None and g is not None:
             done.append(d)
-            grads.append(d.param.grad)
+            grads.append(g)
             inverses.append(d.inverse)
     if not grads:
         return [], None

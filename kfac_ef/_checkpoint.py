@@ -13,6 +13,7 @@ tests/golden/ holds checkpoints of this format that every version must load.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,13 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 def save(est: Estimator, steps: int, decompositions: bool) -> dict[str, Any]:
     """The checkpoint of the estimator's state after ``steps`` step() calls."""
     layers = {la.name: e for la in est.layers if (e := la.state(decompositions)) is not None}
+    layers = est.comm.complete_state(layers)  # sharded: from the ranks that keep them
+    return _with_layers(est, steps, decompositions, layers)
+
+
+def _with_layers(
+    est: Estimator, steps: int, decompositions: bool, layers: dict[str, Any]
+) -> dict[str, Any]:
     diagonal = {d.name: e for d in est.diagonal if (e := d.state(decompositions)) is not None}
     return {
         "format": STATE_FORMAT,
@@ -212,3 +220,87 @@ def _value_problems(
         if entry.get("curvature") is not None:
             finite(f"{name}: curvature", entry["curvature"], minimum=0.0)
     return problems
+
+
+# ---------------------------------------------------------------- torch.distributed.checkpoint
+
+_META = "meta"
+_LAYER = "layer/"
+
+
+def _pack(obj: Any) -> bytes:
+    """An entry as bytes (tensors on the CPU): DCP saves bytes as they are, where it would
+    split a dict of tensors into items that must be preallocated to load."""
+    buf = io.BytesIO()
+    torch.save(_to_cpu(obj), buf)
+    return buf.getvalue()
+
+
+def _unpack(value: Any) -> Any:
+    if isinstance(value, io.BytesIO):
+        value.seek(0)
+        value = value.read()
+    if isinstance(value, bytes | bytearray):
+        return torch.load(io.BytesIO(bytes(value)), weights_only=True)
+    return value
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+class DistributedState:
+    """The preconditioner as a ``torch.distributed.checkpoint`` Stateful
+    (``KFACPreconditioner.dcp_state()``): each rank writes and reads only its share.
+
+    ``state_dict()`` holds one item ``"meta"`` (counters, options, names, the diagonal
+    parameters' state; the same on every rank) and one item ``"layer/<name>"`` per layer
+    this rank keeps (under FSDP2 with "mem_opt", only the rank that preconditions it; else
+    every rank, with the same entry), each as bytes; DCP writes each item once. To load,
+    every rank asks for the meta and the layers it keeps under its own plan, whatever the
+    world size at saving.
+    """
+
+    def __init__(self, precond: Any, decompositions: bool = True) -> None:
+        self._precond = precond
+        self._decompositions = decompositions
+
+    def _est(self) -> Estimator:
+        return self._precond._est  # type: ignore[no-any-return]
+
+    def state_dict(self) -> dict[str, Any]:
+        est = self._est()
+        comm = est.comm
+        meta = _with_layers(est, self._precond.steps, self._decompositions, {})
+        out: dict[str, Any] = {_META: _pack(meta)}
+        for layer in est.layers:
+            if comm.keeps(layer):  # (ranks keeping the same layer hold the same entry)
+                out[_LAYER + layer.name] = _pack(layer.state(self._decompositions))
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        meta = _unpack(state[_META])
+        if not isinstance(meta, Mapping):
+            raise ValueError("not a KFACPreconditioner.dcp_state() checkpoint (no meta item)")
+        est = self._est()
+        unknown = [
+            n
+            for n in meta.get("names", {}).get("layers", [])
+            if _own_name(n, est.by_name) not in est.by_name
+        ]
+        if unknown:
+            raise ValueError(
+                "the checkpoint does not fit this model:\n  "
+                + "\n  ".join(f"{n}: not a preconditioned layer of this model" for n in unknown)
+            )
+        layers = {}
+        for key, value in state.items():
+            if key.startswith(_LAYER) and (entry := _unpack(value)) is not None:
+                layers[key[len(_LAYER) :]] = entry
+        self._precond._load(dict(meta) | {"layers": layers}, True)

@@ -15,6 +15,7 @@ from torch.amp.grad_scaler import OptState
 from . import _constraint, _scaling, _warn
 from ._blocks import DiagonalParam, Layer
 from ._constraint import Held, StepRecord
+from ._grads import grad_of
 from ._model import unique_parameters
 from ._options import KFACOptions
 
@@ -120,7 +121,7 @@ class LossChangeController:
         layers = comm.preconditioned_layers(done)
         # Preconditioned parameters with their gradients (diagonal ones always have one).
         unique = unique_parameters(layers, done_diag)
-        params = {id(p): g for p in unique if (g := p.grad) is not None}
+        params = {id(p): g for p in unique if (g := grad_of(p)) is not None}
         grads = list(params.values())
         device = grads[0].device if grads else self.est.device()
         kron = None

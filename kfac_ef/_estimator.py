@@ -35,6 +35,7 @@ from ._factors import (
     precondition_structured_inverse,
     to_user,
 )
+from ._grads import grad_of
 from ._model import structure_of
 from ._options import KFACOptions
 
@@ -156,16 +157,20 @@ class Estimator:
         # device flag saying whether any rank had statistics for it.
         kron, diag = self.comm.reduce_statistics(scale_on)
         self.stats_examples = self.comm.global_examples(local, self.stats_examples)
-        if not kron and not diag:
-            return
+        if not kron and not diag and not self.comm.sharded:
+            return  # (sharded, a rank that keeps no factor still joins the finite check)
         # A step with a non-finite gradient (a loss-scale overflow, a NaN loss) updates no
         # factor; a layer whose own statistics are not finite keeps its factors.
-        grads = [p.grad for p in self.trainable if p.grad is not None]
+        grads = [g for p in self.trainable if (g := grad_of(p)) is not None]
         grads_ok: Tensor | None = None
         if grads:
             device = grads[0].device
             norms = torch.stack([n.to(device) for n in torch._foreach_norm(grads)])
             grads_ok = torch.isfinite(norms).all()
+        # Sharded, each rank checked its own rows: the ranks agree (all or none fold).
+        grads_ok = self.comm.all_finite(grads_ok)
+        if grads_ok is not None:
+            device = grads_ok.device
             if self.skipped_steps is None:
                 self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
             self.skipped_steps.add_(~grads_ok)
@@ -259,7 +264,8 @@ class Estimator:
             for bucket in self.buckets:
                 bucket.restack()
             self._check_failures()
-            names = [layer.name for layer in waiting]
+            # (sharded, the layers other ranks keep have no factors here by design)
+            names = [layer.name for layer in waiting if self.comm.preconditions(layer)]
             relative = opts.damping_unit == "relative"
             for entry in self.diagonal:
                 if not entry.decompose(opts.damping, relative, opts.exponent):

@@ -16,11 +16,12 @@ if TYPE_CHECKING:
     from ._blocks import DiagonalParam, Layer
 
 
-def check_not_sharded(model: nn.Module) -> None:
-    """Refuse sharded models (FSDP, FSDP2's fully_shard, DTensor parameters): a rank holds a
-    shard of each parameter and of its gradient, which the Kronecker factors and p.grad
-    rewriting assume whole. Checked without importing torch.distributed.tensor: a DTensor
-    parameter exists only if that module was imported."""
+def check_sharding(model: nn.Module) -> bool:
+    """Whether the model is sharded by FSDP2's ``fully_shard`` (DTensor parameters, which
+    the sharded distributor handles); raise for sharding it does not handle: FSDP1's
+    ``FullyShardedDataParallel`` (flat parameters) and DTensor parameters outside
+    ``fully_shard`` (tensor parallelism). Checked without importing
+    torch.distributed.tensor: a DTensor parameter exists only if that module was imported."""
     dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     sharded = [
         name
@@ -32,19 +33,30 @@ def check_not_sharded(model: nn.Module) -> None:
         for name, m in model.named_modules()
         if type(m).__name__ == "FullyShardedDataParallel"
     ]
-    if sharded or wrappers:
-        what = (
-            f"FullyShardedDataParallel modules ({', '.join(wrappers[:5])})"
-            if wrappers
-            else f"sharded (DTensor) parameters ({', '.join(sharded[:5])}"
-            + (", ..." if len(sharded) > 5 else "")
-            + ")"
-        )
+    if wrappers:
         raise NotImplementedError(
-            f"the model has {what}: sharded models (FSDP, fully_shard, tensor parallelism) "
-            "are not supported yet. Build the preconditioner on an unsharded model, with "
-            "DistributedDataParallel for data parallelism (docs/distributed.md)."
+            f"the model has FullyShardedDataParallel modules ({', '.join(wrappers[:5])}): "
+            "FSDP1's flat parameters are not supported. Shard the model with FSDP2's "
+            "torch.distributed.fsdp.fully_shard (docs/distributed.md, FSDP), or use "
+            "DistributedDataParallel."
         )
+    if not sharded:
+        return False
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    wrapped: set[int] = set()
+    if fsdp is not None:
+        for m in model.modules():
+            if isinstance(m, fsdp):
+                wrapped |= {id(p) for p in m.parameters()}
+    outside = [n for n, p in model.named_parameters() if n in sharded and id(p) not in wrapped]
+    if outside:
+        raise NotImplementedError(
+            f"the model has DTensor parameters outside fully_shard ({', '.join(outside[:5])}"
+            + (", ..." if len(outside) > 5 else "")
+            + "): tensor parallelism is not supported yet; FSDP2's fully_shard is "
+            "(docs/distributed.md)"
+        )
+    return True
 
 
 def unique_parameters(

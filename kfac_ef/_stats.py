@@ -176,6 +176,12 @@ class LayerStatistics:
         self.rows = 0
         self._passes.clear()
 
+    def release(self) -> None:
+        """Forget what was accumulated and free the buffers (a rank that keeps no factors
+        of this layer: they are allocated again at the next statistics step)."""
+        self.discard()
+        self._acc_a = self._acc_g = None
+
     def nbytes(self) -> int:
         """Bytes of the two accumulators (the running factors have the same size)."""
         item = torch.empty((), dtype=self.dtype).element_size()
@@ -279,6 +285,11 @@ class DiagonalStatistics:
         self._pending.clear()
         self._passes.clear()
         self._stale = True
+
+    def release(self) -> None:
+        """Forget what was accumulated and free the accumulator."""
+        self.discard()
+        self._acc = None
 
     def nbytes(self) -> int:
         """Bytes of the accumulator (the per-pass buffers, N × numel, are transient)."""

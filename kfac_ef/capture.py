@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ._grads import is_dtensor
 from .layers import ModuleAdapter
 
 
@@ -68,9 +69,13 @@ def _in_backward() -> bool:
 def _accumulators(params: list[nn.Parameter]) -> list[Any]:
     """The autograd nodes that accumulate into these parameters' ``.grad`` (grad mode on).
 
-    Holding them keeps them alive, so the engine reuses the same node for every graph."""
+    Holding them keeps them alive, so the engine reuses the same node for every graph.
+    Parameters sharded by FSDP2 have none: its forward computes with unsharded copies and
+    its own hooks write ``.grad``, so every backward through them is taken to reach it."""
     nodes: list[Any] = []
     for p in params:
+        if is_dtensor(p):
+            continue
         view: Any = p.view_as(p)
         nodes.append(view.grad_fn.next_functions[0][0])
     return nodes

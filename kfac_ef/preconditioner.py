@@ -22,10 +22,11 @@ from ._constraint import Held, LossChangeDiagnostics, summarize
 from ._controller import LossChangeController
 from ._discovery import Discovered, check_devices, discover
 from ._distributed.local import Communicator, Local
+from ._distributed.sharded import ShardedDistributor, fsdp_modules
 from ._estimator import Estimator, Faults
 from ._held import HeldCalls
 from ._model import (
-    check_not_sharded,
+    check_sharding,
     uncompiled,
     unique_parameters,
     weak_method,
@@ -43,6 +44,11 @@ _OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[KFACPreconditioner]] =
 )
 
 _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(KFACOptions))
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class KFACPreconditioner:
@@ -202,7 +208,13 @@ class KFACPreconditioner:
         dist_options = resolve(distributed)
         model, ddp = unwrap(uncompiled(model))
         model = uncompiled(model)
-        check_not_sharded(model)
+        sharded = check_sharding(model)
+        if sharded and dist_options is None and _world_size() > 1:
+            raise ValueError(
+                "distributed=False with a model sharded by fully_shard over several ranks: "
+                "each rank holds a shard of every gradient, so K-FAC must run distributed "
+                "(distributed=None or True)"
+            )
         plan: Discovered = discover(model, self.options)
         if not plan.layers and not plan.diagonal:
             raise ValueError(
@@ -215,7 +227,9 @@ class KFACPreconditioner:
             kernels.check_backend(self.options.backend, device)
         # Every exchange with other processes goes through this object (_distributed/).
         comm: Communicator = (
-            Distributor(plan, self.options, dist_options, ddp)
+            ShardedDistributor(plan, self.options, dist_options, fsdp_modules(model))
+            if dist_options and sharded
+            else Distributor(plan, self.options, dist_options, ddp)
             if dist_options
             else Local(plan.layers, plan.diagonal, self.options)
         )
@@ -452,11 +466,14 @@ class KFACPreconditioner:
             if opts.damping_mode == "ekfac" and self._wants_statistics():
                 est.update_scales(self._held.fisher, ctl.loss_scale())
             with_form = lr is not None and opts.needs_kronecker_form
-            done, forms, done_diag, diag_form = est.precondition(with_form)
-            if lr is not None:
-                ctl.scale_step(
-                    self._steps, self._held.loss, lr, done, forms, done_diag, diag_form, moments
-                )
+            # Sharded: the whole gradients of this rank's layers, written back on success.
+            with est.comm.gradients():
+                done, forms, done_diag, diag_form = est.precondition(with_form)
+                if lr is not None:
+                    ctl.scale_step(
+                        self._steps, self._held.loss, lr, done, forms, done_diag, diag_form,
+                        moments,
+                    )  # fmt: skip
         self._clear_step()
         self._steps += 1
         self._backward_seen = False
@@ -559,8 +576,27 @@ class KFACPreconditioner:
                 exact when that step is a decomposition step anyway; otherwise the
                 decomposition is fresher than an uninterrupted run's, and EKFAC's S
                 restarts from λ_G λ_Aᵀ.
+
+        Under FSDP2 (``fully_shard``) a layer's state lives on the ranks that precondition
+        it: every rank must call ``state_dict()`` (a collective), and each gets every
+        layer's entry. For checkpoints where each rank writes only its share, use
+        :meth:`dcp_state` with ``torch.distributed.checkpoint``.
         """
         return _checkpoint.save(self._est, self._steps, decompositions)
+
+    def dcp_state(self, decompositions: bool = True) -> _checkpoint.DistributedState:
+        """This preconditioner as a ``torch.distributed.checkpoint`` Stateful: each rank
+        writes the layers it keeps, and reads back those it keeps under the world size it
+        runs with (save under 2 ranks, load under 1 or 3)::
+
+            dcp.save({"model": ..., "kfac": precond.dcp_state()}, checkpoint_id=path)
+            dcp.load({"model": ..., "kfac": precond.dcp_state()}, checkpoint_id=path)
+
+        Loading checks the checkpoint like :meth:`load_state_dict` with ``strict=True``
+        (a layer of this model missing from the checkpoint is an error of DCP's own).
+        """
+        self._check_live()
+        return _checkpoint.DistributedState(self, decompositions)
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
         """Restore a ``state_dict()``; tensors move to each layer's device and factor dtype.
@@ -582,6 +618,9 @@ class KFACPreconditioner:
                 inverses, negative counters); the message names them, nothing is changed.
         """
         self._check_live()
+        self._load(state, strict)
+
+    def _load(self, state: Mapping[str, Any], strict: bool) -> None:
         self._steps = _checkpoint.load(self._est, state, strict)
         self._backward_seen = False
         self._clear_step()

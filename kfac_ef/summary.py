@@ -36,7 +36,10 @@ class LayerSummary:
         a_shape, g_shape: logical shape of one block's A and G (A includes the bias
             coordinate), whatever their storage.
         parameters: names of the parameters the layer preconditions.
-        factor_bytes: running factors plus the statistics accumulators.
+        factor_bytes: running factors plus the statistics accumulators, on this rank
+            (distributed, the bytes are this rank's: under FSDP2 with
+            grad_worker_fraction="mem_opt" a layer's factors are on one rank, 0 elsewhere;
+            the accumulators of every layer exist on every rank during a statistics step).
         decomposition_bytes: eigenbases and eigenvalues ("exact"; "ekfac" adds the scale S,
             one g × a matrix per block) or damped inverses and their shifts ("pi").
         a_factor, g_factor: storage of A and G: "dense", "diagonal" or "N blocks of B".
@@ -211,6 +214,7 @@ def build(est: Estimator) -> Summary:
             scale += b  # the moment's update count per block
         if not est.comm.preconditions(layer):
             dec_a = dec_g = scale = 0  # another rank holds it (grad_worker_fraction < 1)
+        keeps = est.comm.keeps(layer)  # sharded: another rank keeps its factors
         decomp = dec_a + dec_g + scale
         params = []
         for p in ad.parameters():
@@ -223,13 +227,14 @@ def build(est: Estimator) -> Summary:
                 a_shape=(a, a),
                 g_shape=(g, g),
                 parameters=tuple(params),
-                factor_bytes=2 * layer.stats.nbytes(),  # running factors + accumulators
+                # running factors + accumulators
+                factor_bytes=2 * layer.stats.nbytes() if keeps else 0,
                 decomposition_bytes=decomp * item,
                 a_factor=layer.a_spec.describe(),
                 g_factor=layer.g_spec.describe(),
                 # running factor + accumulator + decomposition, per side
-                a_bytes=(2 * layer.a_spec.numel(b) + dec_a) * item,
-                g_bytes=(2 * layer.g_spec.numel(b) + dec_g) * item,
+                a_bytes=(2 * layer.a_spec.numel(b) * keeps + dec_a) * item,
+                g_bytes=(2 * layer.g_spec.numel(b) * keeps + dec_g) * item,
             )
         )
     diag = [

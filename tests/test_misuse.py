@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -126,22 +128,45 @@ def test_changed_transformer_is_a_clear_error(change, message):
         pre.step()
 
 
-def test_sharded_model_is_a_clear_error(tmp_path):
-    """FSDP2's fully_shard turns parameters into DTensors: refused at construction with a
-    message naming them (before, step() died in an AssertionError inside DTensor)."""
+def test_sharded_models_one_rank_and_tensor_parallel(tmp_path):
+    """FSDP2's fully_shard on one rank trains exactly as the unsharded model (the shards are
+    whole); DTensor parameters outside fully_shard (tensor parallelism) are refused at
+    construction, naming them. Several ranks: tests/test_fsdp.py."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
 
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
     )
     try:
-        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        torch.manual_seed(0)
+        plain = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        model = copy.deepcopy(plain)
         mesh = init_device_mesh("cpu", (1,))
         fully_shard(model[0], mesh=mesh)
         fully_shard(model, mesh=mesh)
-        with pytest.raises(NotImplementedError, match=r"sharded \(DTensor\) parameters \(0.weight"):
-            KFACPreconditioner(model, distributed=False)
+        runs = []
+        for net in (plain, model):
+            pre = KFACPreconditioner(net, factor_dtype=torch.float64, factor_update_steps=1)
+            opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            for step in range(3):
+                g = torch.Generator().manual_seed(step)
+                x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+                opt.zero_grad()
+                net(x).square().mean().backward()
+                pre.step()
+                opt.step()
+            runs.append([p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
+                         for p in net.parameters()])  # fmt: skip
+            pre.remove()
+        for a, b in zip(*runs):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+        tp = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        tp[0].weight = nn.Parameter(distribute_tensor(tp[0].weight.detach(), mesh, [Shard(0)]))
+        with pytest.raises(NotImplementedError, match=r"outside fully_shard \(0.weight"):
+            KFACPreconditioner(tp)
     finally:
         dist.destroy_process_group()

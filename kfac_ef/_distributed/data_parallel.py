@@ -21,6 +21,7 @@ from .._factors import FactorSpec
 from .._options import KFACOptions
 from ..layers.base import GradientParts
 from .groups import _new_group
+from .local import Whole
 from .options import DistributedOptions, _check_supported
 from .packing import Entry, _stacks, _StatsBucket, _tri, _Triangles
 from .plan import Grid, Plan, _spec, grad_workers
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class Distributor(StatisticsSync):
+class Distributor(Whole, StatisticsSync):
     """Data-parallel K-FAC: the statistics all-reduce, the decomposition owners and their
     broadcasts, the broadcasts of preconditioned gradients (see the module docstring).
 
@@ -42,6 +43,7 @@ class Distributor(StatisticsSync):
     """
 
     distributed = True
+    sharded = False  # FSDP2 (``sharded.ShardedDistributor``)
 
     def __init__(
         self,
@@ -55,7 +57,7 @@ class Distributor(StatisticsSync):
         self._ddp = ddp
         parent = options.process_group if options.process_group is not None else dist.group.WORLD
         self.ranks = sorted(dist.get_process_group_ranks(parent))
-        _check_supported(kfac, options, len(self.ranks))
+        _check_supported(kfac, options, len(self.ranks), self.sharded)
         everyone = len(self.ranks) == dist.get_world_size()
         self.group = _new_group(parent, self.ranks, everyone)
         self.world = len(self.ranks)
@@ -81,7 +83,7 @@ class Distributor(StatisticsSync):
 
         n_g = grad_workers(options.grad_worker_fraction, self.world)
         self.grid = Grid(rows=n_g, columns=self.world // n_g)
-        self.plan = Plan.build(layers, self.grid)
+        self.plan = Plan.build(layers, self.grid, together=self.sharded)
         me = self.grid
         self._my_column = me.column_of(self.rank)
         self._my_row = me.row_of(self.rank)
@@ -457,10 +459,11 @@ class Distributor(StatisticsSync):
             }
         active = self._active
         return [
-            layer
-            for layer in self._layers
-            if layer.name in active and layer.adapter.gradient_parts() is not None
+            layer for layer in self._layers if layer.name in active and self._has_gradient(layer)
         ]
+
+    def _has_gradient(self, layer: Layer) -> bool:
+        return layer.adapter.gradient_parts() is not None
 
     def sum_over_columns(self, t: Tensor) -> Tensor:
         """Σ over this rank's row of ``t`` (one rank per column: the sum over every layer of a

@@ -8,8 +8,9 @@ does the communication. This module imports no torch.distributed.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -24,6 +25,7 @@ class Communicator(Protocol):
     """What the single-process code asks of the processes it runs with."""
 
     distributed: bool
+    sharded: bool
     world: int
 
     def on_call(self, name: str, pass_id: int) -> None: ...
@@ -60,8 +62,36 @@ class Communicator(Protocol):
 
     def after_load(self, missing: bool) -> bool: ...
 
+    def gradients(self) -> contextlib.AbstractContextManager[None]: ...
 
-class Local:
+    def all_finite(self, flag: Tensor | None) -> Tensor | None: ...
+
+    def complete_state(self, layers: dict[str, Any]) -> dict[str, Any]: ...
+
+    def keeps(self, layer: Layer) -> bool: ...
+
+
+class Whole:
+    """Gradients are whole on every rank (one process, DDP): step() works on ``p.grad``
+    itself, each rank's finite check is every rank's, each rank's state is complete."""
+
+    sharded = False
+
+    def gradients(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def all_finite(self, flag: Tensor | None) -> Tensor | None:
+        return flag
+
+    def complete_state(self, layers: dict[str, Any]) -> dict[str, Any]:
+        return layers
+
+    def keeps(self, layer: Layer) -> bool:
+        """Whether this rank holds the layer's running factors."""
+        return True
+
+
+class Local(Whole):
     """One process: this step's own statistics, every decomposition here, sums as they are."""
 
     distributed = False

@@ -115,7 +115,9 @@ def resolve(distributed: bool | DistributedOptions | None) -> DistributedOptions
     return opts
 
 
-def _check_supported(kfac: KFACOptions, options: DistributedOptions, world: int) -> None:
+def _check_supported(
+    kfac: KFACOptions, options: DistributedOptions, world: int, sharded: bool = False
+) -> None:
     """Combinations of K-FAC and distribution options that cannot be computed exactly.
 
     EKFAC's S is the second moment of every example's gradient projected onto the eigenbases:
@@ -124,8 +126,13 @@ def _check_supported(kfac: KFACOptions, options: DistributedOptions, world: int)
     global batch at every statistics step (factor_sync="update"), as the preconditioner uses
     S itself, not a decomposition of it.
     """
+    n_g = grad_workers(options.grad_worker_fraction, world)
+    if sharded:
+        _check_sharded(kfac, options, world, n_g)
     if kfac.damping_mode == "eigen_adam":
-        if grad_workers(options.grad_worker_fraction, world) != world:
+        # Sharded, a layer's gradient workers precondition its whole gathered gradient:
+        # with one worker per layer ("mem_opt") that one rank keeps the moment alone.
+        if n_g != world and not (sharded and n_g == 1):
             raise ValueError(
                 f"damping_mode='eigen_adam' with grad_worker_fraction="
                 f"{options.grad_worker_fraction!r}: the second moment in each eigenbasis is "
@@ -148,4 +155,32 @@ def _check_supported(kfac: KFACOptions, options: DistributedOptions, world: int)
             f"{options.grad_worker_fraction!r}: S projects every rank's examples onto each "
             "layer's eigenbases, so every rank must hold every eigenbasis; use "
             "grad_worker_fraction='comm_opt' (the default), or damping_mode='exact'"
+        )
+
+
+def _check_sharded(kfac: KFACOptions, options: DistributedOptions, world: int, n_g: int) -> None:
+    """What FSDP2 adds to the conditions above: every gradient worker of a layer gathers its
+    whole gradient, so the grid must be one row ("mem_opt": each layer on one rank) or one
+    column ("comm_opt": every layer on every rank); the running factors of a layer live on
+    its workers only, so they must follow the global batch at every statistics step; the
+    exact form sums per-example directions over every layer on every rank."""
+    where = f"under FSDP (fully_shard) with grad_worker_fraction={options.grad_worker_fraction!r}"
+    if n_g not in (1, world):
+        raise ValueError(
+            f"{where}: a sharded model's layers are preconditioned by one rank each "
+            "('mem_opt', the per-rank state falls as 1/W) or by every rank ('comm_opt'); "
+            "use one of those"
+        )
+    if options.factor_sync != "update":
+        raise ValueError(
+            f"factor_sync={options.factor_sync!r} under FSDP (fully_shard): a layer's running "
+            "factors live on the ranks that precondition it, so the statistics are reduced "
+            "at every statistics step; use factor_sync='update' (the default)"
+        )
+    if kfac.needs_loss_records and n_g != world:
+        raise ValueError(
+            f"constraint='exact' (or track_loss_changes) {where}: the exact form needs every "
+            "layer's preconditioned gradient on every rank (each rank measures its own "
+            "examples); use "
+            "grad_worker_fraction='comm_opt' (the default) or constraint='kronecker'"
         )

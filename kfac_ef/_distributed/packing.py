@@ -90,9 +90,10 @@ class _StatsBucket:
     """
 
     entries: list[Entry]
-    buffer: Tensor
+    buffer: Tensor | None  # None between statistics steps when buffers are transient
     offsets: list[int]  # start of each unit
     counts: int  # start of the counts
     routes: set[str]
+    size: int = 0  # entries of the buffer
     work: Any = None
     dirty: bool = False

@@ -87,11 +87,18 @@ class Plan:
     owner: dict[tuple[str, str], int]
 
     @staticmethod
-    def build(layers: Sequence[Layer], grid: Grid) -> Plan:
+    def build(layers: Sequence[Layer], grid: Grid, together: bool = False) -> Plan:
         """Layers to columns by LPT over the cost of their factors (blocks·d³ for a dense
-        one), then, in each column, factors to its ranks by LPT over their cost."""
-        cols = lpt([_cost(layer, "A") + _cost(layer, "G") for layer in layers], grid.columns)
-        column = {layer.name: c for layer, c in zip(layers, cols)}
+        one), then, in each column, factors to its ranks by LPT over their cost.
+
+        ``together``: layers that share a parameter (a tied weight, the q, k, v rows of one
+        packed projection) go to one column, so that every parameter has one set of
+        gradient workers (the sharded distributor gathers each parameter to them)."""
+        groups = _sharing(layers) if together else [[layer] for layer in layers]
+        costs = [sum(_cost(la, "A") + _cost(la, "G") for la in group) for group in groups]
+        column = {
+            layer.name: c for group, c in zip(groups, lpt(costs, grid.columns)) for layer in group
+        }
         owner: dict[tuple[str, str], int] = {}
         for c in range(grid.columns):
             items = [(layer, s) for layer in layers if column[layer.name] == c for s in "AG"]
@@ -109,3 +116,24 @@ class Plan:
             for side in "AG":
                 out[self.owner[(layer.name, side)]] += _cost(layer, side)
         return out
+
+
+def _sharing(layers: Sequence[Layer]) -> list[list[Layer]]:
+    """The layers in groups connected by shared parameters (union-find), in layer order."""
+    parent = list(range(len(layers)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[int, int] = {}
+    for i, layer in enumerate(layers):
+        for p in layer.adapter.parameters():
+            j = first.setdefault(id(p), i)
+            parent[root(i)] = root(j)
+    groups: dict[int, list[Layer]] = {}
+    for i, layer in enumerate(layers):
+        groups.setdefault(root(i), []).append(layer)
+    return list(groups.values())

@@ -48,6 +48,27 @@ class StatisticsSync:
     _run: Callable[..., None]
     _count: Callable[..., None]
 
+    # Whether bucket buffers live between statistics steps (False: allocated at launch,
+    # freed once unpacked, so that a rank holds no full-model buffer; FSDP's sharded state).
+    _persistent_buffers = True
+
+    def _keeps(self, unit: Entry) -> bool:
+        """Whether this rank folds the unit's reduced statistics into running factors
+        (every unit here; the sharded distributor keeps only the layers it preconditions)."""
+        return True
+
+    def _syncing(self) -> bool:
+        """Whether this backward pass is the last before step() (False inside DDP's
+        ``no_sync()``: more passes follow)."""
+        return self._ddp is None or bool(self._ddp.require_backward_grad_sync)
+
+    def _buffer(self, bucket: _StatsBucket) -> Tensor:
+        if bucket.buffer is None:
+            bucket.buffer = torch.zeros(
+                bucket.size, dtype=self.kfac.factor_dtype, device=self.device
+            )
+        return bucket.buffer
+
     def _make_buckets(self, units: list[Entry]) -> list[_StatsBucket]:
         """Consecutive units (in the given order) up to about ``bucket_cap_mb`` each."""
         dtype = self.kfac.factor_dtype
@@ -69,9 +90,14 @@ class StatisticsSync:
             for entry in members:
                 offsets.append(pos)
                 pos += _size(entry)
-            buffer = torch.zeros(pos + 2 * len(members), dtype=dtype, device=self.device)
+            size = pos + 2 * len(members)
+            buffer = (
+                torch.zeros(size, dtype=dtype, device=self.device)
+                if self._persistent_buffers
+                else None
+            )
             routes = {name for e in members for name in self._feeders[id(e)]}
-            buckets.append(_StatsBucket(members, buffer, offsets, pos, routes))
+            buckets.append(_StatsBucket(members, buffer, offsets, pos, routes, size))
         return buckets
 
     # ------------------------------------------------------------------ 1. statistics
@@ -98,8 +124,8 @@ class StatisticsSync:
         self._got[name] += 1
         if self._got[name] != self._expected[name]:
             return
-        if self._ddp is not None and not self._ddp.require_backward_grad_sync:
-            return  # inside DDP's no_sync(): more passes follow before step()
+        if not self._syncing():
+            return  # inside DDP's no_sync() (FSDP's gradient sync off): more passes follow
         while self._next < len(self._buckets):
             nxt = self._buckets[self._next]
             if not all(
@@ -115,7 +141,7 @@ class StatisticsSync:
         "mean") and their counts, and start the all-reduce without waiting for it."""
         if bucket.work is not None:
             self._wait(bucket.work, "the all-reduce of factor statistics")
-        buf = bucket.buffer
+        buf = self._buffer(bucket)
         counts: list[float] = []
         # δ_n = N_r γ_n for the observed gradients of a mean-reduced loss; the sampled-target
         # backward (fisher_type="mc") observes per-example gradients already.
@@ -179,10 +205,13 @@ class StatisticsSync:
         for bucket in self._buckets:
             self._wait(bucket.work, "the all-reduce of factor statistics")
             bucket.work = None
-            buf = bucket.buffer
+            buf = self._buffer(bucket)
             counts = buf[bucket.counts :].view(-1, 2)
             per_bucket.append(counts[:, 1].max())
             for i, (unit, start) in enumerate(zip(bucket.entries, bucket.offsets)):
+                if not self._keeps(unit):
+                    unit.stats.release()
+                    continue
                 part = buf[start : start + _size(unit)]
                 rows, examples = counts[i, 0], counts[i, 1]
                 present = rows > 0
@@ -200,6 +229,8 @@ class StatisticsSync:
                 unit.stats.discard()
                 scale_a = 1.0 / rows.clamp_min(1.0)
                 kron.append((unit, (acc_a, scale_a, acc_g, scale_g), present))
+            if not self._persistent_buffers:
+                bucket.buffer = None
         self._pass = -1  # the next backward pass starts a new step
         if per_bucket:
             self._examples = torch.stack(per_bucket).max()

@@ -15,6 +15,7 @@ from .base import (
     ModuleAdapter,
     Observation,
     OneHotInputs,
+    module_class,
 )
 from .conv import ConvAdapter
 from .diagonal import ChannelNormAdapter, LayerNormAdapter, PReLUAdapter
@@ -109,8 +110,8 @@ def make_adapter(module: nn.Module) -> ModuleAdapter | str:
     LoRA variants), so it is never silently treated as its base class. An adapter may still
     cover only some parameters (frozen weights: no Kronecker layer).
     """
-    kind = type(module)
-    exact = _exact_adapter(module)
+    kind = module_class(module)
+    exact = _exact_adapter(module, kind)
     if exact is not None:
         return exact
     found = rules.find_rule(module)
@@ -147,7 +148,7 @@ def _adapt_subclass(
     """A subclass of a supported torch class: a rule registered for it, else the base
     class's formula, else a built-in look-alike rule (timm's LayerNorm2d is an nn.LayerNorm
     over the channels), each only if the probe agrees."""
-    name = type(module).__name__
+    name = module_class(module).__name__
     if found is not None and found[1] != "built-in rule":
         why = rules.check_rule(module, found[0])
         if why is None:
@@ -171,7 +172,7 @@ def _adapt_subclass(
 
 def _exact_adapter(module: nn.Module, kind: type | None = None) -> ModuleAdapter | str | None:
     """The adapter of an exact supported type (``kind``: treat the module as that type)."""
-    kind = kind or type(module)
+    kind = kind or module_class(module)
     if kind in _LINEAR_TYPES:
         return LinearAdapter(module)  # type: ignore[arg-type]
     if kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d):

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._grads import is_dtensor
 from .base import LayerAdapter, ModuleAdapter, Observation
 
 _NAMES = ("q_proj", "k_proj", "v_proj")
@@ -226,6 +227,8 @@ class MultiheadAttentionAdapter(ModuleAdapter):
         return out[0] if isinstance(out, tuple) and isinstance(out[0], Tensor) else None
 
     # ------------------------------------------------------------------ backward side
+    # (The weights are read whole: under FSDP2, step() recomputes calls (EKFAC, the exact
+    # form) after the parameters were resharded; every rank does it in the same order.)
     def _twin_module(self) -> nn.MultiheadAttention:
         """A hook-free copy of the module's configuration (its parameters are set per call)."""
         if self._twin is None:
@@ -245,15 +248,15 @@ class MultiheadAttentionAdapter(ModuleAdapter):
 
     def _projections(self, call: _Call) -> tuple[Tensor, Tensor, Tensor]:
         m = self.mha
-        b = m.in_proj_bias.detach() if m.in_proj_bias is not None else None
+        b = _whole(m.in_proj_bias) if m.in_proj_bias is not None else None
         if m._qkv_same_embed_dim:
-            w = m.in_proj_weight.detach()
+            w = _whole(m.in_proj_weight)
             if call.self_attention:
                 q, k, v = F.linear(call.query, w, b).chunk(3, dim=-1)
                 return q, k, v
             ws = w.chunk(3)
         else:
-            ws = (m.q_proj_weight.detach(), m.k_proj_weight.detach(), m.v_proj_weight.detach())
+            ws = (_whole(m.q_proj_weight), _whole(m.k_proj_weight), _whole(m.v_proj_weight))
         bs = b.chunk(3) if b is not None else (None, None, None)
         return (
             F.linear(call.query, ws[0], bs[0]),
@@ -266,13 +269,13 @@ class MultiheadAttentionAdapter(ModuleAdapter):
         m = self.mha
         twin = self._twin_module()
         e = m.embed_dim
-        w_out = m.out_proj.weight.detach()
+        w_out = _whole(m.out_proj.weight)
         eye = torch.eye(e, dtype=w_out.dtype, device=w_out.device)
         twin.in_proj_weight = nn.Parameter(eye.repeat(3, 1), requires_grad=False)
         twin.out_proj.weight = nn.Parameter(eye, requires_grad=False)
         if m.bias_k is not None and m.bias_v is not None:
-            twin.bias_k = nn.Parameter(m.bias_k.detach(), requires_grad=False)
-            twin.bias_v = nn.Parameter(m.bias_v.detach(), requires_grad=False)
+            twin.bias_k = nn.Parameter(_whole(m.bias_k), requires_grad=False)
+            twin.bias_v = nn.Parameter(_whole(m.bias_v), requires_grad=False)
         twin.dropout = m.dropout
         twin.train(call.training)
         device_type, enabled, dtype = call.autocast
@@ -321,3 +324,9 @@ class MultiheadAttentionAdapter(ModuleAdapter):
             x, g = rows[layer.suffix]
             obs.kron.append((i, layer.inputs(self._layout(x)), layer.output_grads(self._layout(g))))
         return obs
+
+
+def _whole(t: Tensor) -> Tensor:
+    """A parameter's values, detached; all of them for a sharded one (a collective)."""
+    t = t.detach()
+    return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined, no-any-return]

@@ -21,12 +21,28 @@ With s = W a + b per position, the gradient of [W | b] for one position is δ ã
 from __future__ import annotations
 
 import math
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
+
+from .._grads import grad_of
+
+
+def module_class(module: nn.Module) -> type:
+    """The class whose computation ``module`` performs: its own, or for a module wrapped by
+    FSDP2's ``fully_shard`` (an ``FSDP<Class>`` made on the fly, whose forward is the
+    original one with hooks around it) the original class. Checked without importing
+    torch.distributed.fsdp: a wrapped module exists only if that package was imported."""
+    cls = type(module)
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    if fsdp is not None and isinstance(module, fsdp):
+        mro = cls.__mro__
+        return mro[min(int(getattr(cls, "_orig_cls_mro_index", 2)), len(mro) - 1)]
+    return cls
 
 
 @dataclass(frozen=True)
@@ -262,7 +278,7 @@ class GradientParts(list[tuple[Tensor, int]]):
     def matrix(self, p: nn.Parameter, as_matrix: Any) -> Tensor | None:
         """``as_matrix(p.grad)``: a view when ``p.grad`` is contiguous, else a copy that
         :meth:`flush` writes back. None without a gradient."""
-        g = p.grad
+        g = grad_of(p)
         if g is None:
             return None
         if g.is_contiguous():
@@ -316,4 +332,5 @@ __all__ = [
     "OneHotInputs",
     "flatten_positions",
     "is_batched",
+    "module_class",
 ]

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .base import LayerAdapter, ModuleAdapter
+from .base import LayerAdapter, ModuleAdapter, module_class
 from .diagonal import AffineDiagonalAdapter, _compute_dtype
 from .linear import FeatureRows
 
@@ -146,7 +146,7 @@ def unregister_module(cls: type[nn.Module]) -> None:
 
 def _builtin_rule(module: nn.Module) -> ModuleRule | None:
     """Rules for other libraries' classes, by name (their packages are never imported)."""
-    cls = type(module)
+    cls = module_class(module)
     name, where = cls.__name__, cls.__module__
     if name == "Conv1D" and where.startswith("transformers"):
         return ModuleRule("linear_transposed")
@@ -395,7 +395,7 @@ class RuleLinearAdapter(FeatureRows, LayerAdapter):
         super().__init__(
             module, blocks=1, a_dim0=d_in, g_dim=d_out, weight=w, bias=_param(module, rule.bias)
         )
-        self.kind = type(module).__name__
+        self.kind = module_class(module).__name__
 
     def weight_matrix(self, t: Tensor) -> Tensor:
         # W of shape (in, out) reads as the Linear weight Wᵀ (out, in): a transposed view,

@@ -1,0 +1,226 @@
+"""What each rank runs in the FSDP2 tests (``test_fsdp.py``): the scenarios of
+``distributed_workers`` on a model sharded with ``fully_shard`` (each module with
+parameters, then the root) instead of wrapped in DistributedDataParallel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from kfac_ef import DistributedOptions, KFACPreconditioner
+
+from . import internals
+from .distributed_workers import (
+    Scenario,
+    _local,
+    _reduce,
+    _scaler,
+    _step,
+    backward_pass,
+    batch,
+    make,
+    mc_noise,
+)
+from .helpers import seed_preconditioner
+
+
+@dataclass(frozen=True)
+class FSDPScenario(Scenario):
+    reshard: bool = True  # reshard_after_forward
+    mixed: bool = False  # MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)
+
+
+def shard(model: nn.Module, sc: FSDPScenario) -> nn.Module:
+    """fully_shard on every module that holds parameters directly, then on the root (which
+    takes the rest: tied weights, as FSDP2 wants them in one group)."""
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if sc.mixed
+        else MixedPrecisionPolicy()
+    )
+    users: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            users[id(p)] = users.get(id(p), 0) + 1
+    alone = [
+        m
+        for m in model.modules()
+        if m is not model
+        and any(True for _ in m.parameters(recurse=False))
+        and all(users[id(p)] == 1 for p in m.parameters(recurse=False))
+    ]
+    for m in alone:  # (a submodule of one sharded before is sharded already)
+        if not any(isinstance(p, DTensor) for p in m.parameters(recurse=False)):
+            fully_shard(m, reshard_after_forward=sc.reshard, mp_policy=policy)
+    fully_shard(model, reshard_after_forward=sc.reshard, mp_policy=policy)
+    return model
+
+
+def full_params(model: nn.Module) -> Tensor:
+    """Every parameter whole (collective: each DTensor is all-gathered), flattened."""
+    out = []
+    for p in model.parameters():
+        t = p.detach()
+        out.append(t.full_tensor().flatten() if hasattr(t, "full_tensor") else t.flatten())
+    return torch.cat(out).clone()
+
+
+def train_fsdp(rank: int, world: int, scenarios: list[FSDPScenario]) -> dict[str, Any]:
+    """Every scenario on this rank; results by scenario name."""
+    return {sc.name: _train(sc, rank, world) for sc in scenarios}
+
+
+def _train(sc: FSDPScenario, r: int, world: int) -> dict[str, Any]:
+    sizes = sc.local_sizes(world)
+    model = shard(make(sc.model), sc)
+    opts = DistributedOptions(grad_worker_fraction=sc.fraction, bucket_cap_mb=sc.bucket_cap_mb)
+    scaler = _scaler(sc)
+    pre = seed_preconditioner(model, distributed=opts, grad_scaler=scaler, **sc.kfac_options())
+    assert pre.distributed is not None and pre.distributed.sharded
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out: dict[str, Any] = {"params": [], "diagnostics": []}
+    for step in range(sc.steps):
+        if sc.resume_at is not None and step == sc.resume_at:
+            state = pre.state_dict()  # collective: every rank gets every layer's entry
+            inner = model.state_dict()
+            pre.remove()
+            model = shard(make(sc.model), sc)
+            model.load_state_dict(inner)
+            pre = seed_preconditioner(model, distributed=opts, **sc.kfac_options())
+            pre.load_state_dict(state)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = batch(step, sum(sizes), sc.model)
+        x, y = _local(x, sizes, r), _local(y, sizes, r)
+        noise = _local(mc_noise(step, sum(sizes), sc.model), sizes, r)
+        opt.zero_grad()
+        if sc.accumulate:
+            h = x.shape[0] // 2
+
+            def half(v: Tensor) -> Tensor:
+                return _reduce(v, sc.reduction, 2)
+
+            assert isinstance(model, FSDPModule)
+            model.set_requires_gradient_sync(not sc.no_sync)
+            first = backward_pass(pre, model, sc, x[:h], y[:h], half, noise[:h], scaler)
+            model.set_requires_gradient_sync(True)
+            second = backward_pass(pre, model, sc, x[h:], y[h:], half, noise[h:], scaler)
+            values = torch.cat([first, second])
+        else:
+
+            def whole(v: Tensor) -> Tensor:
+                return _reduce(v, sc.reduction, 1)
+
+            values = backward_pass(pre, model, sc, x, y, whole, noise, scaler)
+        _step(pre, opt, scaler, values if sc.step_loss else None)
+        out["params"].append(full_params(model))
+        if sc.measures:
+            out["diagnostics"].append(pre.diagnostics().as_dict())
+    out["factors"] = pre.factors()
+    out["fishers"] = pre.diagonal_fishers()
+    out["state"] = pre.state_dict()
+    out["bytes"] = pre.distributed.communicated()
+    summary = pre.summary()
+    out["state_bytes"] = summary.total_bytes
+    out["largest_layer_bytes"] = max(row.total_bytes for row in summary.layers)
+    out["preconditions"] = {
+        layer.name: pre.distributed.preconditions(layer) for layer in internals.layers(pre)
+    }
+    out["holds"] = {layer.name: layer.decomposition is not None for layer in internals.layers(pre)}
+    return out
+
+
+def unsupported(rank: int, world: int, what: str) -> str:
+    """The error a rank gets for a sharding K-FAC refuses (every rank must raise)."""
+    model = make("mlp")
+    if what == "hybrid":
+        shard(model, FSDPScenario("x"))
+        kwargs: dict[str, Any] = {"distributed": DistributedOptions(grad_worker_fraction="hybrid")}
+    elif what == "not_distributed":
+        shard(model, FSDPScenario("x"))
+        kwargs = {"distributed": False}
+    else:
+        raise ValueError(what)
+    try:
+        KFACPreconditioner(model, **kwargs)
+    except (ValueError, NotImplementedError) as exc:
+        return str(exc)
+    return "no error"
+
+
+def dcp_save(rank: int, world: int, path: str, fraction: str) -> dict[str, Any]:
+    """Train 3 steps, save model and preconditioner with DCP, and return the factors of
+    the state (every layer's, from the collective ``state_dict()``)."""
+    import torch.distributed.checkpoint as dcp
+
+    sc = FSDPScenario("dcp", fraction, "eigen_adam", "mean", model="tokens", kfac=_TOKENS)
+    model = shard(make("tokens"), sc)
+    pre = seed_preconditioner(
+        model, distributed=DistributedOptions(grad_worker_fraction=fraction), **sc.kfac_options()
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sizes = sc.local_sizes(world)
+    for step in range(3):
+        x, y = batch(step, sum(sizes), "tokens")
+        opt.zero_grad()
+        backward_pass(pre, model, sc, _local(x, sizes, rank), _local(y, sizes, rank),
+                      lambda v: v.mean(), torch.zeros(()), None)  # fmt: skip
+        pre.step()
+        opt.step()
+    items = pre.dcp_state().state_dict()
+    dcp.save({"kfac": pre.dcp_state()}, checkpoint_id=path)
+    return {"state": pre.state_dict(), "written": sorted(items)}
+
+
+def dcp_load(rank: int, world: int, path: str, fraction: str) -> dict[str, Any]:
+    """A fresh preconditioner loads the DCP checkpoint: what it holds afterwards."""
+    import torch.distributed.checkpoint as dcp
+
+    sc = FSDPScenario("dcp", fraction, "eigen_adam", "mean", model="tokens", kfac=_TOKENS)
+    model = make("tokens")
+    if world > 1:
+        shard(model, sc)
+    pre = seed_preconditioner(
+        model,
+        distributed=DistributedOptions(grad_worker_fraction=fraction) if world > 1 else False,
+        **sc.kfac_options(),
+    )
+    dcp.load({"kfac": pre.dcp_state()}, checkpoint_id=path)
+    held = {
+        layer.name: (layer.A.clone() if layer.A is not None else None)
+        for layer in internals.layers(pre)
+    }
+    moments = {
+        layer.name: layer.decomposition.s.clone()
+        for layer in internals.layers(pre)
+        if layer.decomposition is not None and layer.decomposition.s is not None
+    }
+    return {"steps": pre.steps, "A": held, "s": moments, "state": pre.state_dict()}
+
+
+def dead_after_backward(rank: int, world: int) -> dict[str, Any]:
+    """Rank 1 dies after its backward pass; rank 0's step() must fail with kfac_ef's error
+    (within the process group's timeout)."""
+    import os
+    import time
+
+    model = shard(make("mlp"), FSDPScenario("dead"))
+    pre = seed_preconditioner(model, damping=0.1, factor_dtype=torch.float64)
+    x, y = batch(0, 4 * world)
+    x, y = _local(x, [4] * world, rank), _local(y, [4] * world, rank)
+    backward_pass(pre, model, FSDPScenario("dead"), x, y, lambda v: v.mean(), x, None)
+    if rank == 1:
+        os._exit(0)
+    start = time.monotonic()
+    try:
+        pre.step()
+    except RuntimeError as exc:
+        return {"error": str(exc), "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
+_TOKENS: dict[str, Any] = {"max_factor_dim": 8, "large_factor_block": 4, "other_params": "diagonal"}
