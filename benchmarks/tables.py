@@ -1,5 +1,5 @@
-"""The benchmark tables of README.md, docs/benchmarks.md and docs/guides/transformers.md,
-regenerated from the CSVs.
+"""The benchmark tables of README.md, docs/benchmarks.md, docs/guides/transformers.md and
+docs/distributed.md, regenerated from the CSVs.
 
 Every such table sits between two marker comments:
 
@@ -41,6 +41,7 @@ FILES = [
     ROOT / "README.md",
     ROOT / "docs" / "benchmarks.md",
     ROOT / "docs" / "guides" / "transformers.md",
+    ROOT / "docs" / "distributed.md",
 ]
 
 MARKER = re.compile(
@@ -841,7 +842,42 @@ def defaults(results: Path, run: str) -> str:
     return markdown(["task", "optimizer", *factors], out)
 
 
+def fsdp(results: Path, run: str) -> str:
+    """benchmarks/fsdp.py: per world size and mode, bytes through each rank's link per step
+    (FSDP's own collectives, K-FAC's by kind), per-rank state and staging, step time."""
+    rows = run_of(read(results, "fsdp.csv"), run, "fsdp.csv")
+
+    def mib(r: Row, key: str) -> str:
+        return f"{num(r[key]) / 2**20:.2f}" if r.get(key) not in (None, "") else DASH
+
+    out = []
+    for r in rows:
+        kfac = num(r["kfac_link_bytes_per_step"])
+        ratio = kfac / num(r["fsdp_link_bytes_per_step"]) if num(r["fsdp_link_bytes_per_step"]) else 0
+        out.append(
+            [
+                r["world"],
+                r["mode"],
+                fixed(num(r["median_step_ms"]), 0),
+                mib(r, "fsdp_link_bytes_per_step"),
+                mib(r, "kfac_statistics_bytes_per_step"),
+                mib(r, "kfac_gather_bytes_per_step"),
+                mib(r, "kfac_return_bytes_per_step"),
+                mib(r, "kfac_decompositions_bytes_per_step"),
+                f"{ratio:.2f}" if kfac else DASH,
+                mib(r, "state_bytes_max_rank") if kfac or r["world"] == "1" else DASH,
+                mib(r, "staged_bytes_max_rank") if kfac else DASH,
+            ]
+        )
+    header = [
+        "ranks", "mode", "median ms", "FSDP MiB/step", "statistics", "gather", "return",
+        "decompositions", "K-FAC / FSDP", "state MiB (max rank)", "staged MiB",
+    ]  # fmt: skip
+    return markdown(header, out)
+
+
 TABLES: dict[str, Callable[..., str]] = {
+    "fsdp": fsdp,
     "demo": demo,
     "lm": lm,
     "lm-levers": lm_levers,

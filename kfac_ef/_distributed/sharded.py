@@ -117,6 +117,9 @@ class ShardedDistributor(Distributor):
         fsdp: list[nn.Module],
     ) -> None:
         self._fsdp = fsdp
+        # The largest set of whole gradients staged by one step() so far (bytes): the
+        # transient memory this rank needs beyond its state.
+        self.staged_bytes = 0
         super().__init__(discovered, kfac, options, None)
         names = {id(p): n for n, p in _named(discovered)}
         params: dict[int, ShardedParam] = {}
@@ -286,6 +289,8 @@ class ShardedDistributor(Distributor):
             for sp in mine:
                 if present[id(sp)]:
                     staged[id(sp.param)] = whole[id(sp)]
+        size = sum(t.numel() * t.element_size() for t in staged.values())
+        self.staged_bytes = max(self.staged_bytes, size)
         return staged
 
     def _return(self, staged: dict[int, Tensor]) -> None:
