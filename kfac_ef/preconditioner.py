@@ -114,7 +114,8 @@ class KFACPreconditioner:
         other_params: "ignore" or "diagonal", for parameters outside the Kronecker form.
         max_factor_dim: widest dense factor (None: no limit); default 4096.
         large_factor_block: block size of wider factors; 1 (default) keeps them diagonal.
-        memory_budget: bytes the planned state may take; construction raises beyond.
+        memory_budget: bytes the planned state may take (distributed: this rank's, which
+            FSDP2 with grad_worker_fraction="mem_opt" splits); construction raises beyond.
         max_decomposition_failures: a layer whose decomposition fails (even in float64)
             on this many decomposition steps in a row makes step() raise, the factors'
             statistics in the message (default 3); fewer failures keep the previous

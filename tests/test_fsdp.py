@@ -17,6 +17,7 @@ from . import distributed_harness as harness
 from .distributed_workers import TOKEN_DIAG, TOKEN_KFAC, make, reference_run
 from .fsdp_workers import (
     FSDPScenario,
+    budget,
     dcp_load,
     dcp_save,
     dead_after_backward,
@@ -288,3 +289,11 @@ def test_unsupported_setups_are_clear_errors_on_every_rank(what, match):
 
     got = harness.run(unsupported, 4, what, time_limit_s=90.0)
     assert all(re.search(match, msg) for msg in got), got
+
+
+@pytest.mark.distributed
+def test_memory_budget_is_per_rank():
+    got = harness.run(budget, 4, time_limit_s=90.0)
+    for res in got:
+        assert res["mine"] <= 0.6 * res["total"]
+        assert res["error"] is not None and "exceeds memory_budget" in res["error"]

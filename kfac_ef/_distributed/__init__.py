@@ -55,6 +55,10 @@ broadcasts its preconditioned gradient within row i. Presets: "comm_opt" (f = 1:
 holds every decomposition, no gradient traffic), "mem_opt" (n_g = 1: one rank per layer
 decomposes and preconditions, then broadcasts the gradient), "hybrid" (f = 1/2).
 
+Under FSDP2 (``fully_shard``) the same statistics, plan and decompositions serve a model
+whose parameters and gradients are sharded by rows; the gradients go to their workers and
+back by all-to-all instead of item 3 (``sharded.py`` describes it).
+
 Every collective is waited on with the process group's timeout; a failure (a peer that died
 or stopped calling ``step()``) is re-raised as a RuntimeError that says so.
 """

@@ -29,11 +29,12 @@ changes, and what it does not:
    rank's own layers' (also 1/W). With "comm_opt" every rank holds everything, as under DDP.
 
 Traffic per step, in entries of the gradient dtype (P the preconditioned parameters' total
-size, W ranks): the gather moves P(W-1)/W through each rank with "mem_opt" (each rank
-receives its layers' rows from the W-1 others) and the return as much again; "comm_opt"
-receives P(W-1)/W (an all-gather) and returns nothing. FSDP's own step moves the
-parameters twice (all-gather in forward, again in backward when resharded after forward)
-and the gradients once (reduce-scatter): K-FAC adds about one gradient-sized exchange.
+size, W ranks), received per rank: with "mem_opt" the gather brings a rank its layers'
+rows from the W-1 others, about P(W-1)/W², and the return its rows of the other layers, as
+much again; "comm_opt" receives P(W-1)/W (an all-gather) and returns nothing. FSDP's own
+step moves the parameters twice (all-gather in forward, again in backward when resharded
+after forward) and the gradients once (reduce-scatter), each about P(W-1)/W: K-FAC adds
+at most one gradient-sized exchange, and less with "mem_opt" beyond two ranks.
 ``benchmarks/fsdp.py`` measures it.
 """
 
@@ -275,7 +276,7 @@ class ShardedDistributor(Distributor):
             out = self._exchange(send, recv, dtype, "gather")
             mine = [sp for sp in params if me in sp.workers]
             whole = {id(sp): torch.empty(sp.shape, dtype=dtype, device=self.device) for sp in mine}
-            present = dict.fromkeys(whole, True)
+            flag_at: list[int] = []
             pos = 0
             for s in range(world):
                 for sp in mine:
@@ -284,10 +285,12 @@ class ShardedDistributor(Distributor):
                     whole[id(sp)].view(sp.rows, sp.row_numel)[a:b].view(-1).copy_(
                         out[pos : pos + n]
                     )
-                    present[id(sp)] &= bool(out[pos + n] > 0.5)
+                    flag_at.append(pos + n)
                     pos += n + 1
-            for sp in mine:
-                if present[id(sp)]:
+            # One host read for every flag (source-major, as laid out above).
+            flags = out[flag_at].view(world, len(mine)).min(dim=0).values.tolist() if mine else []
+            for sp, flag in zip(mine, flags):
+                if flag > 0.5:
                     staged[id(sp.param)] = whole[id(sp)]
         size = sum(t.numel() * t.element_size() for t in staged.values())
         self.staged_bytes = max(self.staged_bytes, size)
@@ -323,12 +326,16 @@ class ShardedDistributor(Distributor):
                     recv[worker[id(sp)]] += sp.numel_of(me, world) + 1
                 out = self._exchange(send, recv, dtype, "return")
                 pos = [sum(recv[:s]) for s in range(world)]
+                starts = []
                 for sp in spread:
-                    w, n = worker[id(sp)], sp.numel_of(me, world)
-                    start = pos[w]
-                    pos[w] += n + 1
+                    w = worker[id(sp)]
+                    starts.append(pos[w])
+                    pos[w] += sp.numel_of(me, world) + 1
+                ns = [sp.numel_of(me, world) for sp in spread]
+                flags = out[[s + n for s, n in zip(starts, ns)]].tolist()  # one host read
+                for sp, start, n, flag in zip(spread, starts, ns, flags):
                     g = sp.param.grad
-                    if g is not None and bool(out[start + n] > 0.5):
+                    if g is not None and flag > 0.5:
                         _grads.local(g).view(-1).copy_(out[start : start + n])
             for sp in params:
                 whole = staged.get(id(sp.param))
