@@ -192,6 +192,7 @@ def worker(args: argparse.Namespace) -> None:
             meta = machine()
             append_csv(RESULTS / "fsdp.csv", [{**r, **meta} for r in rows])
     if dist.is_initialized():
+        dist.barrier()  # every rank done with its collectives before the teardown
         dist.destroy_process_group()
 
 

@@ -852,21 +852,24 @@ def fsdp(results: Path, run: str) -> str:
 
     out = []
     for r in rows:
+        alone = r["mode"].startswith("AdamW")  # the optimizer alone: no K-FAC columns
+        sharded = r["world"] != "1"
+        fsdp_bytes = num(r["fsdp_link_bytes_per_step"])
         kfac = num(r["kfac_link_bytes_per_step"])
-        ratio = kfac / num(r["fsdp_link_bytes_per_step"]) if num(r["fsdp_link_bytes_per_step"]) else 0
+        kinds = ["statistics", "gather", "return", "decompositions"]
         out.append(
             [
                 r["world"],
-                r["mode"],
+                r["mode"] if sharded else r["mode"].replace(" (FSDP)", ""),
                 fixed(num(r["median_step_ms"]), 0),
-                mib(r, "fsdp_link_bytes_per_step"),
-                mib(r, "kfac_statistics_bytes_per_step"),
-                mib(r, "kfac_gather_bytes_per_step"),
-                mib(r, "kfac_return_bytes_per_step"),
-                mib(r, "kfac_decompositions_bytes_per_step"),
-                f"{ratio:.2f}" if kfac else DASH,
-                mib(r, "state_bytes_max_rank") if kfac or r["world"] == "1" else DASH,
-                mib(r, "staged_bytes_max_rank") if kfac else DASH,
+                mib(r, "fsdp_link_bytes_per_step") if sharded else DASH,
+                *[
+                    mib(r, f"kfac_{k}_bytes_per_step") if sharded and not alone else DASH
+                    for k in kinds
+                ],
+                f"{kfac / fsdp_bytes:.2f}" if sharded and not alone else DASH,
+                mib(r, "state_bytes_max_rank") if not alone else DASH,
+                mib(r, "staged_bytes_max_rank") if sharded and not alone else DASH,
             ]
         )
     header = [
