@@ -227,25 +227,26 @@ _TOKENS: dict[str, Any] = {"max_factor_dim": 8, "large_factor_block": 4, "other_
 
 
 def budget(rank: int, world: int) -> dict[str, Any]:
-    """memory_budget is per rank: a budget of 60% of the whole state passes with mem_opt
-    (each rank keeps its layers) and fails with comm_opt (each rank keeps everything)."""
+    """memory_budget is per rank: a budget between the largest rank's share under mem_opt and
+    the whole state passes with mem_opt (each rank keeps its layers) and fails with comm_opt
+    (each rank keeps everything)."""
     model = shard(make("mlp"), FSDPScenario("budget"))
     opts = {"damping": 0.1, "factor_dtype": torch.float64}
     comm = DistributedOptions(grad_worker_fraction="comm_opt")
+    mem_opt = DistributedOptions(grad_worker_fraction="mem_opt")
     whole = KFACPreconditioner(model, distributed=comm, **opts)
     total = whole.summary().total_bytes
     whole.remove()
-    limit = int(0.6 * total)
-    mem = KFACPreconditioner(
-        model,
-        distributed=DistributedOptions(grad_worker_fraction="mem_opt"),
-        memory_budget=limit,
-        **opts,
-    )
+    share = KFACPreconditioner(model, distributed=mem_opt, **opts)
+    largest = torch.tensor([share.summary().total_bytes])
+    share.remove()
+    torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+    limit = (int(largest) + total) // 2
+    mem = KFACPreconditioner(model, distributed=mem_opt, memory_budget=limit, **opts)
     mine = mem.summary().total_bytes
     mem.remove()
     try:
         KFACPreconditioner(model, distributed=comm, memory_budget=limit, **opts)
     except ValueError as exc:
-        return {"total": total, "mine": mine, "error": str(exc)}
-    return {"total": total, "mine": mine, "error": None}
+        return {"total": total, "mine": mine, "limit": limit, "error": str(exc)}
+    return {"total": total, "mine": mine, "limit": limit, "error": None}
