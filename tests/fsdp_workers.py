@@ -250,3 +250,50 @@ def budget(rank: int, world: int) -> dict[str, Any]:
     except ValueError as exc:
         return {"total": total, "mine": mine, "limit": limit, "error": str(exc)}
     return {"total": total, "mine": mine, "limit": limit, "error": None}
+
+
+# ---------------------------------------------------------------------- Hugging Face models
+
+# Which submodules are FSDP's units (the decoder blocks), per zoo model.
+ZOO_BLOCKS = {"llama": "model.layers", "gpt2": "transformer.h"}
+# GPT-2's position embedding is called with one row of positions for the whole batch
+# (batch-shared): a distributed run refuses it, so it is left to the optimizer here.
+ZOO_OPTIONS: dict[str, dict[str, Any]] = {
+    "llama": {"other_params": "diagonal"},
+    "gpt2": {"other_params": "diagonal", "skip_layers": ["transformer.wpe"]},
+}
+
+
+def zoo_run(rank: int, world: int, name: str, ranks: int = 2, steps: int = 3) -> dict[str, Any]:
+    """A zoo model (float64) trained ``steps`` SGD steps with K-FAC on global batches of
+    4·``ranks`` sequences; with world > 1 its blocks and root sharded by fully_shard, each
+    rank on its slice (world 1: the one-process reference on the whole batch)."""
+    from .zoo_models import ZOO
+
+    entry = ZOO[name]
+    torch.manual_seed(0)
+    model = entry.build().double()
+    if world > 1:
+        blocks = model.get_submodule(ZOO_BLOCKS[name])
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(model)
+    pre = seed_preconditioner(
+        model, damping=0.1, factor_dtype=torch.float64, inv_update_steps=2, **ZOO_OPTIONS[name]
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    local = 4 * ranks // world
+    params = []
+    for step in range(steps):
+        inputs = entry.batch(4 * ranks, torch.Generator().manual_seed(100 + step))
+        mine = {k: v[rank * local : (rank + 1) * local] for k, v in inputs.items()}
+        opt.zero_grad()
+        entry.losses(model, mine).mean().backward()
+        pre.step()
+        opt.step()
+        params.append(full_params(model))
+    return {
+        "params": params,
+        "layers": sorted(layer.name for layer in internals.layers(pre)),
+        "kinds": sorted({row.kind for row in pre.summary().layers}),
+    }

@@ -23,6 +23,7 @@ from .fsdp_workers import (
     dead_after_backward,
     train_fsdp,
     unsupported,
+    zoo_run,
 )
 
 TOKENS = TOKEN_KFAC | TOKEN_DIAG
@@ -297,3 +298,19 @@ def test_memory_budget_is_per_rank():
     for res in got:
         assert res["mine"] <= res["limit"] < res["total"]
         assert res["error"] is not None and "exceeds memory_budget" in res["error"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_hugging_face_models_sharded_per_block(name):
+    """transformers' Llama (RMSNorm by rule, diagonal) and GPT-2 (Conv1D by rule, tied head)
+    with fully_shard on each decoder block and the root, 2 ranks, float64: the parameters of
+    3 steps equal one process on the whole batch, and the same layers are preconditioned."""
+    ref = zoo_run(0, 1, name)
+    got = harness.run(zoo_run, 2, name, time_limit_s=200.0)
+    for r in range(2):
+        assert got[r]["layers"] == ref["layers"]
+        for step, (a, b) in enumerate(zip(got[r]["params"], ref["params"])):
+            torch.testing.assert_close(
+                a, b, rtol=1e-9, atol=1e-9, msg=lambda m, r=r, s=step: f"rank {r} step {s}: {m}"
+            )
