@@ -11,7 +11,9 @@ import datetime as _dt
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -178,6 +180,27 @@ def revision() -> str:
     except OSError:
         return ""
     return head + ("+changes" if changed else "")
+
+
+def timing_args(parser: Any, batch: int, warmup: int, steps: int, note: str) -> None:
+    """The options of the distributed timing scripts (distributed.py, fsdp.py)."""
+    parser.add_argument("--batch", type=int, default=batch, help="local batch per rank")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--steps", type=int, default=steps, help=f"timed steps ({note})")
+    parser.add_argument("--worlds", default="1,2,4", help="sweep: world sizes")
+    parser.add_argument("--csv", action="store_true", help="append rows to the results CSV")
+
+
+def torchrun_sweep(script: str, args: Any) -> None:
+    """Run ``script`` under one torchrun per world size of ``args.worlds``, each appending
+    its rows to the CSV (``--csv``) with the same batch, warmup and steps."""
+    for world in [int(w) for w in args.worlds.split(",")]:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={world}", script, "--csv", f"--batch={args.batch}",
+            f"--warmup={args.warmup}", f"--steps={args.steps}",
+        ]  # fmt: skip
+        subprocess.run(cmd, check=True)
 
 
 def append_csv(path: Path, rows: list[dict[str, object]]) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_csv, machine, mlp, seed_options  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    append_csv,
+    machine,
+    mlp,
+    seed_options,
+    timing_args,
+    torchrun_sweep,
+)
 
 from kfac_ef import DistributedOptions, KFACPreconditioner  # noqa: E402
 
@@ -162,30 +169,12 @@ def print_table(rows: list[dict[str, object]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=128, help="local batch per rank")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps (3 decompositions)")
-    parser.add_argument("--worlds", default="1,2,4", help="sweep: world sizes")
-    parser.add_argument("--csv", action="store_true", help="append rows to the results CSV")
+    timing_args(parser, batch=128, warmup=10, steps=30, note="3 decompositions")
     args = parser.parse_args()
     if "WORLD_SIZE" in os.environ or args.worlds == "":
         worker(args)
         return
-    # Sweep: one torchrun per world size, each appending its rows to the CSV.
-    for world in [int(w) for w in args.worlds.split(",")]:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={world}",
-            __file__,
-            "--csv",
-            f"--batch={args.batch}",
-            f"--warmup={args.warmup}",
-            f"--steps={args.steps}",
-        ]
-        subprocess.run(cmd, check=True)
+    torchrun_sweep(__file__, args)  # one torchrun per world size, each appending its rows
 
 
 if __name__ == "__main__":

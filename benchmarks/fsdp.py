@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_csv, gpt, machine  # noqa: E402
+from common import RESULTS, append_csv, gpt, machine, timing_args, torchrun_sweep  # noqa: E402
 
 from kfac_ef import DistributedOptions, KFACPreconditioner  # noqa: E402
 
@@ -212,25 +211,17 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=8, help="local batch per rank (sequences)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (2 decompositions)")
-    parser.add_argument("--worlds", default="1,2,4", help="sweep: world sizes")
-    parser.add_argument("--csv", action="store_true", help="append rows to the results CSV")
+    timing_args(parser, batch=8, warmup=2, steps=20, note="2 decompositions")
     args = parser.parse_args()
     if "WORLD_SIZE" in os.environ or args.worlds == "":
         worker(args)
         return
-    for world in [int(w) for w in args.worlds.split(",")]:
-        if world == 1:
-            worker(argparse.Namespace(**{**vars(args), "csv": True}))
-            continue
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={world}", __file__, "--csv", f"--batch={args.batch}",
-            f"--warmup={args.warmup}", f"--steps={args.steps}",
-        ]  # fmt: skip
-        subprocess.run(cmd, check=True)
+    worlds = [int(w) for w in args.worlds.split(",")]
+    if 1 in worlds:  # one process, without torchrun
+        worker(argparse.Namespace(**{**vars(args), "csv": True}))
+    rest = ",".join(str(w) for w in worlds if w != 1)
+    if rest:
+        torchrun_sweep(__file__, argparse.Namespace(**{**vars(args), "worlds": rest}))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from . import _coverage
 from ._blocks import DiagonalParam, Layer
 from ._coverage import ParamCoverage
 from ._factors import plan_factor
+from ._model import connected_groups
 from ._options import KFACOptions
 from ._stats import DiagonalStatistics, LayerStatistics
 from .layers import LayerAdapter, ModuleAdapter, make_adapter
@@ -217,22 +218,8 @@ def _tie_groups(scan: _Scan) -> tuple[dict[int, list[int]], dict[int, int]]:
     which factors: ``(groups, feeds)``, ``feeds[i]`` the index of the layer whose Layer
     object layer i feeds (absent: it feeds none)."""
     kron = scan.kron
-    parent = list(range(len(kron)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first_user: dict[tuple[int, object], int] = {}
-    for i, (_, _, layer) in enumerate(kron):
-        for p, region in layer.regions():
-            j = first_user.setdefault((id(p), region), i)
-            parent[find(i)] = find(j)
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(kron)):
-        groups[find(i)].append(i)
+    keys = [[(id(p), region) for p, region in layer.regions()] for _, _, layer in kron]
+    groups = {members[0]: members for members in connected_groups(keys)}
     feeds: dict[int, int] = {}
     for members in groups.values():
         if len(members) == 1:

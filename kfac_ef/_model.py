@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import weakref
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -57,6 +57,28 @@ def check_sharding(model: nn.Module) -> bool:
             "(docs/distributed.md)"
         )
     return True
+
+
+def connected_groups(keys: Sequence[Iterable[Hashable]]) -> list[list[int]]:
+    """Indices 0..n-1 grouped by shared keys (union-find: i and j are in one group when
+    ``keys[i]`` and ``keys[j]`` have a key in common, directly or through others); groups in
+    order of their first member, members in order."""
+    parent = list(range(len(keys)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[Hashable, int] = {}
+    for i, ks in enumerate(keys):
+        for k in ks:
+            parent[find(i)] = find(first.setdefault(k, i))
+    groups: dict[int, list[int]] = {}
+    for i in range(len(keys)):
+        groups.setdefault(find(i), []).append(i)
+    return list(groups.values())
 
 
 def unique_parameters(

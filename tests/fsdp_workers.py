@@ -297,3 +297,25 @@ def zoo_run(rank: int, world: int, name: str, ranks: int = 2, steps: int = 3) ->
         "layers": sorted(layer.name for layer in internals.layers(pre)),
         "kinds": sorted({row.kind for row in pre.summary().layers}),
     }
+
+
+def default_workers(rank: int, world: int) -> dict[str, Any]:
+    """grad_worker_fraction left automatic: what each setup resolves to."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    out: dict[str, Any] = {}
+    for name, options in [
+        ("fsdp", {}),
+        ("fsdp ekfac", {"damping_mode": "ekfac"}),
+        ("fsdp exact constraint", {"constraint": "exact", "target_loss_change": 0.1, "lr": 0.1,
+                                   "loss_change_unit": "absolute"}),
+    ]:  # fmt: skip
+        model = shard(make("mlp"), FSDPScenario(name))
+        pre = KFACPreconditioner(model, **options)
+        assert pre.distributed is not None
+        out[name] = pre.distributed.options.grad_worker_fraction
+        pre.remove()
+    pre = KFACPreconditioner(DistributedDataParallel(make("mlp")))
+    assert pre.distributed is not None
+    out["ddp"] = pre.distributed.options.grad_worker_fraction
+    return out

@@ -21,6 +21,7 @@ from .fsdp_workers import (
     dcp_load,
     dcp_save,
     dead_after_backward,
+    default_workers,
     train_fsdp,
     unsupported,
     zoo_run,
@@ -314,3 +315,16 @@ def test_hugging_face_models_sharded_per_block(name):
             torch.testing.assert_close(
                 a, b, rtol=1e-9, atol=1e-9, msg=lambda m, r=r, s=step: f"rank {r} step {s}: {m}"
             )
+
+
+@pytest.mark.distributed
+def test_default_strategy_is_mem_opt_under_fsdp():
+    """Left automatic, FSDP2 gets mem_opt (measured faster and lighter, benchmarks/fsdp.py),
+    comm_opt where every rank needs every layer; DDP keeps comm_opt."""
+    (res, _) = harness.run(default_workers, 2, time_limit_s=90.0)
+    assert res == {
+        "fsdp": "mem_opt",
+        "fsdp ekfac": "comm_opt",
+        "fsdp exact constraint": "comm_opt",
+        "ddp": "comm_opt",
+    }

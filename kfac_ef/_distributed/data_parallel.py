@@ -22,7 +22,7 @@ from .._options import KFACOptions
 from ..layers.base import GradientParts
 from .groups import _new_group
 from .local import Whole
-from .options import DistributedOptions, _check_supported
+from .options import DistributedOptions, _check_supported, with_workers
 from .packing import Entry, _stacks, _StatsBucket, _tri, _Triangles
 from .plan import Grid, Plan, _spec, grad_workers
 from .statistics import StatisticsSync
@@ -52,6 +52,7 @@ class Distributor(Whole, StatisticsSync):
         options: DistributedOptions,
         ddp: DistributedDataParallel | None,
     ) -> None:
+        options = with_workers(options, kfac, self.sharded)
         self.options = options
         self.kfac = kfac
         self._ddp = ddp

@@ -3,6 +3,7 @@ DistributedDataParallel wrapper into them."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +27,13 @@ class DistributedOptions:
         process_group: the ranks that train together (default: all). K-FAC communicates on
             a copy of it, created at construction (every rank of the group must construct
             its preconditioner at the same point of the program).
-        grad_worker_fraction: "comm_opt" (default), "mem_opt", "hybrid", or a number f in
-            (0, 1]: the fraction of ranks that hold each layer's decomposition and
-            precondition its gradient (rounded to the nearest divisor of the group size).
+        grad_worker_fraction: "comm_opt", "mem_opt", "hybrid", or a number f in (0, 1]: the
+            fraction of ranks that hold each layer's decomposition and precondition its
+            gradient (rounded to the nearest divisor of the group size). None (default):
+            "comm_opt" under DistributedDataParallel; under FSDP2 "mem_opt" (a layer's
+            state on one rank, measured faster and lighter: docs/distributed.md), or
+            "comm_opt" when damping_mode="ekfac" or the exact loss-change form needs every
+            layer on every rank.
         factor_sync: "update" (default): all-reduce the statistics on every statistics
             step, so the running factors are those of the global batch; "decomposition":
             keep per-rank running factors and average them only before decompositions
@@ -41,14 +46,16 @@ class DistributedOptions:
     """
 
     process_group: Any = None
-    grad_worker_fraction: float | str = "comm_opt"
+    grad_worker_fraction: float | str | None = None
     factor_sync: str = "update"
     bucket_cap_mb: float = 25.0
     overlap: bool = True
 
     def __post_init__(self) -> None:
         f = self.grad_worker_fraction
-        if isinstance(f, str):
+        if f is None:
+            pass  # automatic (resolved by the distributor: ``with_workers``)
+        elif isinstance(f, str):
             if f not in GRAD_WORKER_PRESETS:
                 raise ValueError(
                     f"Invalid grad_worker_fraction={f!r}: must be one of "
@@ -75,6 +82,18 @@ class DistributedOptions:
                 f"Invalid process_group={pg!r}: must be a torch.distributed ProcessGroup "
                 "(from torch.distributed.new_group) or None for all ranks"
             )
+
+
+def with_workers(
+    options: DistributedOptions, kfac: KFACOptions, sharded: bool
+) -> DistributedOptions:
+    """``options`` with an automatic ``grad_worker_fraction`` (None) resolved (see
+    DistributedOptions)."""
+    if options.grad_worker_fraction is not None:
+        return options
+    every_rank = kfac.damping_mode == "ekfac" or kfac.needs_loss_records
+    fraction = "mem_opt" if sharded and not every_rank else "comm_opt"
+    return dataclasses.replace(options, grad_worker_fraction=fraction)
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, DistributedDataParallel | None]:
@@ -126,6 +145,7 @@ def _check_supported(
     global batch at every statistics step (factor_sync="update"), as the preconditioner uses
     S itself, not a decomposition of it.
     """
+    options = with_workers(options, kfac, sharded)
     n_g = grad_workers(options.grad_worker_fraction, world)
     if sharded:
         _check_sharded(kfac, options, world, n_g)

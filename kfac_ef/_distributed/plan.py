@@ -7,11 +7,13 @@ from dataclasses import dataclass
 
 from .._blocks import Layer
 from .._factors import FactorSpec
+from .._model import connected_groups
 
 
-def grad_workers(fraction: float | str, world: int) -> int:
-    """Gradient workers per layer: the divisor of ``world`` nearest to f·world (ties: larger)."""
-    if fraction == "comm_opt":
+def grad_workers(fraction: float | str | None, world: int) -> int:
+    """Gradient workers per layer: the divisor of ``world`` nearest to f·world (ties: larger);
+    None (automatic, unresolved) counts as "comm_opt"."""
+    if fraction is None or fraction == "comm_opt":
         target = float(world)
     elif fraction == "mem_opt":
         target = 1.0
@@ -119,21 +121,6 @@ class Plan:
 
 
 def _sharing(layers: Sequence[Layer]) -> list[list[Layer]]:
-    """The layers in groups connected by shared parameters (union-find), in layer order."""
-    parent = list(range(len(layers)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first: dict[int, int] = {}
-    for i, layer in enumerate(layers):
-        for p in layer.adapter.parameters():
-            j = first.setdefault(id(p), i)
-            parent[root(i)] = root(j)
-    groups: dict[int, list[Layer]] = {}
-    for i, layer in enumerate(layers):
-        groups.setdefault(root(i), []).append(layer)
-    return list(groups.values())
+    """The layers in groups connected by shared parameters, in layer order."""
+    keys = [[id(p) for p in layer.adapter.parameters()] for layer in layers]
+    return [[layers[i] for i in members] for members in connected_groups(keys)]

@@ -172,11 +172,15 @@ class ShardedDistributor(Distributor):
         (``set_requires_gradient_sync(False)`` turns that off for accumulation)."""
         for module in self._fsdp:
             try:
-                groups = module._get_fsdp_state()._fsdp_param_groups  # type: ignore[operator]
+                state = module._get_fsdp_state()  # type: ignore[operator]
             except AttributeError:  # another torch version: assume every pass reduces
                 return True
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:  # torch < 2.7: one group per module
+                one = getattr(state, "_fsdp_param_group", None)
+                groups = [one] if one is not None else []
             for group in groups:
-                return bool(group.reduce_grads)
+                return bool(getattr(group, "reduce_grads", True))
         return True
 
     def _has_gradient(self, layer: Layer) -> bool:
