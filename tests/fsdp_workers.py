@@ -176,8 +176,9 @@ def dcp_save(rank: int, world: int, path: str, fraction: str) -> dict[str, Any]:
     return {"state": pre.state_dict(), "written": sorted(items)}
 
 
-def dcp_load(rank: int, world: int, path: str, fraction: str) -> dict[str, Any]:
-    """A fresh preconditioner loads the DCP checkpoint: what it holds afterwards."""
+def dcp_load(rank: int, world: int, path: str, fraction: str, how: str = "dcp") -> dict[str, Any]:
+    """A fresh preconditioner loads the checkpoint (``how``: "dcp", a DCP checkpoint; or
+    "state_dict", a file of ``state_dict()``): what it holds afterwards."""
     import torch.distributed.checkpoint as dcp
 
     sc = FSDPScenario("dcp", fraction, "eigen_adam", "mean", model="tokens", kfac=_TOKENS)
@@ -189,7 +190,10 @@ def dcp_load(rank: int, world: int, path: str, fraction: str) -> dict[str, Any]:
         distributed=DistributedOptions(grad_worker_fraction=fraction) if world > 1 else False,
         **sc.kfac_options(),
     )
-    dcp.load({"kfac": pre.dcp_state()}, checkpoint_id=path)
+    if how == "dcp":
+        dcp.load({"kfac": pre.dcp_state()}, checkpoint_id=path)
+    else:
+        pre.load_state_dict(torch.load(path, weights_only=True))
     held = {
         layer.name: (layer.A.clone() if layer.A is not None else None)
         for layer in internals.layers(pre)

@@ -242,7 +242,7 @@ def test_traffic(runs):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("fraction", ["mem_opt", "comm_opt"])
-def test_dcp_checkpoint_saved_under_two_ranks_loads_under_one_and_three(tmp_path, fraction):
+def test_checkpoints_saved_under_two_ranks_load_under_one_and_three(tmp_path, fraction):
     path = str(tmp_path / "ckpt")
     saved = harness.run(dcp_save, 2, path, fraction, time_limit_s=120.0)
     state = saved[0]["state"]
@@ -251,8 +251,12 @@ def test_dcp_checkpoint_saved_under_two_ranks_loads_under_one_and_three(tmp_path
     if fraction == "mem_opt":  # each rank holds (and writes) its own layers only
         assert set(saved[0]["written"]) & set(saved[1]["written"]) == {"meta"}
     assert {f"layer/{n}" for n in state["layers"]} <= written
-    for world in (1, 3):
-        loaded = harness.run(dcp_load, world, path, fraction, time_limit_s=120.0)
+    # The collective state_dict() of 2 ranks, saved with torch.save, loads the same way.
+    full = str(tmp_path / "state.pt")
+    torch.save(state, full)
+    for world, source, how in [(1, path, "dcp"), (3, path, "dcp"), (1, full, "state_dict"),
+                               (3, full, "state_dict")]:  # fmt: skip
+        loaded = harness.run(dcp_load, world, source, fraction, how, time_limit_s=120.0)
         held: set[str] = set()
         for res in loaded:
             assert res["steps"] == 3
