@@ -18,8 +18,10 @@ decomposition steps at the defaults' cadence), and what each kind costs a rank's
   ``reduce_scatter_single``): an all-gather moves (W-1)/W of its output through each rank,
   a reduce-scatter (W-1)/W of its input.
 - K-FAC's, from ``precond.distributed.communicated()``: "statistics" (the all-reduced
-  buffer; a ring moves 2(W-1)/W of it), "decompositions" (broadcast, bytes received),
-  "gather" and "return" (the all-to-alls of gradients, bytes received from other ranks).
+  buffer; a ring moves 2(W-1)/W of it), "statistics_to_owner" (buffers reduced to the rank
+  that keeps their layers, "mem_opt"; a reduce moves at least (W-1)/W of it),
+  "decompositions" (broadcast, bytes received), "gather" and "return" (the all-to-alls of
+  gradients, bytes received from other ranks).
 
 Per-rank state: ``summary().total_bytes`` (running factors, accumulators, decompositions
 of the layers this rank keeps) and the largest whole-gradient staging of one step
@@ -116,7 +118,7 @@ def run_one(mode: str, batch: int, warmup: int, steps: int) -> dict[str, object]
             pre.step()
         opt.step()
         times.append(time.perf_counter() - t0)
-    kinds = ["statistics", "decompositions", "gather", "return"]
+    kinds = ["statistics", "statistics_to_owner", "decompositions", "gather", "return"]
     kfac = torch.zeros(len(kinds), dtype=torch.float64)
     if pre is not None and pre.distributed is not None:
         after = pre.distributed.communicated()
@@ -144,6 +146,7 @@ def run_one(mode: str, batch: int, warmup: int, steps: int) -> dict[str, object]
     fsdp /= steps
     link = {
         "statistics": 2 * (world - 1) / world,
+        "statistics_to_owner": (world - 1) / world,
         "decompositions": 1.0,
         "gather": 1.0,
         "return": 1.0,

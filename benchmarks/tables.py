@@ -856,7 +856,7 @@ def fsdp(results: Path, run: str) -> str:
         sharded = r["world"] != "1"
         fsdp_bytes = num(r["fsdp_link_bytes_per_step"])
         kfac = num(r["kfac_link_bytes_per_step"])
-        kinds = ["statistics", "gather", "return", "decompositions"]
+        kinds = ["statistics", "statistics_to_owner", "gather", "return", "decompositions"]
         out.append(
             [
                 r["world"],
@@ -873,8 +873,8 @@ def fsdp(results: Path, run: str) -> str:
             ]
         )
     header = [
-        "ranks", "mode", "median ms", "FSDP MiB/step", "statistics", "gather", "return",
-        "decompositions", "K-FAC / FSDP", "state MiB (max rank)", "staged MiB",
+        "ranks", "mode", "median ms", "FSDP MiB/step", "statistics", "to owners", "gather",
+        "return", "decompositions", "K-FAC / FSDP", "state MiB (max rank)", "staged MiB",
     ]  # fmt: skip
     return markdown(header, out)
 

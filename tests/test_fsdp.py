@@ -235,6 +235,8 @@ def test_traffic(runs):
         comm = runs(world)[r]["comm_opt/exact/sum"]["bytes"]
         assert mem["gather"] > 0 and mem["return"] > 0
         assert comm["gather"] > 0 and "return" not in comm
+        # mem_opt reduces each layer's statistics to its owner; comm_opt all-reduces them.
+        assert mem["statistics_to_owner"] > 0 and "statistics_to_owner" not in comm
     total_mem = sum(runs(world)[r]["mem_opt/exact/sum"]["bytes"]["gather"] for r in range(world))
     total_ret = sum(runs(world)[r]["mem_opt/exact/sum"]["bytes"]["return"] for r in range(world))
     assert total_mem == total_ret  # every row that went to a worker comes back

@@ -224,7 +224,10 @@ class Distributor(Whole, StatisticsSync):
         (a ring all-reduce moves about 2(W-1)/W times that through each rank's link);
         "decompositions" and "gradients" (broadcasts) count the bytes this rank receives
         (nothing for the rank that sends); "constraint" the loss-change constraint's sums
-        (EKFAC's statistics count as "statistics"). "collectives" counts the calls.
+        (EKFAC's statistics count as "statistics"). "collectives" counts the calls. Under
+        FSDP2 (``sharded.py``): "statistics_to_owner" (buffers reduced to the one rank that
+        keeps their layers, "mem_opt"), "gather" and "return" (the all-to-alls of gradients,
+        bytes received from other ranks).
         """
         return dict(self.bytes)
 

@@ -95,5 +95,6 @@ class _StatsBucket:
     counts: int  # start of the counts
     routes: set[str]
     size: int = 0  # entries of the buffer
+    dst: int | None = None  # group rank the sums go to (None: every rank, an all-reduce)
     work: Any = None
     dirty: bool = False

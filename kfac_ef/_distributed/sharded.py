@@ -5,13 +5,15 @@ ranks, and after backward ``p.grad`` holds this rank's rows of the gradient aver
 the ranks (the reduce-scatter), as DDP's all-reduce would have, only sharded. What this
 changes, and what it does not:
 
-1. **Statistics: unchanged.** FSDP computes each layer with its whole (all-gathered)
+1. **Statistics: the same sums.** FSDP computes each layer with its whole (all-gathered)
    weight, so the hooks see this rank's whole local inputs and output gradients, and the
-   gradient is the mean over ranks as under DDP: the statistics are reduced exactly as in
-   ``data_parallel`` (same buckets, same scaling, docs/distributed.md). Only a layer's
-   *gradient workers* fold the reduced sums into running factors; the other ranks free
-   them (``_keeps``; the bucket buffers are allocated per statistics step). Diagonal
-   parameters' Fishers are kept everywhere (they are small).
+   gradient is the mean over ranks as under DDP: the statistics are summed exactly as in
+   ``data_parallel`` (same packing, same scaling, docs/distributed.md). Only a layer's
+   *gradient workers* fold them into running factors. With one worker per layer
+   ("mem_opt") the buckets hold one owner's layers each and are *reduced* to it (half an
+   all-reduce's traffic), the global example count in an all-reduce of its own; the other
+   ranks free their sums (``_keeps``; bucket buffers are allocated per statistics step).
+   Diagonal parameters' Fishers are all-reduced and kept everywhere (they are small).
 2. **Gradients: gathered to the workers, preconditioned whole, returned by rows.** The A
    side of a layer (input dim) would act on a row shard locally, but the G side mixes rows,
    and the eigenbasis moments of ``eigen_adam`` live in the rotated space: each worker
@@ -42,7 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +57,7 @@ from .._blocks import DiagonalParam, Layer
 from .._options import KFACOptions
 from .data_parallel import Distributor
 from .options import DistributedOptions
-from .packing import Entry
+from .packing import DiagTaken, Entry, KronTaken
 
 if TYPE_CHECKING:
     from .._discovery import Discovered
@@ -166,6 +168,32 @@ class ShardedDistributor(Distributor):
 
     def keeps(self, layer: Layer) -> bool:
         return self.preconditions(layer)
+
+    def _destination(self, unit: Entry) -> int | None:
+        """With one worker per layer ("mem_opt") a layer's statistics are reduced to that
+        rank only; diagonal parameters (kept everywhere) and "comm_opt" are all-reduced."""
+        if self.grid.rows != 1 or isinstance(unit, DiagonalParam):
+            return None
+        return self.grid.column(self.plan.column[unit.name])[0]
+
+    def reduce_statistics(
+        self, loss_scale_on: Callable[[torch.device], Tensor | None]
+    ) -> tuple[KronTaken, DiagTaken]:
+        """As under DDP; with reductions to the owners, the global example count (every
+        rank needs it: the "sum" form divides by it) travels in an all-reduce of its own."""
+        if self.grid.rows != 1:
+            return super().reduce_statistics(loss_scale_on)
+        units: list[Entry] = [*self._layers, *self._diagonal]
+        local = float(max((u.stats.examples for u in units), default=0))
+        kron, diag = super().reduce_statistics(loss_scale_on)
+        total = torch.tensor([local], dtype=self.kfac.factor_dtype, device=self.device)
+        self._count("statistics", total)
+        self._run(
+            lambda: dist.all_reduce(total, group=self.group, async_op=True),
+            "the all-reduce of example counts",
+        )
+        self._examples = total[0]
+        return kron, diag
 
     def _syncing(self) -> bool:
         """Whether FSDP reduces the gradients of this backward pass

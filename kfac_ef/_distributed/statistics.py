@@ -29,6 +29,7 @@ class StatisticsSync:
     group: Any
     world: int
     rank: int
+    ranks: list[int]
     device: torch.device
     _ddp: DistributedDataParallel | None
     _layers: list[Layer]
@@ -57,6 +58,11 @@ class StatisticsSync:
         (every unit here; the sharded distributor keeps only the layers it preconditions)."""
         return True
 
+    def _destination(self, unit: Entry) -> int | None:
+        """The one rank that needs the unit's reduced statistics (a reduce to it), or None
+        when every rank does (an all-reduce; always, here)."""
+        return None
+
     def _syncing(self) -> bool:
         """Whether this backward pass is the last before step() (False inside DDP's
         ``no_sync()``: more passes follow)."""
@@ -70,7 +76,8 @@ class StatisticsSync:
         return bucket.buffer
 
     def _make_buckets(self, units: list[Entry]) -> list[_StatsBucket]:
-        """Consecutive units (in the given order) up to about ``bucket_cap_mb`` each."""
+        """Consecutive units (in the given order) up to about ``bucket_cap_mb`` each, and of
+        one destination (``_destination``)."""
         dtype = self.kfac.factor_dtype
         item = torch.empty((), dtype=dtype).element_size()
         cap = self.options.bucket_cap_mb * 2**20
@@ -78,7 +85,10 @@ class StatisticsSync:
         size = 0
         for entry in units:
             n = _size(entry) + 2
-            if groups[-1] and (size + n) * item > cap:
+            other = bool(groups[-1]) and self._destination(groups[-1][0]) != self._destination(
+                entry
+            )
+            if groups[-1] and ((size + n) * item > cap or other):
                 groups.append([])
                 size = 0
             groups[-1].append(entry)
@@ -97,7 +107,8 @@ class StatisticsSync:
                 else None
             )
             routes = {name for e in members for name in self._feeders[id(e)]}
-            buckets.append(_StatsBucket(members, buffer, offsets, pos, routes, size))
+            dst = self._destination(members[0])
+            buckets.append(_StatsBucket(members, buffer, offsets, pos, routes, size, dst))
         return buckets
 
     # ------------------------------------------------------------------ 1. statistics
@@ -173,12 +184,20 @@ class StatisticsSync:
                 g_part.mul_(weight)
             counts += [float(rows), float(examples)]
         buf[bucket.counts :].copy_(torch.tensor(counts, dtype=buf.dtype), non_blocking=True)
-        bucket.work = self._start(
-            lambda: dist.all_reduce(buf, group=self.group, async_op=True),
-            "the all-reduce of factor statistics",
-        )
+        if bucket.dst is None:
+            bucket.work = self._start(
+                lambda: dist.all_reduce(buf, group=self.group, async_op=True),
+                "the all-reduce of factor statistics",
+            )
+            self._count("statistics", buf)
+        else:  # only the rank that keeps these units needs their sums
+            dst = self.ranks[bucket.dst]
+            bucket.work = self._start(
+                lambda: dist.reduce(buf, dst=dst, group=self.group, async_op=True),
+                "the reduction of factor statistics",
+            )
+            self._count("statistics_to_owner", buf)
         bucket.dirty = False
-        self._count("statistics", buf)
 
     def reduce_statistics(
         self, loss_scale_on: Callable[[torch.device], Tensor | None]
@@ -205,6 +224,12 @@ class StatisticsSync:
         for bucket in self._buckets:
             self._wait(bucket.work, "the all-reduce of factor statistics")
             bucket.work = None
+            if bucket.dst is not None and bucket.dst != self.rank:
+                for unit in bucket.entries:  # another rank keeps them
+                    unit.stats.release()
+                if not self._persistent_buffers:
+                    bucket.buffer = None
+                continue
             buf = self._buffer(bucket)
             counts = buf[bucket.counts :].view(-1, 2)
             per_bucket.append(counts[:, 1].max())
