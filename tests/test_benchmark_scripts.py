@@ -160,3 +160,17 @@ def test_defaults_benchmark_compares_alone_and_with(tmp_path):
     assert len(rows) == 6  # three learning rates, alone and with the preconditioner
     assert sorted({r["kfac"] for r in rows}) == ["", "defaults"]
     assert all(math.isfinite(float(r["final"])) for r in rows)
+
+
+@pytest.mark.distributed
+def test_fsdp_demo_matches_one_process_under_torchrun():
+    """benchmarks/fsdp_demo.py on 2 ranks (torchrun, gloo): it trains, and its own check
+    (the gathered parameters against a one-process run, within float32 rounding) passes."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(BENCH / "fsdp_demo.py"), "--epochs", "1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    gap = [line for line in proc.stdout.splitlines() if "largest parameter difference" in line]
+    assert len(gap) == 1 and float(gap[0].rsplit(" ", 1)[1]) < 1e-3, proc.stdout[-2000:]
