@@ -33,6 +33,7 @@ from .helpers import seed_preconditioner
 class FSDPScenario(Scenario):
     reshard: bool = True  # reshard_after_forward
     mixed: bool = False  # MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)
+    autocast: bool = False  # a float32 model, forward and backward under torch.autocast(bf16)
 
 
 def shard(model: nn.Module, sc: FSDPScenario) -> nn.Module:
@@ -75,9 +76,13 @@ def train_fsdp(rank: int, world: int, scenarios: list[FSDPScenario]) -> dict[str
     return {sc.name: _train(sc, rank, world) for sc in scenarios}
 
 
+def _model(sc: FSDPScenario) -> nn.Module:
+    return shard(make(sc.model).float() if sc.autocast else make(sc.model), sc)
+
+
 def _train(sc: FSDPScenario, r: int, world: int) -> dict[str, Any]:
     sizes = sc.local_sizes(world)
-    model = shard(make(sc.model), sc)
+    model = _model(sc)
     opts = DistributedOptions(grad_worker_fraction=sc.fraction, bucket_cap_mb=sc.bucket_cap_mb)
     scaler = _scaler(sc)
     pre = seed_preconditioner(model, distributed=opts, grad_scaler=scaler, **sc.kfac_options())
@@ -89,7 +94,7 @@ def _train(sc: FSDPScenario, r: int, world: int) -> dict[str, Any]:
             state = pre.state_dict()  # collective: every rank gets every layer's entry
             inner = model.state_dict()
             pre.remove()
-            model = shard(make(sc.model), sc)
+            model = _model(sc)
             model.load_state_dict(inner)
             pre = seed_preconditioner(model, distributed=opts, **sc.kfac_options())
             pre.load_state_dict(state)
@@ -115,7 +120,11 @@ def _train(sc: FSDPScenario, r: int, world: int) -> dict[str, Any]:
             def whole(v: Tensor) -> Tensor:
                 return _reduce(v, sc.reduction, 1)
 
-            values = backward_pass(pre, model, sc, x, y, whole, noise, scaler)
+            if sc.autocast:
+                x = x.float() if x.is_floating_point() else x
+                y = y.float() if y.is_floating_point() else y
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=sc.autocast):
+                values = backward_pass(pre, model, sc, x, y, whole, noise, scaler)
         _step(pre, opt, scaler, values if sc.step_loss else None)
         out["params"].append(full_params(model))
         if sc.measures:

@@ -84,6 +84,7 @@ SCENARIOS: dict[int, list[FSDPScenario]] = {
             mixed=True,
         ),  # fmt: skip
         _sc("comm_opt/exact/mean/bf16_params", "comm_opt", "exact", "mean", mixed=True),
+        _sc("mem_opt/exact/mean/autocast_bf16", "mem_opt", "exact", "mean", autocast=True),
     ],
     3: [
         _sc("mem_opt/pi/mean/uneven_batches", "mem_opt", "pi", "mean", sizes=(2, 3, 4)),
@@ -148,8 +149,8 @@ def runs():
     return get
 
 
-EXACT_CASES = [(w, sc) for w, sc in CASES if not sc.mixed]
-MIXED_CASES = [(w, sc) for w, sc in CASES if sc.mixed]
+EXACT_CASES = [(w, sc) for w, sc in CASES if not (sc.mixed or sc.autocast)]
+MIXED_CASES = [(w, sc) for w, sc in CASES if sc.mixed or sc.autocast]
 
 
 @pytest.mark.distributed
@@ -157,8 +158,9 @@ MIXED_CASES = [(w, sc) for w, sc in CASES if sc.mixed]
     ("world", "sc"), MIXED_CASES, ids=[f"{w}-{sc.name}" for w, sc in MIXED_CASES]
 )
 def test_bf16_compute_follows_the_float64_run(runs, world, sc):
-    """MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32): the hooks see
-    bf16 activations and output gradients (folded in the factor dtype); the training stays
+    """MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32), or a float32 model
+    under torch.autocast(bfloat16): the hooks see bf16 activations and output gradients
+    (folded in the factor dtype); the training stays
     within bf16's rounding of the float64 one-process run: the parameters' change after 5
     steps agrees to 10% (a wrong scaling or a lost layer would be off by O(1))."""
     ref = reference_run(sc, world)
