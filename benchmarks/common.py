@@ -182,6 +182,30 @@ def revision() -> str:
     return head + ("+changes" if changed else "")
 
 
+def demo_setup(description: str, strategy: str, strategies: str) -> tuple[Any, bool, int, int]:
+    """The data-parallel demos' options and process group (ddp_demo.py, fsdp_demo.py):
+    ``(args, distributed, world, rank)``; one thread per rank, gloo under torchrun."""
+    import argparse
+
+    import torch.distributed as dist
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--strategy", default=strategy, help=strategies)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=64, help="global batch size")
+    parser.add_argument("--lr", type=float, default=0.03)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        dist.init_process_group("gloo")
+    world = dist.get_world_size() if distributed else 1
+    rank = dist.get_rank() if distributed else 0
+    if args.batch % world:
+        raise SystemExit(f"--batch {args.batch} must be a multiple of the {world} ranks")
+    return args, distributed, world, rank
+
+
 def timing_args(parser: Any, batch: int, warmup: int, steps: int, note: str) -> None:
     """The options of the distributed timing scripts (distributed.py, fsdp.py)."""
     parser.add_argument("--batch", type=int, default=batch, help="local batch per rank")

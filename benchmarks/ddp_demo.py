@@ -14,8 +14,6 @@ Without torchrun it runs as one process (torch.distributed not initialized).
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,27 +26,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import digits, mlp, seed_options  # noqa: E402
+from common import demo_setup, digits, mlp, seed_options  # noqa: E402
 
 from kfac_ef import DistributedOptions, KFACPreconditioner  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--strategy", default="comm_opt", help="comm_opt, mem_opt, hybrid")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=64, help="global batch size")
-    parser.add_argument("--lr", type=float, default=0.03)
-    args = parser.parse_args()
-
-    torch.set_num_threads(1)
-    distributed = "WORLD_SIZE" in os.environ
-    if distributed:
-        dist.init_process_group("gloo")
-    world = dist.get_world_size() if distributed else 1
-    rank = dist.get_rank() if distributed else 0
-    if args.batch % world:
-        raise SystemExit(f"--batch {args.batch} must be a multiple of the {world} ranks")
+    args, distributed, world, rank = demo_setup(
+        __doc__.split("\n")[0], "comm_opt", "comm_opt, mem_opt, hybrid"
+    )
 
     x_tr, y_tr, x_te, y_te = digits()
     train = TensorDataset(x_tr, y_tr)

@@ -18,7 +18,6 @@ Without torchrun it runs as one process.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import digits, mlp, seed_options  # noqa: E402
+from common import demo_setup, digits, mlp, seed_options  # noqa: E402
 
 from kfac_ef import DistributedOptions, KFACPreconditioner  # noqa: E402
 
@@ -84,21 +83,9 @@ def build(sharded: bool) -> nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--strategy", default="mem_opt", help="mem_opt or comm_opt")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=64, help="global batch size")
-    parser.add_argument("--lr", type=float, default=0.03)
-    args = parser.parse_args()
-
-    torch.set_num_threads(1)
-    distributed = "WORLD_SIZE" in os.environ
-    if distributed:
-        dist.init_process_group("gloo")
-    world = dist.get_world_size() if distributed else 1
-    rank = dist.get_rank() if distributed else 0
-    if args.batch % world:
-        raise SystemExit(f"--batch {args.batch} must be a multiple of the {world} ranks")
+    args, distributed, world, rank = demo_setup(
+        __doc__.split("\n")[0], "mem_opt", "mem_opt or comm_opt"
+    )
     options = seed_options(damping=0.1, inv_update_steps=10)
 
     model = build(sharded=distributed)
