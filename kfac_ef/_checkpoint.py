@@ -232,7 +232,7 @@ def _pack(obj: Any) -> bytes:
     """An entry as bytes (tensors on the CPU): DCP saves bytes as they are, where it would
     split a dict of tensors into items that must be preallocated to load."""
     buf = io.BytesIO()
-    torch.save(_to_cpu(obj), buf)
+    torch.save(to_device(obj, torch.device("cpu")), buf)
     return buf.getvalue()
 
 
@@ -245,13 +245,15 @@ def _unpack(value: Any) -> Any:
     return value
 
 
-def _to_cpu(obj: Any) -> Any:
+def to_device(obj: Any, device: torch.device) -> Any:
+    """A checkpoint entry (nested dicts, lists, tuples) with its tensors moved to ``device``
+    (detached)."""
     if isinstance(obj, Tensor):
-        return obj.detach().cpu()
+        return obj.detach().to(device)
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return type(obj)(_to_cpu(v) for v in obj)
+        return type(obj)(to_device(v, device) for v in obj)
     return obj
 
 

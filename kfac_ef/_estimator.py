@@ -265,7 +265,7 @@ class Estimator:
                 bucket.restack()
             self._check_failures()
             # (sharded, the layers other ranks keep have no factors here by design)
-            names = [layer.name for layer in waiting if self.comm.preconditions(layer)]
+            names = [layer.name for layer in waiting if self.comm.keeps(layer)]
             relative = opts.damping_unit == "relative"
             for entry in self.diagonal:
                 if not entry.decompose(opts.damping, relative, opts.exponent):

@@ -7,6 +7,7 @@ from ._distributed.options import (
     GRAD_WORKER_PRESETS,
     DistributedOptions,
     _check_supported,
+    check_sharded_run,
     resolve,
     unwrap,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "Grid",
     "Plan",
     "_check_supported",
+    "check_sharded_run",
     "grad_workers",
     "lpt",
     "resolve",

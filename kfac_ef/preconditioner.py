@@ -33,7 +33,7 @@ from ._model import (
 )
 from ._options import KFACOptions, LearningRate, SkipSpec
 from .capture import Capture, call_eagerly
-from .distributed import DistributedOptions, Distributor, resolve, unwrap
+from .distributed import DistributedOptions, Distributor, check_sharded_run, resolve, unwrap
 
 __all__ = ["Faults", "KFACPreconditioner"]
 
@@ -44,11 +44,6 @@ _OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[KFACPreconditioner]] =
 )
 
 _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(KFACOptions))
-
-
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class KFACPreconditioner:
@@ -210,12 +205,7 @@ class KFACPreconditioner:
         model, ddp = unwrap(uncompiled(model))
         model = uncompiled(model)
         sharded = check_sharding(model)
-        if sharded and dist_options is None and _world_size() > 1:
-            raise ValueError(
-                "distributed=False with a model sharded by fully_shard over several ranks: "
-                "each rank holds a shard of every gradient, so K-FAC must run distributed "
-                "(distributed=None or True)"
-            )
+        check_sharded_run(sharded, dist_options)
         plan: Discovered = discover(model, self.options)
         if not plan.layers and not plan.diagonal:
             raise ValueError(

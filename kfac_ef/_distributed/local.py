@@ -68,7 +68,7 @@ class Communicator(Protocol):
 
     def complete_state(self, layers: dict[str, Any]) -> dict[str, Any]: ...
 
-    def keeps(self, layer: Layer) -> bool: ...
+    def keeps(self, unit: Layer | DiagonalParam) -> bool: ...
 
 
 class Whole:
@@ -86,8 +86,9 @@ class Whole:
     def complete_state(self, layers: dict[str, Any]) -> dict[str, Any]:
         return layers
 
-    def keeps(self, layer: Layer) -> bool:
-        """Whether this rank holds the layer's running factors."""
+    def keeps(self, unit: Layer | DiagonalParam) -> bool:
+        """Whether this rank holds the running factors of a layer (or the Fisher of a
+        diagonal parameter): folds its reduced statistics, checkpoints it."""
         return True
 
 

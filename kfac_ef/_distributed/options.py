@@ -134,6 +134,17 @@ def resolve(distributed: bool | DistributedOptions | None) -> DistributedOptions
     return opts
 
 
+def check_sharded_run(sharded: bool, options: DistributedOptions | None) -> None:
+    """A model sharded over several ranks needs distributed K-FAC: each rank holds only its
+    rows of every gradient."""
+    if sharded and options is None and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(
+            "distributed=False with a model sharded by fully_shard over several ranks: "
+            "each rank holds a shard of every gradient, so K-FAC must run distributed "
+            "(distributed=None or True)"
+        )
+
+
 def _check_supported(
     kfac: KFACOptions, options: DistributedOptions, world: int, sharded: bool = False
 ) -> None:

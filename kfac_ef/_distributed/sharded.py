@@ -12,7 +12,7 @@ changes, and what it does not:
    *gradient workers* fold them into running factors. With one worker per layer
    ("mem_opt") the buckets hold one owner's layers each and are *reduced* to it (half an
    all-reduce's traffic), the global example count in an all-reduce of its own; the other
-   ranks free their sums (``_keeps``; bucket buffers are allocated per statistics step).
+   ranks free their sums (``keeps``; bucket buffers are allocated per statistics step).
    Diagonal parameters' Fishers are all-reduced and kept everywhere (they are small).
 2. **Gradients: gathered to the workers, preconditioned whole, returned by rows.** The A
    side of a layer (input dim) would act on a row shard locally, but the G side mixes rows,
@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from .. import _grads
 from .._blocks import DiagonalParam, Layer
+from .._checkpoint import to_device
 from .._options import KFACOptions
 from .data_parallel import Distributor
 from .options import DistributedOptions
@@ -163,11 +164,8 @@ class ShardedDistributor(Distributor):
             )
         return ShardedParam(name, p, tuple(p.shape), workers)
 
-    def _keeps(self, unit: Entry) -> bool:
+    def keeps(self, unit: Entry) -> bool:
         return isinstance(unit, DiagonalParam) or self.preconditions(unit)
-
-    def keeps(self, layer: Layer) -> bool:
-        return self.preconditions(layer)
 
     def _destination(self, unit: Entry) -> int | None:
         """With one worker per layer ("mem_opt") a layer's statistics are reduced to that
@@ -283,7 +281,10 @@ class ShardedDistributor(Distributor):
 
     def _gather(self) -> dict[int, Tensor]:
         """Every rank's rows of each parameter to its workers: the whole gradients of this
-        rank's parameters (a parameter without a gradient on some rank is not staged)."""
+        rank's parameters. A parameter's gradient exists on every rank or on none (FSDP's
+        reduce-scatter is collective), so each rank decides from its own ``p.grad``; a
+        missing one travels as zeros, keeping every rank's layout the same, and is not
+        staged."""
         me, world = self.rank, self.world
         staged: dict[int, Tensor] = {}
         for dtype, params in self._by_dtype().items():
@@ -291,38 +292,29 @@ class ShardedDistributor(Distributor):
             recv = [0] * world
             for sp in params:
                 lg = self._local_grad(sp)
-                n = sp.numel_of(me, world)
                 piece = (
                     lg.reshape(-1).to(dtype)
                     if lg is not None
-                    else torch.zeros(n, dtype=dtype, device=self.device)
-                )
-                flag = torch.full(
-                    (1,), 1.0 if lg is not None else 0.0, dtype=dtype, device=self.device
+                    else torch.zeros(sp.numel_of(me, world), dtype=dtype, device=self.device)
                 )
                 for d in sp.workers:
-                    send[d] += [piece, flag]
+                    send[d].append(piece)
                 if me in sp.workers:
                     for s in range(world):
-                        recv[s] += sp.numel_of(s, world) + 1
+                        recv[s] += sp.numel_of(s, world)
             out = self._exchange(send, recv, dtype, "gather")
             mine = [sp for sp in params if me in sp.workers]
             whole = {id(sp): torch.empty(sp.shape, dtype=dtype, device=self.device) for sp in mine}
-            flag_at: list[int] = []
             pos = 0
             for s in range(world):
                 for sp in mine:
                     a, b = sp.span(s, world)
                     n = (b - a) * sp.row_numel
-                    whole[id(sp)].view(sp.rows, sp.row_numel)[a:b].view(-1).copy_(
-                        out[pos : pos + n]
-                    )
-                    flag_at.append(pos + n)
-                    pos += n + 1
-            # One host read for every flag (source-major, as laid out above).
-            flags = out[flag_at].view(world, len(mine)).min(dim=0).values.tolist() if mine else []
-            for sp, flag in zip(mine, flags):
-                if flag > 0.5:
+                    rows = whole[id(sp)].view(sp.rows, sp.row_numel)[a:b]
+                    rows.view(-1).copy_(out[pos : pos + n])
+                    pos += n
+            for sp in mine:
+                if sp.param.grad is not None:
                     staged[id(sp.param)] = whole[id(sp)]
         size = sum(t.numel() * t.element_size() for t in staged.values())
         self.staged_bytes = max(self.staged_bytes, size)
@@ -342,33 +334,24 @@ class ShardedDistributor(Distributor):
                 for sp in spread:
                     if worker[id(sp)] == me:
                         whole = staged.get(id(sp.param))
-                        flag = torch.full(
-                            (1,), float(whole is not None), dtype=dtype, device=self.device
-                        )
                         for r in row:
                             a, b = sp.span(r, world)
-                            piece = (
+                            send[r].append(
                                 whole.view(sp.rows, sp.row_numel)[a:b]
                                 if whole is not None
                                 else torch.zeros(
                                     (b - a) * sp.row_numel, dtype=dtype, device=self.device
                                 )
                             )
-                            send[r] += [piece, flag]
-                    recv[worker[id(sp)]] += sp.numel_of(me, world) + 1
+                    recv[worker[id(sp)]] += sp.numel_of(me, world)
                 out = self._exchange(send, recv, dtype, "return")
                 pos = [sum(recv[:s]) for s in range(world)]
-                starts = []
                 for sp in spread:
-                    w = worker[id(sp)]
-                    starts.append(pos[w])
-                    pos[w] += sp.numel_of(me, world) + 1
-                ns = [sp.numel_of(me, world) for sp in spread]
-                flags = out[[s + n for s, n in zip(starts, ns)]].tolist()  # one host read
-                for sp, start, n, flag in zip(spread, starts, ns, flags):
+                    w, n = worker[id(sp)], sp.numel_of(me, world)
                     g = sp.param.grad
-                    if g is not None and flag > 0.5:
-                        _grads.local(g).view(-1).copy_(out[start : start + n])
+                    if g is not None:
+                        _grads.local(g).view(-1).copy_(out[pos[w] : pos[w] + n])
+                    pos[w] += n
             for sp in params:
                 whole = staged.get(id(sp.param))
                 g = sp.param.grad
@@ -395,7 +378,7 @@ class ShardedDistributor(Distributor):
         """After load_state_dict: also drop the running factors of the layers other ranks
         keep (the checkpoint holds every layer's)."""
         for layer in self._layers:
-            if not self._keeps(layer):
+            if not self.keeps(layer):
                 layer.A = layer.G = None
                 layer.stats.release()
         return super().after_load(missing)
@@ -406,7 +389,7 @@ class ShardedDistributor(Distributor):
         if self.grid.columns == 1:
             return layers
         mine = {
-            layer.name: _to(layers[layer.name], torch.device("cpu"))
+            layer.name: to_device(layers[layer.name], torch.device("cpu"))
             for layer in self._layers
             if layer.name in layers and self.preconditions(layer) and self._my_row == 0
         }
@@ -418,19 +401,8 @@ class ShardedDistributor(Distributor):
         out: dict[str, Any] = {}
         for part in parts:
             for name, entry in part.items():
-                out[name] = _to(entry, self.device)
+                out[name] = to_device(entry, self.device)
         return {layer.name: out[layer.name] for layer in self._layers if layer.name in out}
-
-
-def _to(entry: Any, device: torch.device) -> Any:
-    """A checkpoint entry with its tensors on ``device``."""
-    if isinstance(entry, Tensor):
-        return entry.to(device)
-    if isinstance(entry, dict):
-        return {k: _to(v, device) for k, v in entry.items()}
-    if isinstance(entry, list | tuple):
-        return type(entry)(_to(v, device) for v in entry)
-    return entry
 
 
 def _named(discovered: Discovered) -> list[tuple[str, nn.Parameter]]:

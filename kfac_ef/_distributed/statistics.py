@@ -48,15 +48,11 @@ class StatisticsSync:
     _wait: Callable[..., None]
     _run: Callable[..., None]
     _count: Callable[..., None]
+    keeps: Callable[[Entry], bool]  # whether this rank folds a unit's statistics (local.Whole)
 
     # Whether bucket buffers live between statistics steps (False: allocated at launch,
     # freed once unpacked, so that a rank holds no full-model buffer; FSDP's sharded state).
     _persistent_buffers = True
-
-    def _keeps(self, unit: Entry) -> bool:
-        """Whether this rank folds the unit's reduced statistics into running factors
-        (every unit here; the sharded distributor keeps only the layers it preconditions)."""
-        return True
 
     def _destination(self, unit: Entry) -> int | None:
         """The one rank that needs the unit's reduced statistics (a reduce to it), or None
@@ -234,7 +230,7 @@ class StatisticsSync:
             counts = buf[bucket.counts :].view(-1, 2)
             per_bucket.append(counts[:, 1].max())
             for i, (unit, start) in enumerate(zip(bucket.entries, bucket.offsets)):
-                if not self._keeps(unit):
+                if not self.keeps(unit):
                     unit.stats.release()
                     continue
                 part = buf[start : start + _size(unit)]
