@@ -148,9 +148,9 @@ def make_optimizers(model: nn.Module, method: LMMethod) -> list[torch.optim.Opti
     params = [p for p in model.parameters() if p.requires_grad]
     kind = method.optimizer
     if kind == "adamw":
-        return [torch.optim.AdamW(params, lr=method.lr)]
+        return [torch.optim.AdamW(params, lr=method.lr, **method.extra)]
     if kind == "sgd":
-        return [torch.optim.SGD(params, lr=method.lr, momentum=0.9)]
+        return [torch.optim.SGD(params, lr=method.lr, **{"momentum": 0.9, **method.extra})]
     if kind == "muon":
         hidden, rest = _hidden_matrices(model)
         adamw_lr = method.adamw_lr if method.adamw_lr is not None else method.lr
@@ -350,8 +350,9 @@ def _methods(
         lr = opts.pop("lr", base)
         optimizer = opts.pop("optimizer", "adamw")
         adamw_lr = opts.pop("adamw_lr", None)
+        given = opts.pop("optimizer_options", {})  # e.g. {"betas": [0.9, 0.95]}
         kfac = opts if opts.pop("kfac", True) is not None else None
-        methods.append(LMMethod(name, optimizer, lr, kfac=kfac, adamw_lr=adamw_lr))
+        methods.append(LMMethod(name, optimizer, lr, kfac=kfac, adamw_lr=adamw_lr, extra=given))
     if soap_class() is None:
         print("SOAP skipped: pip install pytorch_optimizer (the bench extra)")
         methods = [m for m in methods if m.optimizer != "soap"]

@@ -332,22 +332,21 @@ def precondition_eigen_adam(
     assert s is not None and n is not None
     b = grads.shape[0]
     v = rotate_a(rotate_g(grads, dec.qg, g_spec, transpose=True), dec.qa, a_spec, transpose=False)
+    updated = torch.addcmul(s * decay, v, v, value=1.0 - decay)
     # A block whose gradient is not finite (a loss-scale overflow) leaves its moment as it was,
-    # decided on the device: one inf would otherwise stay in S for good.
-    finite = torch.isfinite(v).all(dim=(1, 2))
+    # decided on the device from the largest entry of its update (it propagates NaN; a square
+    # beyond the dtype's range counts as not finite too): one inf would otherwise stay in S.
+    finite = torch.isfinite(updated.amax(dim=(1, 2)))
+    torch.where(finite.view(b, 1, 1), updated, s, out=s)
     n.add_(finite.to(n.dtype))
-    updated = (s * decay).addcmul_(v, v, value=1.0 - decay)
-    s.copy_(torch.where(finite.view(b, 1, 1), updated, s))
-    s_hat = s / (1.0 - torch.pow(decay, n)).view(b, 1, 1).clamp_min(1e-30)
+    unbias = (1.0 - torch.pow(decay, n)).clamp_min(1e-30).reciprocal_()  # Ŝ = S · unbias
     eps: float | Tensor = damping
     if relative:
-        mean = s_hat.mean(dim=(1, 2), keepdim=True)
-        eps = damping * torch.where((mean > 0) & torch.isfinite(mean), mean, 1.0)
-    v = (
-        v.mul_(s_hat.add_(eps).pow_(exponent))
-        if v is not grads
-        else v * (s_hat + eps).pow(exponent)
-    )
+        mean = s.mean(dim=(1, 2)) * unbias
+        eps = damping * torch.where((mean > 0) & torch.isfinite(mean), mean, 1.0).view(b, 1, 1)
+    denominator = torch.mul(s, unbias.view(b, 1, 1), out=updated).add_(eps)  # Ŝ + ε
+    denominator = denominator.rsqrt_() if exponent == -0.5 else denominator.pow_(exponent)
+    v = v.mul_(denominator) if v is not grads else v * denominator
     out = rotate_a(rotate_g(v, dec.qg, g_spec, transpose=False), dec.qa, a_spec, transpose=True)
     if not with_form:
         return out

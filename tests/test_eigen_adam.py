@@ -118,10 +118,12 @@ def test_needs_every_eigenbasis_on_every_rank():
     check_supported(kfac, DistributedOptions(), 2)
 
 
-def test_a_non_finite_gradient_leaves_the_moments_alone():
-    """A loss-scale overflow: the step's gradient is inf; the second moments and their counts
-    stay as they were (the scaler skips that optimizer step), and the next finite step is
-    preconditioned as if the overflow had not happened."""
+@pytest.mark.parametrize("bad", [float("inf"), 1e30])
+def test_a_non_finite_gradient_leaves_the_moments_alone(bad):
+    """A loss-scale overflow: the step's gradient is inf, or finite with squares beyond the
+    factors' float32 (1e30); the second moments and their counts stay as they were
+    (the scaler skips that optimizer step), and the next finite step is preconditioned as if
+    the overflow had not happened."""
     torch.manual_seed(0)
     batches = [(torch.randn(8, 5), torch.randn(8, 3)) for _ in range(3)]
     results = []
@@ -135,7 +137,7 @@ def test_a_non_finite_gradient_leaves_the_moments_alone():
                 model.zero_grad()
                 mse_per_example(model(x), y).mean().backward()
                 for p in model.parameters():
-                    p.grad.fill_(float("inf"))
+                    p.grad.fill_(bad)
                 pre.step()
             model.zero_grad()
             mse_per_example(model(x), y).mean().backward()
