@@ -342,7 +342,7 @@ def _methods(
     methods = list(METHODS[task])
     if names:
         methods = [m for m in methods if m.name in names or (baseline and m.name == BASELINE)]
-    base = methods[0].lr
+    base = METHODS[task][0].lr  # the baseline's rate, whichever methods were picked
     for spec in extra:  # NAME=JSON: K-FAC options, plus "lr" and "optimizer" (default: AdamW
         # at the task's AdamW rate); "kfac": null runs the optimizer alone
         name, _, options = spec.partition("=")

@@ -28,6 +28,7 @@ import argparse
 import ast
 import csv
 import difflib
+import json
 import math
 import re
 import statistics
@@ -809,12 +810,46 @@ def lm_levers(results: Path) -> str:
     return markdown(header, out)
 
 
+def lm_runs(results: Path) -> str:
+    """results/lm_single_runs.csv: single runs of benchmarks/lm.py (seed 0, one thread) with
+    the options given on its command line; a repeated baseline shown once, a diverged run as
+    such."""
+    out, seen = [], set()
+    for r in read(results, "lm_single_runs.csv"):
+        key = (r["task"], r["method"], r["options"], r["final"])
+        if key in seen:
+            continue
+        seen.add(key)
+        final = num(r["final"])
+        ms = num(r["ms_per_step"]) if r["ms_per_step"] else math.nan
+        if r["error"]:
+            result = f"failed ({r['error']})"
+        else:
+            result = f"{final:.3f}" if r["diverged"] == "0" else "diverged"
+        out.append([TASK_LABELS.get(r["task"], r["task"]), r["method"], r["optimizer"],
+                    r["options"], result, f"{ms:.0f}" if math.isfinite(ms) else DASH,
+                    r["revision"], r["note"]])  # fmt: skip
+    header = ["task", "method", "optimizer", "options", "final loss", "ms/step", "revision",
+              "note"]  # fmt: skip
+    return markdown(header, out)
+
+
+def _options_text(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items())
+
+
 def lm_cost(results: Path, run: str) -> str:
-    """benchmarks/lm_cost.py: milliseconds per kind of step and part of it."""
-    out = []
-    for r in run_of(read(results, "lm_cost.csv"), run, "lm_cost.csv"):
+    """benchmarks/lm_cost.py: milliseconds per kind of step and part of it (``run``: one or
+    several runs, comma-separated)."""
+    out, seen = [], set()
+    for r in _runs(read(results, "lm_cost.csv"), run, "lm_cost.csv"):
         parts = [num(r[k]) for k in ("forward+backward", "step()", "optimizer")]
-        out.append([TASK_LABELS.get(r["task"], r["task"]), r["method"], r["step"],
+        given = json.loads(r["options"]) if r["options"] else {}
+        method = r["method"] + (f" ({_options_text(given)})" if given else "")
+        if (r["task"], method, r["step"]) in seen:  # each run's baseline: the first shown
+            continue
+        seen.add((r["task"], method, r["step"]))
+        out.append([TASK_LABELS.get(r["task"], r["task"]), method, r["step"],
                     *(f"{v:.1f}" for v in parts), f"{sum(parts):.1f}"])  # fmt: skip
     header = ["task", "method", "step", "forward + backward (hooks) ms", "precond.step() ms",
               "optimizer ms", "total ms"]  # fmt: skip
@@ -822,24 +857,38 @@ def lm_cost(results: Path, run: str) -> str:
 
 
 def defaults(results: Path, run: str) -> str:
-    """benchmarks/defaults.py: per task and optimizer, the final metric at 0.3×, 1×, 3× the
-    tuned learning rate, alone / with KFACPreconditioner(model)."""
+    """benchmarks/defaults.py: per task and optimizer (and seed, and preconditioner options,
+    when the runs have several), the final metric at 0.3×, 1×, 3× the tuned learning rate,
+    alone / with the preconditioner."""
     rows = _runs(read(results, "defaults.csv"), run, "defaults.csv")
+    seeds = unique(r["seed"] for r in rows)
+    configs = unique((r["kfac"], r["options"]) for r in rows if r["kfac"])
     out = []
     for task in unique(r["task"] for r in rows):
         for opt in unique(r["optimizer"] for r in rows if r["task"] == task):
-            cells = []
-            for factor in unique(r["lr_factor"] for r in rows):
-                pair = {}
-                for r in rows:
-                    if (r["task"], r["optimizer"], r["lr_factor"]) == (task, opt, factor):
-                        value = num(r["final"])
-                        pair[bool(r["kfac"])] = "diverged" if int(r["diverged"]) else f"{value:.3g}"
-                cells.append(f"{pair.get(False, DASH)} / {pair.get(True, DASH)}")
-            name = {"adamw": "AdamW", "sgd": "SGD (momentum 0.9)"}[opt]
-            out.append([TASK_LABELS.get(task, task), name, *cells])
+            for seed in seeds:
+                for label, options in configs:
+                    mine = [r for r in rows if (r["task"], r["optimizer"], r["seed"]) == (
+                        task, opt, seed) and r["kfac"] in ("", label)]  # fmt: skip
+                    cells = []
+                    for factor in unique(r["lr_factor"] for r in rows):
+                        pair = {}
+                        for r in mine:
+                            if r["lr_factor"] == factor:
+                                value = num(r["final"])
+                                diverged = int(r["diverged"])
+                                pair[bool(r["kfac"])] = "diverged" if diverged else f"{value:.3g}"
+                        cells.append(f"{pair.get(False, DASH)} / {pair.get(True, DASH)}")
+                    name = {"adamw": "AdamW", "sgd": "SGD (momentum 0.9)"}[opt]
+                    first = [TASK_LABELS.get(task, task), name]
+                    first += [seed] if len(seeds) > 1 else []
+                    if len(configs) > 1:
+                        first.append(_options_text(json.loads(options)) or "{}")
+                    out.append([*first, *cells])
     factors = [f"{short(num(f))}× lr" for f in unique(r["lr_factor"] for r in rows)]
-    return markdown(["task", "optimizer", *factors], out)
+    head = ["task", "optimizer"] + (["seed"] if len(seeds) > 1 else [])
+    head += ["options"] if len(configs) > 1 else []
+    return markdown([*head, *factors], out)
 
 
 def fsdp(results: Path, run: str) -> str:
@@ -884,6 +933,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "demo": demo,
     "lm": lm,
     "lm-levers": lm_levers,
+    "lm-runs": lm_runs,
     "lm-cost": lm_cost,
     "defaults": defaults,
     "step-overhead-2threads": step_overhead_readme,
