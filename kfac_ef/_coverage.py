@@ -192,9 +192,11 @@ def wide_factors(layers: list[Layer]) -> list[tuple[str, str, int, str, int]]:
 
 
 def warn_wide(layers: list[Layer], opts: KFACOptions) -> None:
-    """One warning naming the layers whose factors are wider than ``max_factor_dim``."""
+    """One warning naming the layers whose factors are wider than ``max_factor_dim`` and
+    therefore diagonal; none when ``large_factor_block`` asks for block-diagonal factors (a
+    plan the user chose; summary() shows it)."""
     wide = wide_factors(layers)
-    if not wide:
+    if not wide or opts.large_factor_block > 1:
         return
     shown = ", ".join(
         f"{name} {side} ({dim} wide, {storage}; dense would need {_fmt(nbytes)})"

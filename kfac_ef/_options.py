@@ -153,7 +153,8 @@ class KFACOptions:
             ``max_factor_dim`` (a wide MLP, an untied head) keep diagonal or block-diagonal
             factors either way.
         large_factor_block: block size of factors wider than ``max_factor_dim``; 1 (default)
-            keeps them diagonal. At most ``max_factor_dim``.
+            keeps them diagonal, with a warning at construction naming them; above 1 they are
+            block-diagonal, without one. At most ``max_factor_dim``.
         memory_budget: bytes the preconditioner's state may take (None: no limit);
             construction raises with the plan when it exceeds them.
         max_decomposition_failures: a layer whose decomposition fails (even in float64)

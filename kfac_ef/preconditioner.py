@@ -108,7 +108,9 @@ class KFACPreconditioner:
             with a warning (docs/kernels.md).
         other_params: "ignore" or "diagonal", for parameters outside the Kronecker form.
         max_factor_dim: widest dense factor (None: no limit); default 4096.
-        large_factor_block: block size of wider factors; 1 (default) keeps them diagonal.
+        large_factor_block: block size of wider factors; 1 (default) keeps them diagonal
+            (construction warns, naming them); above 1 they are block-diagonal (no warning:
+            summary() shows the plan).
         memory_budget: bytes the planned state may take (distributed: this rank's, which
             FSDP2 with grad_worker_fraction="mem_opt" splits); construction raises beyond.
         max_decomposition_failures: a layer whose decomposition fails (even in float64)

@@ -5,6 +5,7 @@ that they hold on the case where the previous defaults diverged."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -110,6 +111,12 @@ def test_vocabulary_sized_layers_are_left_to_the_optimizer_by_default():
     with pytest.warns(RuntimeWarning, match="not dense"):
         wide = KFACPreconditioner(nn.Sequential(nn.Linear(8, 5000), nn.Tanh(), nn.Linear(5000, 2)))
     assert {la.name for la in wide.summary().layers} == {"0", "2"}
+    with warnings.catch_warnings():  # block-diagonal factors asked for: a plan, not a warning
+        warnings.simplefilter("error")
+        blocks = KFACPreconditioner(
+            nn.Sequential(nn.Linear(8, 5000), nn.Tanh(), nn.Linear(5000, 2)), large_factor_block=512
+        )
+    assert "blocks of" in str(blocks.summary())
     covered = {la.name for la in KFACPreconditioner(model).summary().layers}
     assert "wte" not in covered and "head" not in covered and len(covered) > 0
     with pytest.warns(RuntimeWarning, match="not dense"):
