@@ -26,6 +26,11 @@ ms/step, the steps and the training seconds at which the loss first reaches the 
 training time ran out (equal time). Rows go to results/lm.csv (one per run, with the
 revision) and the curves to results/lm_curves.csv; ``--plot`` draws results/lm_<task>.png.
 
+``--kfac NAME=JSON`` adds a method: preconditioner options, plus "lr", "optimizer" ("adamw",
+"sgd", ...; default AdamW at the task's AdamW rate), "optimizer_options" (the optimizer's own
+keyword arguments, e.g. {"momentum": 0} for SGD or {"betas": [0.9, 0.95]} for AdamW) and
+"kfac": null for the optimizer alone.
+
 Usage: python benchmarks/lm.py [--tasks chargpt lm256] [--seeds 3] [--tune] [--methods ...]
        [--kfac NAME=JSON] [--plot]
 """
@@ -350,7 +355,10 @@ def _methods(
         lr = opts.pop("lr", base)
         optimizer = opts.pop("optimizer", "adamw")
         adamw_lr = opts.pop("adamw_lr", None)
-        given = opts.pop("optimizer_options", {})  # e.g. {"betas": [0.9, 0.95]}
+        given = {  # e.g. {"betas": [0, 0.95]}: JSON's integers as the floats torch wants
+            k: tuple(float(x) for x in v) if isinstance(v, list) else v
+            for k, v in opts.pop("optimizer_options", {}).items()
+        }
         kfac = opts if opts.pop("kfac", True) is not None else None
         methods.append(LMMethod(name, optimizer, lr, kfac=kfac, adamw_lr=adamw_lr, extra=given))
     if soap_class() is None:

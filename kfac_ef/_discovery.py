@@ -320,7 +320,11 @@ def _kronecker_layers(
             continue
         if target == i:
             a_spec = plan_factor(
-                la.a_dim, opts.max_factor_dim, opts.large_factor_block, la.one_hot_inputs
+                la.a_dim,
+                opts.max_factor_dim,
+                opts.large_factor_block,
+                la.one_hot_inputs,
+                bias=la.has_bias,
             )
             g_spec = plan_factor(la.g_dim, opts.max_factor_dim, opts.large_factor_block, False)
             stats = LayerStatistics(

@@ -110,19 +110,26 @@ class FactorSpec:
 
 
 def plan_factor(
-    dim: int, max_factor_dim: int | None, large_factor_block: int, structural_diagonal: bool
+    dim: int,
+    max_factor_dim: int | None,
+    large_factor_block: int,
+    structural_diagonal: bool,
+    bias: bool = False,
 ) -> FactorSpec:
     """The storage of a factor of width ``dim`` under the size limit.
 
     Args:
         dim: the factor's width.
-        max_factor_dim: widest dense factor (None: no limit).
+        max_factor_dim: widest dense factor (None: no limit), not counting A's bias
+            coordinate: a layer with d inputs and a bias keeps its (d+1)-wide A dense for
+            d <= max_factor_dim.
         large_factor_block: block size of factors wider than that (1: diagonal).
         structural_diagonal: the factor is diagonal by construction (one-hot inputs).
+        bias: ``dim`` includes A's bias coordinate.
     """
     if structural_diagonal:
         return FactorSpec(dim, 1, structural=True)
-    if max_factor_dim is None or dim <= max_factor_dim:
+    if max_factor_dim is None or dim - int(bias) <= max_factor_dim:
         return FactorSpec(dim, dim)
     nb = math.ceil(dim / large_factor_block)
     return FactorSpec(dim, math.ceil(dim / nb))

@@ -143,9 +143,10 @@ class KFACOptions:
             (norm layers, lone biases, ...): "ignore" leaves them to the optimizer,
             "diagonal" preconditions those with a per-example gradient rule by their diagonal
             empirical Fisher, p.grad / (F + ε).
-        max_factor_dim: widest factor kept dense (None: no limit). Wider factors are
-            block-diagonal with blocks of at most ``large_factor_block``, or their layers
-            left to the optimizer (``wide_layers``).
+        max_factor_dim: widest factor kept dense (None: no limit), not counting A's bias
+            coordinate (a layer with d inputs and a bias keeps its (d+1)-wide A dense for
+            d <= max_factor_dim). Wider factors are block-diagonal with blocks of at most
+            ``large_factor_block``, or their layers left to the optimizer (``wide_layers``).
         wide_layers: "optimizer" (default): an embedding with more rows than
             ``max_factor_dim`` (a vocabulary), and the layers tied to it (an LM head), are
             left to the optimizer, listed by summary() with the reason; "diagonal": they are

@@ -107,7 +107,8 @@ class KFACPreconditioner:
             against its torch reference; any Triton failure falls back to the reference
             with a warning (docs/kernels.md).
         other_params: "ignore" or "diagonal", for parameters outside the Kronecker form.
-        max_factor_dim: widest dense factor (None: no limit); default 4096.
+        max_factor_dim: widest dense factor (None: no limit), A's bias coordinate not
+            counted; default 4096.
         large_factor_block: block size of wider factors; 1 (default) keeps them diagonal
             (construction warns, naming them); above 1 they are block-diagonal (no warning:
             summary() shows the plan).

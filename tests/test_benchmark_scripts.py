@@ -136,12 +136,18 @@ def _script(script: str, *args: str) -> str:
 def test_lm_benchmark_runs_every_method(tmp_path):
     """benchmarks/lm.py end to end for a few steps: every method's row, the curves, the plot,
     and the table tables.py makes from them."""
+    extra = ['SGD0={"lr": 0.001, "optimizer": "sgd", "optimizer_options": {"momentum": 0}}',
+             'AdamW b0={"kfac": null, "optimizer_options": {"betas": [0, 0.95]}}']  # fmt: skip
     _script("lm.py", "--tasks", "chargpt", "--seeds", "1", "--steps", "3", "--out",
-            str(tmp_path), "--plot")  # fmt: skip
+            str(tmp_path), "--plot", "--kfac", *extra)  # fmt: skip
     rows = _rows(tmp_path / "lm.csv")
     names = {r["method"] for r in rows}
-    assert {"AdamW", "Muon", "AdamW + K-FAC (defaults)", "SGD + K-FAC (eigen_adam recipe)"} <= names
+    assert {"AdamW", "Muon", "AdamW + K-FAC (defaults)", "SGD + K-FAC (eigen_adam recipe)",
+            "SGD0", "AdamW b0"} <= names  # fmt: skip
     assert all(int(r["steps"]) == 3 and math.isfinite(float(r["final"])) for r in rows)
+    assert not any(r["error"] for r in rows), [r["error"] for r in rows]
+    options = {r["method"]: r["options"] for r in rows}
+    assert "momentum=0" in options["SGD0"] and "betas=(0.0, 0.95)" in options["AdamW b0"]
     assert (tmp_path / "lm_chargpt.png").exists()
     assert {r["method"] for r in _rows(tmp_path / "lm_curves.csv")} == names
     sys.path.insert(0, str(BENCH))

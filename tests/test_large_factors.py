@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from kfac_ef import KFACPreconditioner
+
 from .helpers import conv_head, seed_preconditioner, step_once
 from .reference import (
     block_diagonal_part,
@@ -124,6 +126,22 @@ def test_vocabulary_sized_head_is_never_squared():
     a, g = pre.factors()["2"]
     assert g.shape == (vocab,) and a.shape == (8, 8)
     assert "50257 (diagonal)" in str(s)
+
+
+def test_the_bias_coordinate_does_not_count_against_max_factor_dim():
+    """max_factor_dim=d keeps the (d+1)-wide A of a layer with d inputs and a bias dense; an A
+    wider by more than its bias, and a G, are planned as before (blocks over the full width,
+    the bias in the last one)."""
+    model = nn.Sequential(
+        nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 8, bias=False), nn.Tanh(), nn.Linear(8, 9)
+    )
+    plan = {r.name: (r.a_factor, r.g_factor) for r in KFACPreconditioner(
+        model, max_factor_dim=8, large_factor_block=4).summary().layers}  # fmt: skip
+    assert plan["0"] == ("dense", "3 blocks of 4")  # A: 8 inputs + bias; G: 12 > 8
+    assert plan["2"] == ("3 blocks of 4", "dense")  # A: 12 inputs, no bias
+    assert plan["4"] == ("dense", "3 blocks of 3")  # A: 8 + bias; G: 9 > 8
+    wide = KFACPreconditioner(nn.Linear(9, 2), max_factor_dim=8, large_factor_block=4)
+    assert wide.summary().layers[0].a_factor == "3 blocks of 4"  # 10 wide: 9 inputs + bias
 
 
 def test_memory_budget_raises_with_the_plan():
