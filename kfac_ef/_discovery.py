@@ -335,6 +335,7 @@ def _kronecker_layers(
                 a_spec,
                 g_spec,
                 per_example=opts.fisher_type == "mc",
+                stride=opts.statistics_stride,
             )
             by_index[i] = Layer(_layer_name(mname, la), la, stats)
             layers.append(by_index[i])

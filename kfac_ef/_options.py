@@ -122,6 +122,12 @@ class KFACOptions:
             "ekfac" (eigenvalue-corrected: the eigenbasis of "exact" with the exact
             per-example second moment S in it).
         kfac_approx: "expand" or "reduce" for layers with shared positions.
+        statistics_stride: k >= 1: with "expand", the factor statistics of layers with shared
+            positions (sequences, convolutions) use every k-th position, starting at a
+            position that advances by one each statistics step (so k statistics steps cover
+            every position), G's sum scaled by T/(positions used) (over k statistics steps
+            at fixed parameters, and k dividing T, the mean is the full A and G; docs/math.md);
+            1 (default) uses every position. Cuts the statistics' cost by about k.
         skip_layers: module names / regexes (full match) / module types to leave alone.
         factor_dtype: float32 (default) or float64 for factors and decompositions.
         backend: "auto", "torch" or "triton" for the factor-statistics and preconditioning
@@ -183,6 +189,7 @@ class KFACOptions:
     loss_reduction: LossReduction = "mean"
     damping_mode: DampingMode = "eigen_adam"
     kfac_approx: KFACApprox = "expand"
+    statistics_stride: int = 1
     skip_layers: tuple[SkipSpec, ...] = field(default=())
     factor_dtype: torch.dtype = torch.float32
     backend: Backend = "auto"
@@ -217,6 +224,7 @@ class KFACOptions:
         _choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         _choice("damping_mode", self.damping_mode, DAMPING_MODES)
         _choice("kfac_approx", self.kfac_approx, KFAC_APPROXES)
+        _positive_int("statistics_stride", self.statistics_stride)
         _choice("backend", self.backend, BACKENDS)
         if self.factor_dtype not in FACTOR_DTYPES:
             raise ValueError(

@@ -30,6 +30,8 @@ gradient accumulation needs no knowledge of how the user's loss is divided.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -72,6 +74,8 @@ class LayerStatistics:
         dtype: factor dtype.
         backend: kernel backend.
         per_example: the observed gradients are per-example ones (fisher_type="mc").
+        stride: with "expand", every ``stride``-th position of each call (``statistics_stride``),
+            from an offset that advances by one at each ``take()``.
     """
 
     def __init__(
@@ -83,8 +87,11 @@ class LayerStatistics:
         a_spec: FactorSpec | None = None,
         g_spec: FactorSpec | None = None,
         per_example: bool = False,
+        stride: int = 1,
     ) -> None:
         self.adapter = adapter
+        self.stride = stride
+        self._taken = 0  # statistics steps so far: the stride's offset
         self.per_example = per_example
         self.approx = approx
         self.dtype = dtype
@@ -119,6 +126,21 @@ class LayerStatistics:
             summed = summed / t_len
         return summed.transpose(0, 1)
 
+    def _sampled(self, inputs: Inputs, grads: Tensor) -> tuple[Inputs, Tensor]:
+        """Every ``stride``-th position (``statistics_stride``) of a call with shared
+        positions, from this statistics step's offset; the output gradients scaled by
+        √(T / positions kept), so that G's per-example sum over positions keeps its
+        expectation (A is a mean over the rows kept)."""
+        t_len, s = grads.shape[1], self.stride
+        if s == 1 or self.approx != "expand" or t_len <= 1:
+            return inputs, grads
+        offset = self._taken % min(s, t_len)
+        kept = len(range(offset, t_len, s))
+        grads = grads[:, offset::s] * math.sqrt(t_len / kept)
+        if isinstance(inputs, OneHotInputs):
+            return OneHotInputs(inputs.indices[:, offset::s], inputs.num_classes), grads
+        return inputs[:, offset::s], grads
+
     def buffers(self) -> tuple[Tensor, Tensor]:
         """The accumulators S_A, S_G (allocated on first use; their content is undefined
         while the row count is 0)."""
@@ -134,6 +156,7 @@ class LayerStatistics:
         output gradients ``(N, T, blocks, g_dim)``."""
         ad = self.adapter
         n = inputs.shape[0]
+        inputs, grads = self._sampled(inputs, grads)
         first = self.rows == 0
         acc_a, acc_g = self.buffers()
         beta = 0.0 if first else 1.0
@@ -160,6 +183,7 @@ class LayerStatistics:
         scale_g = g_scale(self._passes.total(), loss_reduction, loss_scale, self.per_example)
         scale_a = 1.0 / self.rows
         self.rows = 0
+        self._taken += 1
         self._passes.clear()
         return self._acc_a, scale_a, self._acc_g, scale_g
 

@@ -100,6 +100,9 @@ class KFACPreconditioner:
             "ekfac" (the eigenbases of "exact" with the exact second moment S of the
             per-example gradients in them, George et al. 2018).
         kfac_approx: "expand" or "reduce", for layers with shared positions.
+        statistics_stride: k: with "expand", statistics from every k-th position of each
+            sequence, the first advancing by one each statistics step (G rescaled by
+            T/(positions kept)); default 1, every position.
         skip_layers: module names, full-match regexes or module types to leave alone.
         factor_dtype: torch.float32 or torch.float64 for factors and decompositions.
         backend: "auto", "torch" or "triton" kernels (the environment variable
@@ -187,6 +190,7 @@ class KFACPreconditioner:
         exponent: float = -0.5,
         grafting: str = "gradient",
         wide_layers: str = "optimizer",
+        statistics_stride: int = 1,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
