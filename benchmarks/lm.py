@@ -176,6 +176,8 @@ class LMStepper:
         self.opts = make_optimizers(model, method)
         self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, _schedule(steps)) for o in self.opts]
         self.pre = None if method.kfac is None else KFACPreconditioner(model, **method.kfac)
+        if self.pre is not None and self.pre.options.constrained_step == "optimizer":
+            self.pre.attach(self.opts[0])  # the constraint on the optimizer's step
 
     def step(self, x: Tensor, y: Tensor) -> None:
         for opt in self.opts:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +24,19 @@ if TYPE_CHECKING:
     from ._estimator import Estimator
 
 
+@dataclass
+class HeldStep:
+    """constrained_step="optimizer": what step() leaves for the optimizer's step hooks."""
+
+    step: int
+    loss_calls: dict[str, list[Held]]
+    moments: Tensor | None
+    params: list[Tensor]  # the parameters step() preconditioned (unique)
+    layers: list[Layer]
+    diagonal: list[DiagonalParam]
+    before: list[Tensor] = field(default_factory=list)  # their values before the update
+
+
 class LossChangeController:
     """ν and the record of each step (constraint and ``track_loss_changes``).
 
@@ -38,6 +52,7 @@ class LossChangeController:
         self.grad_scaler = grad_scaler
         self.warned_missing: set[str] = set()
         self.last: StepRecord | None = None
+        self.held: HeldStep | None = None
 
     def moments(self, loss: Tensor | None) -> Tensor | None:
         """The loss moments of this step that scale the target (relative units), checked
@@ -165,6 +180,63 @@ class LossChangeController:
             exact=exact,
             directions=directions,
         )
+
+    # ---------------------------------------------- constrained_step="optimizer"
+    def hold_step(
+        self,
+        steps: int,
+        loss_calls: Mapping[str, list[Held]],
+        done: list[Layer],
+        done_diag: list[DiagonalParam],
+        moments: Tensor | None,
+    ) -> None:
+        """Keep this step's captured calls and loss moments for the optimizer's step."""
+        layers = self.est.comm.preconditioned_layers(done)
+        params: list[Tensor] = [
+            p for p in unique_parameters(layers, done_diag) if grad_of(p) is not None
+        ]
+        calls = {k: list(v) for k, v in loss_calls.items()}
+        self.held = HeldStep(steps, calls, moments, params, layers, done_diag)
+
+    def before_update(self) -> None:
+        """The optimizer's step pre-hook: the preconditioned parameters as they are."""
+        held = self.held
+        if held is not None:
+            held.before = [p.detach().clone() for p in held.params]
+
+    def after_update(self) -> None:
+        """The optimizer's step post-hook: Δθ of the preconditioned parameters, measured in
+        loss space with the exact form (u_n = g_nᵀ(-Δθ), as u_n = g_nᵀ∇̃ for Δθ = -∇̃), and
+        θ ← θ_before + ν Δθ with the ν of the constraint (lr = 1: Δθ is the whole step)."""
+        held, self.held = self.held, None
+        if held is None or len(held.before) != len(held.params):
+            return  # no step() since the last update, or no pre-hook call
+        opts = self.options
+        with torch.no_grad():
+            back = [b - p.detach() for p, b in zip(held.params, held.before)]  # -Δθ
+            tangents = {id(p): t for p, t in zip(held.params, back)}
+            directions, seen = _constraint.per_example_directions(
+                self.est.routes, held.loss_calls, tangents, opts.factor_dtype
+            )
+            if not seen.issuperset(tangents):
+                self._warn_missing(held.layers, held.diagonal, seen)
+            device = back[0].device if back else self.est.device()
+            directions, exact, moments = self._exact_form(directions, held.moments, device)
+            c = opts.target_loss_change or opts.max_loss_change
+            assert c is not None
+            if moments is not None:
+                target = c * _constraint.loss_reference(opts.loss_change_unit, moments.to(device))
+            else:
+                target = torch.full((), c, dtype=torch.float64, device=device)
+            nu = _constraint.step_scale(
+                exact, target, 1.0, equality=opts.target_loss_change is not None
+            )
+            for p, b, t in zip(held.params, held.before, back):
+                p.copy_(b.sub_(t.mul_(nu.to(t.device, t.dtype))))  # θ_before + ν Δθ
+        self.last = StepRecord(
+            step=held.step, lr=1.0, nu=nu, target=target, kronecker=None, exact=exact,
+            directions=directions,
+        )  # fmt: skip
 
     def _kronecker_form(
         self, forms: list[Tensor], diag_form: Tensor | None, device: torch.device

@@ -38,6 +38,7 @@ LOSS_CHANGE_UNITS = ("absolute", "loss", "spread")
 DAMPING_UNITS = ("absolute", "relative")
 OTHER_PARAMS = ("ignore", "diagonal")
 GRAFTINGS = ("none", "gradient")
+CONSTRAINED_STEPS = ("gradient", "optimizer")
 WIDE_LAYERS = ("optimizer", "diagonal")
 FACTOR_DTYPES = (torch.float32, torch.float64)
 
@@ -142,7 +143,15 @@ class KFACOptions:
         loss_change_unit: "absolute" (c as given), "loss" (c times the squared mean
             per-example loss) or "spread" (c times the variance of the per-example losses).
         lr: the learning rate the optimizer applies (a number, or a callable of the step
-            count returning one); needed by the constraint and the loss-change tracking.
+            count returning one); needed by the constraint (with ``constrained_step=
+            "gradient"``) and the loss-change tracking.
+        constrained_step: what the constraint scales. "gradient" (default): the
+            preconditioned gradients, by the ν that makes Δθ = -lr·ν·∇̃ meet it (exact for
+            SGD without momentum). "optimizer": the update the optimizer makes to the
+            preconditioned parameters, measured after its step (``precond.attach(optimizer)``
+            registers the hooks): any optimizer, momentum and Adam included, keeps the
+            constraint, and no ``lr`` is needed. Needs constraint="exact"; not with
+            track_loss_changes.
         track_loss_changes: keep each step's captured inputs and output gradients until
             step() to compute the per-example loss changes for ``diagnostics()``.
         other_params: what happens to trainable parameters outside the Kronecker form
@@ -200,6 +209,7 @@ class KFACOptions:
     loss_change_unit: LossChangeUnit = "spread"
     lr: LearningRate | None = None
     track_loss_changes: bool = False
+    constrained_step: str = "gradient"
     other_params: OtherParams = "ignore"
     max_factor_dim: int | None = 4096
     large_factor_block: int = 1
@@ -313,6 +323,16 @@ class KFACOptions:
                 "for the equality form E[(Δℓ)²] = c, max_loss_change for the trust-region form "
                 "E[(Δℓ)²] ≤ c)"
             )
+        _choice("constrained_step", self.constrained_step, CONSTRAINED_STEPS)
+        if self.constrained_step == "optimizer":
+            if self.constraint != "exact" or self.track_loss_changes:
+                raise ValueError(
+                    f"Invalid constrained_step='optimizer' with constraint={self.constraint!r}"
+                    f" and track_loss_changes={self.track_loss_changes}: the optimizer's step "
+                    "is measured with the exact form only (constraint='exact', or a target or "
+                    "maximum without constraint=) and without track_loss_changes"
+                )
+            return  # Δθ is measured after the optimizer's step: no lr
         if (self.constraint != "none" or self.track_loss_changes) and lr is None:
             what = (
                 f"constraint={self.constraint!r}"

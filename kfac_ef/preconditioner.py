@@ -100,6 +100,10 @@ class KFACPreconditioner:
             "ekfac" (the eigenbases of "exact" with the exact second moment S of the
             per-example gradients in them, George et al. 2018).
         kfac_approx: "expand" or "reduce", for layers with shared positions.
+        constrained_step: "gradient" (default: the constraint scales the preconditioned
+            gradients, using ``lr``) or "optimizer" (it scales the update the optimizer
+            makes, measured by the step hooks ``attach(optimizer)`` registers: momentum and
+            Adam keep the constraint; no ``lr``; needs constraint="exact").
         statistics_stride: k: with "expand", statistics from every k-th position of each
             sequence, the first advancing by one each statistics step (G rescaled by
             T/(positions kept)); default 1, every position.
@@ -191,6 +195,7 @@ class KFACPreconditioner:
         grafting: str = "gradient",
         wide_layers: str = "optimizer",
         statistics_stride: int = 1,
+        constrained_step: str = "gradient",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -248,6 +253,7 @@ class KFACPreconditioner:
         self._steps = 0
         self._backward_seen = False
         self._removed = False
+        self._update_hooks: list[Any] = []  # attach(): the optimizer's step hooks
         self._held = HeldCalls(self.options)  # calls kept until step() (_held.py)
         self._sampling = False
         self._sampled = False
@@ -450,7 +456,13 @@ class KFACPreconditioner:
         ctl.check_unscaled()
         moments = ctl.moments(loss)
         lr = None
-        if opts.constraint != "none" or opts.track_loss_changes:
+        on_update = opts.constrained_step == "optimizer"
+        if on_update and not self._update_hooks:
+            raise RuntimeError(
+                "constrained_step='optimizer' scales the optimizer's step: call "
+                "precond.attach(optimizer) once before the first step()"
+            )
+        if (opts.constraint != "none" or opts.track_loss_changes) and not on_update:
             lr = opts.learning_rate(self._steps)
         with torch.no_grad(), record_function("kfac_ef.step"):
             est.grads_ok = None
@@ -472,6 +484,8 @@ class KFACPreconditioner:
                         self._steps, self._held.loss, lr, done, forms, done_diag, diag_form,
                         moments,
                     )  # fmt: skip
+                elif on_update:
+                    ctl.hold_step(self._steps, self._held.loss, done, done_diag, moments)
         self._clear_step()
         self._steps += 1
         self._backward_seen = False
@@ -542,9 +556,53 @@ class KFACPreconditioner:
         why."""
         return summary.build(self._est)
 
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """With ``constrained_step="optimizer"``: measure and scale the update of each
+        ``optimizer.step()`` that follows a ``step()``.
+
+        Registers a step pre-hook (a copy of the preconditioned parameters: their memory
+        once more) and a post-hook on ``optimizer``: Δθ of the parameters ``step()``
+        preconditioned, whatever the optimizer made of their gradients (momentum, Adam's
+        moments, weight decay), is measured with the exact form and scaled by ν so that
+        E_n[(g_nᵀ Δθ)²] meets the constraint; the optimizer's state is left as it is. Other
+        parameters, and an ``optimizer.step()`` with no ``step()`` before it, are untouched.
+        One optimizer: it must hold every preconditioned parameter that should be
+        constrained.
+
+        Raises:
+            ValueError: without ``constrained_step="optimizer"``, a second ``attach()``, or a
+                model sharded by FSDP2 (its parameters are shards: not supported).
+            TypeError: if ``optimizer`` is not a torch.optim.Optimizer.
+        """
+        self._check_live()
+        if self.options.constrained_step != "optimizer":
+            raise ValueError(
+                "attach() is for constrained_step='optimizer' (the constraint on the "
+                f"optimizer's step); this preconditioner has constrained_step="
+                f"{self.options.constrained_step!r}"
+            )
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"attach() needs a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if self._update_hooks:
+            raise ValueError("attach() was already called: one optimizer per preconditioner")
+        if isinstance(self._est.comm, ShardedDistributor):
+            raise ValueError(
+                "constrained_step='optimizer' is not supported under FSDP2 (fully_shard): "
+                "the update would be measured on parameter shards"
+            )
+        ctl = self._controller
+        self._update_hooks = [
+            optimizer.register_step_pre_hook(lambda *_: ctl.before_update()),
+            optimizer.register_step_post_hook(lambda *_: ctl.after_update()),
+        ]
+
     def remove(self) -> None:
         """Detach every hook. The preconditioner can no longer step; the model is as before."""
         self._capture.remove()
+        for handle in self._update_hooks:
+            handle.remove()
         self._clear_step()
         for _, module in self._hooked_modules():
             ref = _OWNERS.get(module)

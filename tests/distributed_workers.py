@@ -48,6 +48,7 @@ class Scenario:
     scaler: bool = False  # loss scaled by a torch.amp.GradScaler (passed as grad_scaler)
     mc: bool = False  # fisher_type="mc" through mc_backward, targets drawn per global batch
     step_loss: bool = False  # step(loss=per-example losses) (relative constraint units)
+    momentum: float = 0.0  # of the workers' SGD
 
     def local_sizes(self, world: int) -> list[int]:
         n = len(self.ranks) if self.ranks is not None else world
@@ -221,7 +222,7 @@ def _train_ranks(sc: Scenario, group: Any, r: int, world: int) -> dict[str, Any]
     scaler = _scaler(sc)
     pre = seed_preconditioner(model, distributed=opts, grad_scaler=scaler, **sc.kfac_options())
     assert pre.distributed is not None
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = _optimizer(sc, model, pre)
     out: dict[str, Any] = {
         "params": [],
         "launched_in_backward": [],
@@ -248,7 +249,7 @@ def _train_ranks(sc: Scenario, group: Any, r: int, world: int) -> dict[str, Any]
             model = DistributedDataParallel(inner, process_group=group)
             pre = seed_preconditioner(model, distributed=opts, **sc.kfac_options())
             pre.load_state_dict(state[0])
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            opt = _optimizer(sc, model, pre)
         assert pre.distributed is not None
         x, y = batch(step, sum(sizes), sc.model)
         x, y = _local(x, sizes, r), _local(y, sizes, r)
@@ -291,6 +292,14 @@ def _train_ranks(sc: Scenario, group: Any, r: int, world: int) -> dict[str, Any]
     out["holds"] = {layer.name: layer.decomposition is not None for layer in internals.layers(pre)}
     out["world"] = w
     return out
+
+
+def _optimizer(sc: Scenario, model: nn.Module, pre: KFACPreconditioner) -> torch.optim.SGD:
+    """The workers' SGD; attached to the preconditioner under constrained_step="optimizer"."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=sc.momentum)
+    if pre.options.constrained_step == "optimizer":
+        pre.attach(opt)
+    return opt
 
 
 def _scaler(sc: Scenario) -> torch.amp.GradScaler | None:
@@ -498,7 +507,7 @@ def reference_run(sc: Scenario, world: int) -> dict[str, Any]:
     model = make(sc.model)
     scaler = _scaler(sc)
     pre = seed_preconditioner(model, distributed=False, grad_scaler=scaler, **sc.kfac_options())
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = _optimizer(sc, model, pre)
     uneven = len(set(sizes)) > 1
     assert not (scaler is not None and uneven), "DDP's gradient replacement assumes no scaler"
     params = []

@@ -207,6 +207,24 @@ SCENARIOS: dict[int, list[Scenario]] = {
         # The true Fisher: sampled-target statistics reduced like the empirical ones.
         Scenario("mc/comm_opt/exact/mean/uneven", "comm_opt", "exact", "mean", (2, 6), mc=True),
         Scenario(
+            "mem_opt/exact/mean/uneven/constrained_optimizer_step/momentum",
+            "mem_opt",
+            "exact",
+            "mean",
+            sizes=(3, 5),
+            momentum=0.9,
+            step_loss=True,
+            kfac=EXACT_SPREAD | {"lr": None, "constrained_step": "optimizer"},
+        ),
+        Scenario(
+            "comm_opt/exact/sum/constrained_optimizer_step/momentum",
+            "comm_opt",
+            "exact",
+            "sum",
+            momentum=0.9,
+            kfac=EXACT_ABS | {"lr": None, "constrained_step": "optimizer"},
+        ),
+        Scenario(
             "tokens/mc/mem_opt/pi/mean/no_sync/diagonal/constraint",
             "mem_opt",
             "pi",
