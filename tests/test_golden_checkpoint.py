@@ -50,7 +50,13 @@ def _same(got: Any, expected: Any, exact: bool, where: str) -> None:
 
 # Options added after the files were made, with the values that reproduce the files' runs: the
 # state of today's version names them, the files do not.
-ADDED_SINCE = {"exponent": -1.0, "grafting": "none", "wide_layers": "diagonal"}
+ADDED_SINCE = {
+    "exponent": -1.0,
+    "grafting": "none",
+    "wide_layers": "diagonal",
+    "statistics_stride": 1,
+    "constrained_step": "gradient",
+}
 
 
 def _without_added(state: dict[str, Any]) -> dict[str, Any]:
