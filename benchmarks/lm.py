@@ -29,7 +29,8 @@ revision) and the curves to results/lm_curves.csv; ``--plot`` draws results/lm_<
 ``--kfac NAME=JSON`` adds a method: preconditioner options, plus "lr", "optimizer" ("adamw",
 "sgd", ...; default AdamW at the task's AdamW rate), "optimizer_options" (the optimizer's own
 keyword arguments, e.g. {"momentum": 0} for SGD or {"betas": [0.9, 0.95]} for AdamW) and
-"kfac": null for the optimizer alone.
+"kfac": null for the optimizer alone. With ``"constrained_step": "optimizer"`` the
+preconditioner is attached to the method's (first) optimizer.
 
 Usage: python benchmarks/lm.py [--tasks chargpt lm256] [--seeds 3] [--tune] [--methods ...]
        [--kfac NAME=JSON] [--plot]
