@@ -157,15 +157,7 @@ class LossChangeController:
         if opts.constraint != "none":
             form = kron if opts.constraint == "kronecker" else exact
             assert form is not None
-            c = opts.target_loss_change or opts.max_loss_change
-            assert c is not None
-            if moments is not None:
-                target = c * _constraint.loss_reference(opts.loss_change_unit, moments.to(device))
-            else:
-                target = torch.full((), c, dtype=torch.float64, device=device)
-            nu = _constraint.step_scale(
-                form, target, lr, equality=opts.target_loss_change is not None
-            )
+            nu, target = self._nu(form, moments, lr, device)
             groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
             for g in grads:
                 groups[(g.device, g.dtype)].append(g)
@@ -180,6 +172,21 @@ class LossChangeController:
             exact=exact,
             directions=directions,
         )
+
+    def _nu(
+        self, form: Tensor, moments: Tensor | None, lr: float, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """ν for the step -lr·∇̃ whose E[(Δℓ)²] per unit is ``form``, and the target c (in
+        the loss-change unit, from this step's loss moments when it is relative)."""
+        opts = self.options
+        c = opts.target_loss_change or opts.max_loss_change
+        assert c is not None
+        if moments is not None:
+            target = c * _constraint.loss_reference(opts.loss_change_unit, moments.to(device))
+        else:
+            target = torch.full((), c, dtype=torch.float64, device=device)
+        equality = opts.target_loss_change is not None
+        return _constraint.step_scale(form, target, lr, equality=equality), target
 
     # ---------------------------------------------- constrained_step="optimizer"
     def hold_step(
@@ -222,15 +229,7 @@ class LossChangeController:
                 self._warn_missing(held.layers, held.diagonal, seen)
             device = back[0].device if back else self.est.device()
             directions, exact, moments = self._exact_form(directions, held.moments, device)
-            c = opts.target_loss_change or opts.max_loss_change
-            assert c is not None
-            if moments is not None:
-                target = c * _constraint.loss_reference(opts.loss_change_unit, moments.to(device))
-            else:
-                target = torch.full((), c, dtype=torch.float64, device=device)
-            nu = _constraint.step_scale(
-                exact, target, 1.0, equality=opts.target_loss_change is not None
-            )
+            nu, target = self._nu(exact, moments, 1.0, device)
             for p, b, t in zip(held.params, held.before, back):
                 p.copy_(b.sub_(t.mul_(nu.to(t.device, t.dtype))))  # θ_before + ν Δθ
         self.last = StepRecord(
