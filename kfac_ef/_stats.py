@@ -75,7 +75,7 @@ class LayerStatistics:
         backend: kernel backend.
         per_example: the observed gradients are per-example ones (fisher_type="mc").
         stride: with "expand", every ``stride``-th position of each call (``statistics_stride``),
-            from an offset that advances by one at each ``take()``.
+            from the position ``offset`` mod ``stride``.
     """
 
     def __init__(
@@ -91,7 +91,9 @@ class LayerStatistics:
     ) -> None:
         self.adapter = adapter
         self.stride = stride
-        self._taken = 0  # statistics steps so far: the stride's offset
+        # The index of the statistics step being captured, set by the preconditioner from its
+        # step count (the same on every rank, and after a checkpoint is loaded).
+        self.offset = 0
         self.per_example = per_example
         self.approx = approx
         self.dtype = dtype
@@ -134,7 +136,7 @@ class LayerStatistics:
         t_len, s = grads.shape[1], self.stride
         if s == 1 or self.approx != "expand" or t_len <= 1:
             return inputs, grads
-        offset = self._taken % min(s, t_len)
+        offset = self.offset % min(s, t_len)
         kept = len(range(offset, t_len, s))
         grads = grads[:, offset::s] * math.sqrt(t_len / kept)
         if isinstance(inputs, OneHotInputs):
@@ -183,7 +185,6 @@ class LayerStatistics:
         scale_g = g_scale(self._passes.total(), loss_reduction, loss_scale, self.per_example)
         scale_a = 1.0 / self.rows
         self.rows = 0
-        self._taken += 1
         self._passes.clear()
         return self._acc_a, scale_a, self._acc_g, scale_g
 

@@ -489,6 +489,15 @@ class KFACPreconditioner:
         self._clear_step()
         self._steps += 1
         self._backward_seen = False
+        self._set_position_offsets()
+
+    def _set_position_offsets(self) -> None:
+        """statistics_stride: the first position the next statistics capture keeps is the
+        index of its statistics step (mod the stride), derived from the step count."""
+        if self.options.statistics_stride > 1:
+            index = self._steps // self.options.factor_update_steps
+            for layer in self._est.layers:
+                layer.stats.offset = index
 
     def _clear_step(self) -> None:
         self._held.clear()
@@ -678,6 +687,7 @@ class KFACPreconditioner:
 
     def _load(self, state: Mapping[str, Any], strict: bool) -> None:
         self._steps = _checkpoint.load(self._est, state, strict)
+        self._set_position_offsets()
         self._backward_seen = False
         self._clear_step()
         self._controller.last = None

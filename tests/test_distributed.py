@@ -304,6 +304,15 @@ SCENARIOS: dict[int, list[Scenario]] = {
             kfac=TOKEN_KFAC | TOKEN_DIAG,
         ),
         Scenario(
+            "tokens/mem_opt/exact/mean/statistics_stride",
+            "mem_opt",
+            "exact",
+            "mean",
+            steps=5,
+            model="tokens",
+            kfac=TOKEN_KFAC | {"statistics_stride": 3, "factor_update_steps": 1},
+        ),
+        Scenario(
             "tokens/hybrid/exact/mean/tiny_buckets",
             "hybrid",
             "exact",

@@ -114,3 +114,31 @@ def test_k_offsets_average_to_every_position_when_k_divides_t():
     for name, pair in want.items():
         for got, ref in zip(sums[name], pair):
             torch.testing.assert_close(got / 3, ref)
+
+
+def test_the_offset_follows_the_step_count_across_a_checkpoint():
+    """A preconditioner loaded from a checkpoint at step 2 keeps positions 2, 5, ... next, as
+    the run it continues would (the offset is the statistics step's index, not local state)."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 7, (4, 7))
+    y = torch.randn(4, 7, 3)
+    opts = {"statistics_stride": 3, "factor_decay": 0.0, "factor_update_steps": 1,
+            "factor_dtype": torch.float64}  # fmt: skip
+    torch.manual_seed(1)
+    model = Sequence()
+    whole = seed_preconditioner(model, **opts)
+    for _ in range(3):
+        step_once(model, whole, mse_per_example, x, y)
+    want = whole.factors()
+    whole.remove()
+    first = seed_preconditioner(model, **opts)
+    for _ in range(2):
+        step_once(model, first, mse_per_example, x, y)
+    state = first.state_dict()
+    first.remove()
+    resumed = seed_preconditioner(model, **opts)
+    resumed.load_state_dict(state)
+    step_once(model, resumed, mse_per_example, x, y)
+    for name, pair in want.items():
+        for got, ref in zip(resumed.factors()[name], pair):
+            torch.testing.assert_close(got, ref)
