@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,7 +34,7 @@ class HeldStep:
     params: list[Tensor]  # the parameters step() preconditioned (unique)
     layers: list[Layer]
     diagonal: list[DiagonalParam]
-    before: list[Tensor] = field(default_factory=list)  # their values before the update
+    before: list[Tensor] | None = None  # their values before the update (the pre-hook's)
 
 
 class LossChangeController:
@@ -216,7 +216,7 @@ class LossChangeController:
         loss space with the exact form (u_n = g_nᵀ(-Δθ), as u_n = g_nᵀ∇̃ for Δθ = -∇̃), and
         θ ← θ_before + ν Δθ with the ν of the constraint (lr = 1: Δθ is the whole step)."""
         held, self.held = self.held, None
-        if held is None or len(held.before) != len(held.params):
+        if held is None or held.before is None:
             return  # no step() since the last update, or no pre-hook call
         opts = self.options
         with torch.no_grad():
