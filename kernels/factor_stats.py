@@ -15,8 +15,9 @@ When there are too few tiles to fill the GPU (d small, rows large), the rows are
 among several programs per tile (split-K) whose partial tiles a second, small kernel adds in
 a fixed order (deterministic results, no atomics) before applying α, β and the mirror.
 
-float64 F is computed by the reference (cuBLAS/LAPACK-backed torch): float64 factors are
-asked for for accuracy, not speed.
+float64 F, and every F off the GPU, is computed in torch (cuBLAS/BLAS products): factors
+at least ``TRIANGLE_MIN_DIM`` wide as row strips of the upper triangle mirrored into the lower
+one (about 5/8 of the full product's FLOPs for four strips), narrower ones as one product.
 """
 
 from __future__ import annotations
@@ -438,18 +439,45 @@ def _check(x: Tensor, out: Tensor, append_ones: bool) -> None:
         raise ValueError(f"factor_stats: x on {x.device} but out on {out.device}")
 
 
+# The torch path computes factors at least this wide as strips of the upper triangle (one
+# product per strip of TRIANGLE_TILE rows) and mirrors them; narrower ones in one product.
+TRIANGLE_MIN_DIM = 512
+TRIANGLE_TILE = 256
+
+
 def factor_stats_reference(
-    x: Tensor, out: Tensor, *, alpha: float, beta: float, append_ones: bool
+    x: Tensor,
+    out: Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    append_ones: bool,
+    tile: int | None = None,
 ) -> Tensor:
-    """Pure-torch reference, in place on ``out``.
+    """Pure-torch path, in place on ``out``.
 
     The ones column is never materialized: X̃ᵀX̃ = [[XᵀX, Xᵀ1], [1ᵀX, rows]], so the product
     goes into the leading block (a strided view) and the column sums into the border.
     With β = 0, baddbmm ignores out's old values (NaN/inf in them do not propagate).
+
+    ``tile``: compute XᵀX as row strips of this height of its upper triangle (strip i is
+    X[:, strip]ᵀ X[:, strip start:], one product each) and mirror them into the lower
+    triangle, as the Triton kernel does: (1 + 1/strips)/2 of the full product's FLOPs, a
+    result that is exactly symmetric outside the diagonal tiles, and F's lower triangle
+    taken to be the transpose of its upper one (F symmetric). None: one full product.
     """
     xf = x.to(out.dtype)
     d = xf.shape[-1]
-    out[:, :d, :d].baddbmm_(xf.transpose(1, 2), xf, beta=beta, alpha=alpha)
+    if tile is None or d <= tile:
+        out[:, :d, :d].baddbmm_(xf.transpose(1, 2), xf, beta=beta, alpha=alpha)
+    else:
+        xt = xf.transpose(1, 2)
+        for start in range(0, d, tile):
+            stop = min(start + tile, d)
+            strip = out[:, start:stop, start:d]
+            strip.baddbmm_(xt[:, start:stop], xf[:, :, start:], beta=beta, alpha=alpha)
+            if start:
+                out[:, start:stop, :start] = out[:, :start, start:stop].transpose(1, 2)
     if append_ones:
         border = xf.sum(dim=1).mul_(alpha)
         rows = float(xf.shape[1]) * alpha
@@ -494,7 +522,10 @@ def factor_stats(
     _check(x, out, append_ones)
     mode = triton_mode(backend, x.device)
     if mode is None or triton_supports(x, out) is not None:
-        return factor_stats_reference(x, out, alpha=alpha, beta=beta, append_ones=append_ones)
+        tile = TRIANGLE_TILE if x.shape[-1] >= TRIANGLE_MIN_DIM else None
+        return factor_stats_reference(
+            x, out, alpha=alpha, beta=beta, append_ones=append_ones, tile=tile
+        )
     job = _FactorStatsJob(x, out, alpha, beta, append_ones, input_precision)
     return run(job, mode, x.device)
 

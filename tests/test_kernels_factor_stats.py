@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -47,6 +49,42 @@ def test_factor_stats_triton_within_bound(dtype, shape, append_ones, beta):
     assert_within_bound(ref, torch_result, truth, REL_ATOL)
     # Mirrored tiles make the result exactly symmetric when the old F is.
     assert torch.equal(out, out.transpose(1, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("append_ones", [False, True], ids=["plain", "ones"])
+@pytest.mark.parametrize("beta", [0.0, 0.95])
+@pytest.mark.parametrize(("d", "tile"), [(50, 16), (48, 16), (33, 32), (20, 64)])
+def test_factor_stats_torch_upper_strips(dtype, append_ones, beta, d, tile):
+    """The torch path's upper-triangle strips (a last strip shorter than the others, one of
+    exactly a tile, a single strip, no strip at all) mirrored into the lower triangle."""
+    x, f0, out = _case((2, 61, d), dtype, append_ones, beta)
+    factor_stats_reference(x, out, alpha=0.37, beta=beta, append_ones=append_ones, tile=tile)
+    truth = gram_truth(x, f0, 0.37, beta, append_ones)
+    assert_within_bound(out, gram_torch(x, f0, 0.37, beta, append_ones), truth, REL_ATOL)
+    # Every entry outside the diagonal tiles is the mirror of its transpose.
+    lower = torch.ones(d + append_ones, d + append_ones, dtype=torch.bool).tril(-1)
+    for start in range(0, d, tile):
+        lower[start : start + tile, start : start + tile] = False
+    assert torch.equal(out[:, lower], out.transpose(1, 2)[:, lower])
+
+
+def test_factor_stats_torch_path_takes_strips_from_the_minimum_width():
+    """``factor_stats`` off the GPU uses strips for factors at least TRIANGLE_MIN_DIM wide."""
+    module = importlib.import_module("kfac_ef.kernels.factor_stats")
+    calls = []
+    real = module.factor_stats_reference
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["tile"])
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(module, "factor_stats_reference", spy)
+        for d in (module.TRIANGLE_MIN_DIM - 1, module.TRIANGLE_MIN_DIM):
+            x = torch.randn(1, 8, d)
+            factor_stats(x, torch.empty(1, d, d), beta=0.0, backend="torch")
+    assert calls == [None, module.TRIANGLE_TILE]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
