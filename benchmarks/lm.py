@@ -29,8 +29,10 @@ revision) and the curves to results/lm_curves.csv; ``--plot`` draws results/lm_<
 ``--kfac NAME=JSON`` adds a method: preconditioner options, plus "lr", "optimizer" ("adamw",
 "sgd", ...; default AdamW at the task's AdamW rate), "optimizer_options" (the optimizer's own
 keyword arguments, e.g. {"momentum": 0} for SGD or {"betas": [0.9, 0.95]} for AdamW) and
-"kfac": null for the optimizer alone. With ``"constrained_step": "optimizer"`` the
-preconditioner is attached to the method's (first) optimizer.
+"kfac": null for the optimizer alone. Optimizer "sgd+adamw": SGD with momentum on the
+preconditioned parameters, AdamW (at "adamw_lr") on the others. With
+``"constrained_step": "optimizer"`` the preconditioner is attached to the method's (first)
+optimizer.
 
 Usage: python benchmarks/lm.py [--tasks chargpt lm256] [--seeds 3] [--tune] [--methods ...]
        [--kfac NAME=JSON] [--plot]
@@ -150,13 +152,32 @@ def soap_class() -> Any:
     return SOAP
 
 
-def make_optimizers(model: nn.Module, method: LMMethod) -> list[torch.optim.Optimizer]:
+def _preconditioned(model: nn.Module, pre: KFACPreconditioner) -> tuple[list[Tensor], list[Tensor]]:
+    """The parameters the preconditioner rewrites and every other one."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    mine = {id(named[p]) for layer in pre.summary().layers for p in layer.parameters}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [p for p in params if id(p) in mine], [p for p in params if id(p) not in mine]
+
+
+def make_optimizers(
+    model: nn.Module, method: LMMethod, pre: KFACPreconditioner | None = None
+) -> list[torch.optim.Optimizer]:
     params = [p for p in model.parameters() if p.requires_grad]
     kind = method.optimizer
     if kind == "adamw":
         return [torch.optim.AdamW(params, lr=method.lr, **method.extra)]
     if kind == "sgd":
         return [torch.optim.SGD(params, lr=method.lr, **{"momentum": 0.9, **method.extra})]
+    if kind == "sgd+adamw":
+        # SGD with momentum on the preconditioned parameters (the preconditioner is the
+        # adaptive part), AdamW on the others (norms, what it leaves out), as Muon's setup
+        if pre is None:
+            raise ValueError("optimizer 'sgd+adamw' needs K-FAC options")
+        mine, rest = _preconditioned(model, pre)
+        adamw_lr = method.adamw_lr if method.adamw_lr is not None else method.lr
+        sgd = torch.optim.SGD(mine, lr=method.lr, **{"momentum": 0.9, **method.extra})
+        return [sgd, torch.optim.AdamW(rest, lr=adamw_lr)]
     if kind == "muon":
         hidden, rest = _hidden_matrices(model)
         adamw_lr = method.adamw_lr if method.adamw_lr is not None else method.lr
@@ -174,9 +195,9 @@ class LMStepper:
 
     def __init__(self, task: Task, model: nn.Module, method: LMMethod, steps: int) -> None:
         self.task, self.model = task, model
-        self.opts = make_optimizers(model, method)
-        self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, _schedule(steps)) for o in self.opts]
         self.pre = None if method.kfac is None else KFACPreconditioner(model, **method.kfac)
+        self.opts = make_optimizers(model, method, self.pre)
+        self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, _schedule(steps)) for o in self.opts]
         if self.pre is not None and self.pre.options.constrained_step == "optimizer":
             self.pre.attach(self.opts[0])  # the constraint on the optimizer's step
 

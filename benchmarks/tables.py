@@ -739,6 +739,22 @@ def step_cost(results: Path, date: str) -> str:
     return markdown(header, out)
 
 
+def peer_cost(results: Path, run: str) -> str:
+    """peer_cost.py: ms per step and the extra over SGD alone, beside ASDL's extra."""
+    out = []
+    for r in run_of(read(results, "peer_cost.csv"), run, "peer_cost.csv"):
+        base = r["method"] == "SGD"
+        out.append([
+            f"{r['describe']}, batch {r['batch']}",
+            r["method"],
+            f"{num(r['ms_per_step']):.1f}",
+            "" if base else f"{num(r['extra_ms']):.1f}",
+            "" if base else f"{num(r['extra_over_asdl']):.2f}",
+        ])  # fmt: skip
+    header = ["model", "method", "ms/step", "extra ms", "extra / ASDL's extra"]
+    return markdown(header, out)
+
+
 def memory(results: Path, date: str) -> str:
     """memory.py: parameters, optimizer state, K-FAC's planned and held state, extra peak."""
     keys = ["params_mib", "optimizer_state_mib", "kfac_planned_mib", "kfac_held_mib",
@@ -950,6 +966,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "autoencoder-damping": autoencoder_damping,
     "peer": peer,
     "step-cost": step_cost,
+    "peer-cost": peer_cost,
     "memory": memory,
 }
 
