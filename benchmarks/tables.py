@@ -850,6 +850,20 @@ def lm_runs(results: Path) -> str:
     return markdown(header, out)
 
 
+def lm_basis(results: Path, run: str) -> str:
+    """benchmarks/lm_basis.py: the SOAP-style experiment's runs (``run``: their revision)."""
+    out = []
+    for r in run_of(read(results, "lm_basis.csv"), run, "lm_basis.csv"):
+        curve = dict(pair.split(":") for pair in r["curve"].split())
+        out.append([TASK_LABELS.get(r["task"], r["task"]), r["basis"], r["arrangement"],
+                    r["statistics_every"], short(num(r["lr"])), r["seed"],
+                    *(f"{num(curve[s]):.2f}" for s in ("100", "200")),
+                    f"{num(r['final']):.3f}", f"{num(r['ms_per_step']):.0f}"])  # fmt: skip
+    header = ["task", "basis", "arrangement", "statistics every", "lr", "seed",
+              "loss at step 100", "at 200", "final loss", "ms/step"]  # fmt: skip
+    return markdown(header, out)
+
+
 def _options_text(options: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in options.items())
 
@@ -951,6 +965,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "lm-levers": lm_levers,
     "lm-runs": lm_runs,
     "lm-cost": lm_cost,
+    "lm-basis": lm_basis,
     "defaults": defaults,
     "step-overhead-2threads": step_overhead_readme,
     "transformer": transformer,
