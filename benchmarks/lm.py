@@ -398,7 +398,13 @@ def main(argv: list[str] | None = None) -> list[Run]:
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None, help="override the tasks' step counts")
     ap.add_argument("--methods", nargs="*", default=None, help="names (AdamW always runs)")
-    ap.add_argument("--kfac", nargs="*", default=[], help="NAME=JSON extra K-FAC methods")
+    ap.add_argument(
+        "--kfac",
+        nargs="*",
+        action="extend",
+        default=[],
+        help="NAME=JSON extra K-FAC methods (the flag may repeat)",
+    )
     ap.add_argument("--tune", action="store_true", help="the learning-rate grids, seed 0")
     ap.add_argument("--grid", nargs="+", type=float, default=list(GRID),
                     help="factors of each method's rate that --tune tries")  # fmt: skip

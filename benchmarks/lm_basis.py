@@ -16,14 +16,22 @@ bias-corrected, kept when the basis changes, as SOAP keeps it), and
 - ``--arrangement adam`` (SOAP's): the first moment m of the raw gradient (β1 = 0.95), the
   step Q_G [(Q_Gᵀ m Q_A) / (√v + 1e-8)] Q_Aᵀ;
 - ``--arrangement normalize-first`` (kfac_ef's ``eigen_adam`` under a momentum optimizer):
-  the step is the running average (β1 = 0.95) of Q_G [(Q_Gᵀ∇Q_A) / (√v + 1e-8)] Q_Aᵀ.
+  the step is the running average (β1 = 0.95) of Q_G [(Q_Gᵀ∇Q_A) / (√v + 1e-8)] Q_Aᵀ;
+- ``--arrangement spectral``: Muon's step taken in the factors' geometry. The steepest
+  descent under the spectral norm of L^(1/2) Δ R^(1/2) (L, R: the two factors, damped by
+  ``--damping`` × their mean eigenvalue) is Δ = L^(-1/2) orth(L^(-1/2) M R^(-1/2)) R^(-1/2),
+  with M torch's Muon's Nesterov momentum of ∇ and orth its Newton–Schulz iteration; Δ is
+  scaled to the norm of orth(·) and applied as torch's Muon applies its update (its rate
+  adjustment, weight decay 0.1). ``--power`` replaces the 1/2 of both roots; ``--basis
+  identity`` (L = R = I) is torch's Muon itself.
 
-Weight decay 0.01, benchmarks/lm.py's warmup and cosine schedule and step count, one seed per
-run. Rows (final validation loss, the curve every 50 steps, ms/step) go to
+Weight decay 0.01 (spectral: 0.1), benchmarks/lm.py's warmup and cosine schedule and step
+count, one seed per run. Rows (final validation loss, the curve at every evaluation, ms/step,
+and the steps to AdamW's final loss on the same seed in results/lm.csv's latest run) go to
 results/lm_basis.csv.
 
 Usage: python benchmarks/lm_basis.py --basis kfac --arrangement adam [--lr 3e-3]
-       [--statistics-every 1] [--task lm256] [--seed 0]
+       [--statistics-every 1] [--task lm256] [--seed 0] [--damping 1e-2] [--power 0.5]
 """
 
 from __future__ import annotations
@@ -36,9 +44,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim._muon import _zeropower_via_newtonschulz
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_csv, machine, set_threads  # noqa: E402
+from common import RESULTS, append_csv, machine, read_csv, set_threads  # noqa: E402
 from lm import STEPS, TASKS, LMMethod, _hidden_matrices, _schedule  # noqa: E402
 from tasks import Task, train  # noqa: E402
 
@@ -115,6 +124,9 @@ class SoapStyle:
         elif "L_new" in st:
             st["L"].mul_(DECAY).add_(st.pop("L_new"), alpha=1 - DECAY)
             st["R"].mul_(DECAY).add_(st.pop("R_new"), alpha=1 - DECAY)
+        if self.args.arrangement == "spectral":
+            self._spectral(p, g, st, lr)
+            return
         if self.t % BASIS_EVERY == 0:
             st["QL"] = torch.linalg.eigh(st["L"].double()).eigenvectors.to(g.dtype)
             st["QR"] = torch.linalg.eigh(st["R"].double()).eigenvectors.to(g.dtype)
@@ -134,19 +146,61 @@ class SoapStyle:
             step = st["m"] / (1 - b1**n)
         p.mul_(1 - lr * WEIGHT_DECAY).add_(step, alpha=-lr)
 
+    def _spectral(self, p: Tensor, g: Tensor, st: dict[str, Any], lr: float) -> None:
+        """Muon's step in the factors' geometry: the steepest descent under the spectral norm
+        of L^(1/2) Δ R^(1/2) is Δ ∝ L^(-1/2) orth(L^(-1/2) M R^(-1/2)) R^(-1/2)."""
+        st["m"].lerp_(g, 1 - MUON_MOMENTUM)
+        update = g.lerp(st["m"], MUON_MOMENTUM)  # Nesterov, as torch's Muon
+        if self.args.basis != "identity":
+            if "eig" not in st or self.t % BASIS_EVERY == 0:  # the damped inverse roots
+                st["eig"] = [self._root(st[k]).to(g.dtype) for k in ("L", "R")]
+            left, right = st["eig"]
+            update = left @ update @ right
+        ortho = _zeropower_via_newtonschulz(update, NS_COEFFICIENTS, NS_STEPS, 1e-7).to(g.dtype)
+        if self.args.basis != "identity":
+            step = left @ ortho @ right
+            ortho = step * (ortho.norm() / step.norm().clamp_min(1e-30))  # Muon's size
+        p.mul_(1 - lr * MUON_WEIGHT_DECAY)
+        p.add_(ortho, alpha=-lr * math.sqrt(max(1.0, p.shape[0] / p.shape[1])))
+
+    def _root(self, factor: Tensor) -> Tensor:
+        """(F + δ mean(λ) I)^(-power), from float64 eigh."""
+        lam, q = torch.linalg.eigh(factor.double())
+        lam = lam.clamp_min(0)
+        lam = lam + self.args.damping * lam.mean().clamp_min(1e-30)
+        return (q * lam.pow(-self.args.power)) @ q.T
+
     def close(self) -> None:
         for h in self.hooks:
             h.remove()
 
 
+# The spectral arrangement's momentum, weight decay and Newton–Schulz iteration: torch's Muon's
+MUON_MOMENTUM, MUON_WEIGHT_DECAY = 0.95, 0.1
+NS_COEFFICIENTS, NS_STEPS = (3.4445, -4.775, 2.0315), 5
+
 # AdamW's tuned rate per task (benchmarks/lm.py's METHODS): the rest of the parameters.
 TASKS_ADAMW_LR = {"chargpt": 3e-3, "lm256": 1e-3}
 
 
+def adamw_final(task: str, seed: int, lm_csv: Path) -> float:
+    """AdamW's final validation loss on ``task`` and ``seed`` in benchmarks/lm.py's latest
+    run that has it (the target of "steps to AdamW's loss"; nan if there is none)."""
+    if not lm_csv.exists():
+        return math.nan
+    rows = [r for r in read_csv(lm_csv) if r["task"] == task and r["method"] == "AdamW"
+            and r["seed"] == str(seed) and r["steps"] == str(STEPS[task])]  # fmt: skip
+    return float(rows[-1]["final"]) if rows else math.nan
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--basis", choices=["shampoo", "kfac"], required=True)
-    ap.add_argument("--arrangement", choices=["adam", "normalize-first"], default="adam")
+    ap.add_argument("--basis", choices=["shampoo", "kfac", "identity"], required=True)
+    ap.add_argument(
+        "--arrangement", choices=["adam", "normalize-first", "spectral"], default="adam"
+    )
+    ap.add_argument("--damping", type=float, default=1e-2, help="spectral: relative δ")
+    ap.add_argument("--power", type=float, default=0.5, help="spectral: the factors' power")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--statistics-every", type=int, default=1)
     ap.add_argument("--task", choices=list(TASKS), default="lm256")
@@ -162,6 +216,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run = train(task, method, args.seed, budget_s=math.inf, max_steps=steps,  # type: ignore[arg-type]
                 stepper=lambda t, m, _: SoapStyle(t, m, args))  # fmt: skip
     curve = {s: v for s, _, v in run.curve}
+    spectral = args.arrangement == "spectral"
+    target = adamw_final(args.task, args.seed, args.out.parent / "lm.csv")
+    reached = run.reach(target) if math.isfinite(target) else None
     row = {
         **machine(),
         "task": args.task,
@@ -170,10 +227,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "statistics_every": args.statistics_every,
         "lr": args.lr,
         "seed": args.seed,
+        **({"damping": args.damping, "power": args.power} if spectral else {}),
         "steps": run.steps,
         "ms_per_step": round(1000 * run.seconds / max(1, run.steps), 1),
         "final": run.final,
-        "curve": " ".join(f"{s}:{curve[s]:.3f}" for s in sorted(curve) if s % 50 == 0),
+        "target": target,
+        "steps_to_target": reached[1] if reached else "",
+        "curve": " ".join(f"{s}:{curve[s]:.3f}" for s in sorted(curve)),
         "error": run.error,
     }
     print(f"{name}: final {run.final:.4f}, {row['ms_per_step']} ms/step, {row['curve']}")

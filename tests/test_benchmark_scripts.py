@@ -134,12 +134,12 @@ def _script(script: str, *args: str) -> str:
 
 
 def test_lm_benchmark_runs_every_method(tmp_path):
-    """benchmarks/lm.py end to end for a few steps: every method's row, the curves, the plot,
-    and the table tables.py makes from them."""
+    """benchmarks/lm.py end to end for a few steps: every method's row (--kfac given twice:
+    both methods), the curves, the plot, and the table tables.py makes from them."""
     extra = ['SGD0={"lr": 0.001, "optimizer": "sgd", "optimizer_options": {"momentum": 0}}',
              'AdamW b0={"kfac": null, "optimizer_options": {"betas": [0, 0.95]}}']  # fmt: skip
     _script("lm.py", "--tasks", "chargpt", "--seeds", "1", "--steps", "3", "--out",
-            str(tmp_path), "--plot", "--kfac", *extra)  # fmt: skip
+            str(tmp_path), "--plot", "--kfac", extra[0], "--kfac", extra[1])  # fmt: skip
     rows = _rows(tmp_path / "lm.csv")
     names = {r["method"] for r in rows}
     assert {"AdamW", "Muon", "AdamW + K-FAC (defaults)", "SGD + K-FAC (eigen_adam recipe)",
