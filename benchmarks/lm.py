@@ -31,8 +31,8 @@ revision) and the curves to results/lm_curves.csv; ``--plot`` draws results/lm_<
 keyword arguments, e.g. {"momentum": 0} for SGD or {"betas": [0.9, 0.95]} for AdamW) and
 "kfac": null for the optimizer alone. Optimizer "sgd+adamw": SGD with momentum on the
 preconditioned parameters, AdamW (at "adamw_lr") on the others. With
-``"constrained_step": "optimizer"`` the preconditioner is attached to the method's (first)
-optimizer.
+``"constrained_step": "optimizer"`` or ``"precondition_update": true`` the preconditioner is
+attached to the method's (first) optimizer (Muon's, for "muon").
 
 Usage: python benchmarks/lm.py [--tasks chargpt lm256] [--seeds 3] [--tune] [--methods ...]
        [--kfac NAME=JSON] [--plot]
@@ -198,8 +198,10 @@ class LMStepper:
         self.pre = None if method.kfac is None else KFACPreconditioner(model, **method.kfac)
         self.opts = make_optimizers(model, method, self.pre)
         self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, _schedule(steps)) for o in self.opts]
-        if self.pre is not None and self.pre.options.constrained_step == "optimizer":
-            self.pre.attach(self.opts[0])  # the constraint on the optimizer's step
+        if self.pre is not None and (
+            self.pre.options.constrained_step == "optimizer" or self.pre.options.precondition_update
+        ):
+            self.pre.attach(self.opts[0])  # the constraint on, or preconditioning of, its step
 
     def step(self, x: Tensor, y: Tensor) -> None:
         for opt in self.opts:

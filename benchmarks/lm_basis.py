@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 stepper=lambda t, m, _: SoapStyle(t, m, args))  # fmt: skip
     curve = {s: v for s, _, v in run.curve}
     spectral = args.arrangement == "spectral"
-    target = adamw_final(args.task, args.seed, args.out.parent / "lm.csv")
+    target = adamw_final(args.task, args.seed, RESULTS / "lm.csv")
     reached = run.reach(target) if math.isfinite(target) else None
     row = {
         **machine(),

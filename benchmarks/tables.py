@@ -869,6 +869,55 @@ def lm_basis(results: Path, run: str) -> str:
     return markdown(header, out)
 
 
+LM_STEPS = {"chargpt": 400, "lm256": 300}  # benchmarks/lm.py's STEPS (full runs)
+
+
+def lm_spectral(results: Path, run: str, min_seeds: str = "1") -> str:
+    """benchmarks/lm_basis.py --arrangement spectral: one row per configuration of ``run``
+    (runs: comma-separated revisions or dates) run on at least ``min_seeds`` seeds, mean ± sd
+    over them."""
+    rows = [r for r in _runs(read(results, "lm_basis.csv"), run, "lm_basis.csv")
+            if r["arrangement"] == "spectral"]  # fmt: skip
+    keys = ("task", "basis", "power", "damping", "statistics_every", "lr")
+    adamw = {(r["task"], r["seed"]): num(r["final"]) for r in read(results, "lm.csv")
+             if r["method"] == "AdamW" and r["steps"] == str(LM_STEPS.get(r["task"]))}  # fmt: skip
+    groups: dict[tuple[str, ...], list[Row]] = {}
+    for r in rows:  # a configuration run twice on a seed: the first run shown
+        group = groups.setdefault(tuple(r[k] for k in keys), [])
+        if r["seed"] not in {x["seed"] for x in group}:
+            group.append(r)
+    out = []
+    for key, rs in sorted(groups.items()):
+        if len(rs) < int(min_seeds):
+            continue
+        task, basis, power, damping, every, lr = key
+        identity = basis == "identity"
+        curves = [dict(pair.split(":") for pair in r["curve"].split()) for r in rs]
+        # steps to AdamW's final loss on the same seed (benchmarks/lm.py's latest full run),
+        # from curves evaluated every 25 steps (older rows kept every 50th: none)
+        reached, targets = [], 0
+        for r, curve in zip(rs, curves):
+            target = adamw.get((task, r["seed"]), math.nan)
+            if "25" not in curve or not math.isfinite(target):
+                continue
+            targets += 1
+            hit = [int(s) for s, v in curve.items() if num(v) <= target]
+            if hit:
+                reached.append(min(hit) / int(r["steps"]))
+        out.append([
+            TASK_LABELS.get(task, task), "none (torch's Muon)" if identity else basis,
+            DASH if identity else short(num(power)), DASH if identity else short(num(damping)),
+            every if not identity else DASH, short(num(lr)), str(len(rs)),
+            pm([num(c["100"]) for c in curves], 2), pm([num(r["final"]) for r in rs], 3),
+            f"{pm(reached, 2)} ({len(reached)}/{targets})" if targets else DASH,
+            pm([num(r["ms_per_step"]) for r in rs], 0),
+        ])  # fmt: skip
+    header = ["task", "factors", "power q", "damping", "statistics every", "lr", "seeds",
+              "loss at step 100", "final loss", "steps to AdamW's loss / AdamW's",
+              "ms/step"]  # fmt: skip
+    return markdown(header, out)
+
+
 def _options_text(options: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in options.items())
 
@@ -971,6 +1020,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "lm-runs": lm_runs,
     "lm-cost": lm_cost,
     "lm-basis": lm_basis,
+    "lm-spectral": lm_spectral,
     "defaults": defaults,
     "step-overhead-2threads": step_overhead_readme,
     "transformer": transformer,

@@ -118,14 +118,16 @@ class Estimator:
             entry.stats.discard()
 
     def precondition(
-        self, with_form: bool
+        self, with_form: bool, graft: bool | None = None
     ) -> tuple[list[Layer], list[Tensor], list[DiagonalParam], Tensor | None]:
         """Rewrite the gradients of every layer with a decomposition and of the diagonal
         parameters; with ``with_form`` also the Kronecker forms ⟨∇̃, G ∇̃ A⟩ per bucket and
-        Σ F ∇̃² of the diagonal parameters (the constraint's measure of the step)."""
+        Σ F ∇̃² of the diagonal parameters (the constraint's measure of the step).
+        ``graft``: rescale each block to its gradient's norm (None: the grafting option)."""
         done: list[Layer] = []
         forms: list[Tensor] = []
-        graft = self.options.grafting == "gradient"
+        if graft is None:
+            graft = self.options.grafting == "gradient"
         for bucket in self.buckets:
             members, form = bucket.precondition(
                 self._bucket_fn(bucket, with_form), self.options.factor_dtype, graft

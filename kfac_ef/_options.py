@@ -184,6 +184,15 @@ class KFACOptions:
             "exact" and "ekfac" apply it to their eigenvalues (or S); "pi" raises both
             damped factors to p (its Kronecker form, for constraint="kronecker" or
             track_loss_changes, needs p = -1).
+        precondition_update: also precondition the update the optimizer makes from the
+            preconditioned gradients (``precond.attach(optimizer)`` registers the hooks):
+            after each ``optimizer.step()`` that follows a step(), the change Δθ of the
+            preconditioned layers' parameters that the optimizer holds is replaced by
+            (C + εI)^p Δθ with the same factors, rescaled per block to the norm of Δθ. Under
+            torch.optim.Muon this makes its step the steepest descent under the spectral norm
+            measured in K-FAC's geometry, C^(-p) orth(C^p M) (M: Muon's momentum). Needs a
+            stateless damping_mode ("exact", "pi" or "ekfac"), no constraint and no
+            track_loss_changes; one process (not under DDP or FSDP2).
         grafting: "gradient" (each Kronecker block's, and diagonal parameter's,
             preconditioned gradient rescaled to the norm of its raw gradient, so that the
             preconditioner chooses the direction and the optimizer's own step size holds)
@@ -219,6 +228,7 @@ class KFACOptions:
     exponent: float = -0.5
     grafting: Grafting = "gradient"
     wide_layers: WideLayers = "optimizer"
+    precondition_update: bool = False
 
     def __post_init__(self) -> None:
         d = self.damping
@@ -280,6 +290,27 @@ class KFACOptions:
                 f"Invalid exponent={p!r} with damping_mode='pi' and {what}: the Kronecker "
                 "form of π-damping is computed from damped inverses, so it needs exponent=-1; "
                 "choose damping_mode='exact' or 'ekfac', or exponent=-1"
+            )
+        self._check_precondition_update()
+
+    def _check_precondition_update(self) -> None:
+        if not isinstance(self.precondition_update, bool):
+            raise TypeError(
+                f"Invalid precondition_update={self.precondition_update!r}: must be True or False"
+            )
+        if not self.precondition_update:
+            return
+        if self.damping_mode == "eigen_adam":
+            raise ValueError(
+                "Invalid precondition_update=True with damping_mode='eigen_adam': its moments "
+                "would take the optimizer's update for a gradient; choose damping_mode="
+                "'exact', 'pi' or 'ekfac'"
+            )
+        if self.constraint != "none" or self.track_loss_changes:
+            raise ValueError(
+                f"Invalid precondition_update=True with constraint={self.constraint!r} and "
+                f"track_loss_changes={self.track_loss_changes}: the update preconditioned after "
+                "the optimizer's step is no longer the one a constraint measured; use neither"
             )
 
     def _check_constraint(self) -> None:

@@ -32,6 +32,7 @@ from ._model import (
     weak_method,
 )
 from ._options import KFACOptions, LearningRate, SkipSpec
+from ._update import UpdatePreconditioner
 from .capture import Capture, call_eagerly
 from .distributed import DistributedOptions, Distributor, check_sharded_run, resolve, unwrap
 
@@ -104,6 +105,12 @@ class KFACPreconditioner:
             gradients, using ``lr``) or "optimizer" (it scales the update the optimizer
             makes, measured by the step hooks ``attach(optimizer)`` registers: momentum and
             Adam keep the constraint; no ``lr``; needs constraint="exact").
+        precondition_update: also precondition the optimizer's update (after each
+            ``optimizer.step()`` that follows a step(), with the hooks ``attach(optimizer)``
+            registers): Δθ ← (C + εI)^p Δθ, rescaled per block to Δθ's norm, for the
+            parameters the optimizer holds. Under torch.optim.Muon, Muon's step in K-FAC's
+            geometry (docs/guides/transformers.md). Needs damping_mode "exact", "pi" or
+            "ekfac", no constraint, one process.
         statistics_stride: k: with "expand", statistics from every k-th position of each
             sequence, the first advancing by one each statistics step (G rescaled by
             T/(positions kept)); default 1, every position.
@@ -196,6 +203,7 @@ class KFACPreconditioner:
         wide_layers: str = "optimizer",
         statistics_stride: int = 1,
         constrained_step: str = "gradient",
+        precondition_update: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -254,6 +262,7 @@ class KFACPreconditioner:
         self._backward_seen = False
         self._removed = False
         self._update_hooks: list[Any] = []  # attach(): the optimizer's step hooks
+        self._update: UpdatePreconditioner | None = None  # attach() with precondition_update
         self._held = HeldCalls(self.options)  # calls kept until step() (_held.py)
         self._sampling = False
         self._sampled = False
@@ -462,6 +471,11 @@ class KFACPreconditioner:
                 "constrained_step='optimizer' scales the optimizer's step: call "
                 "precond.attach(optimizer) once before the first step()"
             )
+        if opts.precondition_update and self._update is None:
+            raise RuntimeError(
+                "precondition_update=True preconditions the optimizer's update: call "
+                "precond.attach(optimizer) once before the first step()"
+            )
         if (opts.constraint != "none" or opts.track_loss_changes) and not on_update:
             lr = opts.learning_rate(self._steps)
         with torch.no_grad(), record_function("kfac_ef.step"):
@@ -486,6 +500,8 @@ class KFACPreconditioner:
                     )  # fmt: skip
                 elif on_update:
                     ctl.hold_step(self._steps, self._held.loss, done, done_diag, moments)
+            if self._update is not None:
+                self._update.hold(done, done_diag)
         self._clear_step()
         self._steps += 1
         self._backward_seen = False
@@ -567,7 +583,10 @@ class KFACPreconditioner:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """With ``constrained_step="optimizer"``: measure and scale the update of each
-        ``optimizer.step()`` that follows a ``step()``.
+        ``optimizer.step()`` that follows a ``step()``; with ``precondition_update=True``:
+        precondition that update once more (Δθ ← (C + εI)^p Δθ, rescaled per block to the
+        norm of Δθ, for the preconditioned parameters ``optimizer`` holds; the others, and
+        every gradient, are left as they are).
 
         Registers a step pre-hook (a copy of the preconditioned parameters: their memory
         once more) and a post-hook on ``optimizer``: Δθ of the parameters ``step()``
@@ -579,16 +598,18 @@ class KFACPreconditioner:
         constrained.
 
         Raises:
-            ValueError: without ``constrained_step="optimizer"``, a second ``attach()``, or a
-                model sharded by FSDP2 (its parameters are shards: not supported).
+            ValueError: without ``constrained_step="optimizer"`` or ``precondition_update``,
+                a second ``attach()``, a model sharded by FSDP2 (its parameters are shards:
+                not supported), or ``precondition_update`` in more than one process.
             TypeError: if ``optimizer`` is not a torch.optim.Optimizer.
         """
         self._check_live()
-        if self.options.constrained_step != "optimizer":
+        if self.options.constrained_step != "optimizer" and not self.options.precondition_update:
             raise ValueError(
                 "attach() is for constrained_step='optimizer' (the constraint on the "
-                f"optimizer's step); this preconditioner has constrained_step="
-                f"{self.options.constrained_step!r}"
+                "optimizer's step) or precondition_update=True; this preconditioner has "
+                f"constrained_step={self.options.constrained_step!r} and "
+                "precondition_update=False"
             )
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -601,6 +622,18 @@ class KFACPreconditioner:
                 "constrained_step='optimizer' is not supported under FSDP2 (fully_shard): "
                 "the update would be measured on parameter shards"
             )
+        if self.options.precondition_update:
+            if not isinstance(self._est.comm, Local):
+                raise ValueError(
+                    "precondition_update=True runs in one process only: not under DDP or "
+                    "FSDP2 (the update's preconditioning is not distributed)"
+                )
+            update = self._update = UpdatePreconditioner(self._est, optimizer)
+            self._update_hooks = [
+                optimizer.register_step_pre_hook(lambda *_: update.before_update()),
+                optimizer.register_step_post_hook(lambda *_: update.after_update()),
+            ]
+            return
         ctl = self._controller
         self._update_hooks = [
             optimizer.register_step_pre_hook(lambda *_: ctl.before_update()),

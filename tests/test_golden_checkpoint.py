@@ -56,6 +56,7 @@ ADDED_SINCE = {
     "wide_layers": "diagonal",
     "statistics_stride": 1,
     "constrained_step": "gradient",
+    "precondition_update": False,
 }
 
 
