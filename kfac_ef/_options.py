@@ -192,7 +192,8 @@ class KFACOptions:
             torch.optim.Muon this makes its step the steepest descent under the spectral norm
             measured in K-FAC's geometry, C^(-p) orth(C^p M) (M: Muon's momentum). Needs a
             stateless damping_mode ("exact", "pi" or "ekfac"), no constraint and no
-            track_loss_changes; one process (not under DDP or FSDP2).
+            track_loss_changes; not under FSDP2 (DDP: every rank has the same Δθ, and the
+            gradient workers precondition it as in step()).
         grafting: "gradient" (each Kronecker block's, and diagonal parameter's,
             preconditioned gradient rescaled to the norm of its raw gradient, so that the
             preconditioner chooses the direction and the optimizer's own step size holds)

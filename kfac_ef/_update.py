@@ -9,6 +9,10 @@ to another optimizer) are unchanged; every gradient is restored afterwards. Unde
 whose update is orth(M) of what step() gave it, C^p M, the step becomes
 C^p orth(C^p M): Muon's steepest descent under the spectral norm measured in K-FAC's
 geometry (for p = -1/2 and the Kronecker factors).
+
+Under DDP every rank has the same Δθ (the same averaged gradients, the same optimizer): every
+rank calls the same preconditioning, whose workers compute and share the results as in
+step(), and every rank writes them.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ class UpdatePreconditioner:
         self.before: list[Tensor] | None = None
 
     def hold(self, done: list[Layer], done_diag: list[DiagonalParam]) -> None:
-        """After step(): the parameters whose update the next optimizer step should see."""
-        params = unique_parameters(done, done_diag)
+        """After step(): the parameters whose update the next optimizer step should see
+        (distributed, those of the layers any rank preconditioned: the same on every rank)."""
+        params = unique_parameters(self.est.comm.preconditioned_layers(done), done_diag)
         self.params = [p for p in params if grad_of(p) is not None]
         self.before = None
 

@@ -110,7 +110,7 @@ class KFACPreconditioner:
             registers): Δθ ← (C + εI)^p Δθ, rescaled per block to Δθ's norm, for the
             parameters the optimizer holds. Under torch.optim.Muon, Muon's step in K-FAC's
             geometry (docs/guides/transformers.md). Needs damping_mode "exact", "pi" or
-            "ekfac", no constraint, one process.
+            "ekfac", no constraint; not under FSDP2.
         statistics_stride: k: with "expand", statistics from every k-th position of each
             sequence, the first advancing by one each statistics step (G rescaled by
             T/(positions kept)); default 1, every position.
@@ -599,8 +599,8 @@ class KFACPreconditioner:
 
         Raises:
             ValueError: without ``constrained_step="optimizer"`` or ``precondition_update``,
-                a second ``attach()``, a model sharded by FSDP2 (its parameters are shards:
-                not supported), or ``precondition_update`` in more than one process.
+                a second ``attach()``, or a model sharded by FSDP2 (its parameters are
+                shards: not supported).
             TypeError: if ``optimizer`` is not a torch.optim.Optimizer.
         """
         self._check_live()
@@ -618,16 +618,16 @@ class KFACPreconditioner:
         if self._update_hooks:
             raise ValueError("attach() was already called: one optimizer per preconditioner")
         if isinstance(self._est.comm, ShardedDistributor):
+            what = (
+                "precondition_update=True"
+                if self.options.precondition_update
+                else "constrained_step='optimizer'"
+            )
             raise ValueError(
-                "constrained_step='optimizer' is not supported under FSDP2 (fully_shard): "
-                "the update would be measured on parameter shards"
+                f"{what} is not supported under FSDP2 (fully_shard): the update would be "
+                "measured on parameter shards"
             )
         if self.options.precondition_update:
-            if not isinstance(self._est.comm, Local):
-                raise ValueError(
-                    "precondition_update=True runs in one process only: not under DDP or "
-                    "FSDP2 (the update's preconditioning is not distributed)"
-                )
             update = self._update = UpdatePreconditioner(self._est, optimizer)
             self._update_hooks = [
                 optimizer.register_step_pre_hook(lambda *_: update.before_update()),

@@ -295,9 +295,10 @@ def _train_ranks(sc: Scenario, group: Any, r: int, world: int) -> dict[str, Any]
 
 
 def _optimizer(sc: Scenario, model: nn.Module, pre: KFACPreconditioner) -> torch.optim.SGD:
-    """The workers' SGD; attached to the preconditioner under constrained_step="optimizer"."""
+    """The workers' SGD; attached to the preconditioner under constrained_step="optimizer"
+    or precondition_update."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=sc.momentum)
-    if pre.options.constrained_step == "optimizer":
+    if pre.options.constrained_step == "optimizer" or pre.options.precondition_update:
         pre.attach(opt)
     return opt
 

@@ -152,10 +152,18 @@ def unsupported(rank: int, world: int, what: str) -> str:
     elif what == "not_distributed":
         shard(model, FSDPScenario("x"))
         kwargs = {"distributed": False}
+    elif what in ("precondition_update", "constrained_step"):  # attach() on shards
+        shard(model, FSDPScenario("x"))
+        kwargs = (
+            {"damping_mode": "exact", "precondition_update": True}
+            if what == "precondition_update"
+            else {"max_loss_change": 1.0, "constrained_step": "optimizer"}
+        )
     else:
         raise ValueError(what)
     try:
-        KFACPreconditioner(model, **kwargs)
+        pre = KFACPreconditioner(model, **kwargs)
+        pre.attach(torch.optim.SGD(model.parameters(), lr=0.1))
     except (ValueError, NotImplementedError) as exc:
         return str(exc)
     return "no error"

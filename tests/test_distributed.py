@@ -224,6 +224,25 @@ SCENARIOS: dict[int, list[Scenario]] = {
             momentum=0.9,
             kfac=EXACT_ABS | {"lr": None, "constrained_step": "optimizer"},
         ),
+        # The optimizer's update preconditioned once more (every rank has the same Δθ; the
+        # workers precondition it and share the results as in step())
+        Scenario(
+            "mem_opt/exact/mean/uneven/precondition_update/momentum",
+            "mem_opt",
+            "exact",
+            "mean",
+            sizes=(3, 5),
+            momentum=0.9,
+            kfac={"precondition_update": True, "exponent": -0.5},
+        ),
+        Scenario(
+            "tokens/comm_opt/pi/sum/precondition_update/diagonal",
+            "comm_opt",
+            "pi",
+            "sum",
+            model="tokens",
+            kfac=TOKEN_KFAC | TOKEN_DIAG | {"precondition_update": True},
+        ),
         Scenario(
             "tokens/mc/mem_opt/pi/mean/no_sync/diagonal/constraint",
             "mem_opt",

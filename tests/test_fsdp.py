@@ -292,6 +292,8 @@ def test_a_rank_dead_after_backward_fails_the_step_clearly():
     [
         ("hybrid", "one rank each .'mem_opt'"),
         ("not_distributed", "must run distributed"),
+        ("precondition_update", "precondition_update=True is not supported under FSDP2"),
+        ("constrained_step", "constrained_step='optimizer' is not supported under FSDP2"),
     ],
 )
 def test_unsupported_setups_are_clear_errors_on_every_rank(what, match):
