@@ -137,13 +137,15 @@ def test_lm_benchmark_runs_every_method(tmp_path):
     """benchmarks/lm.py end to end for a few steps: every method's row (--kfac given twice:
     both methods), the curves, the plot, and the table tables.py makes from them."""
     extra = ['SGD0={"lr": 0.001, "optimizer": "sgd", "optimizer_options": {"momentum": 0}}',
-             'AdamW b0={"kfac": null, "optimizer_options": {"betas": [0, 0.95]}}']  # fmt: skip
+             'AdamW b0={"kfac": null, "optimizer_options": {"betas": [0, 0.95]}}',
+             'Muon KU={"optimizer": "muon", "damping_mode": "pi",'
+             ' "precondition_update": true}']  # fmt: skip
     _script("lm.py", "--tasks", "chargpt", "--seeds", "1", "--steps", "3", "--out",
-            str(tmp_path), "--plot", "--kfac", extra[0], "--kfac", extra[1])  # fmt: skip
+            str(tmp_path), "--plot", "--kfac", extra[0], "--kfac", *extra[1:])  # fmt: skip
     rows = _rows(tmp_path / "lm.csv")
     names = {r["method"] for r in rows}
     assert {"AdamW", "Muon", "AdamW + K-FAC (defaults)", "SGD + K-FAC (eigen_adam recipe)",
-            "SGD0", "AdamW b0"} <= names  # fmt: skip
+            "SGD0", "AdamW b0", "Muon KU"} <= names  # fmt: skip
     assert all(int(r["steps"]) == 3 and math.isfinite(float(r["final"])) for r in rows)
     assert not any(r["error"] for r in rows), [r["error"] for r in rows]
     options = {r["method"]: r["options"] for r in rows}
