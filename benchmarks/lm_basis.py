@@ -26,9 +26,9 @@ bias-corrected, kept when the basis changes, as SOAP keeps it), and
   identity`` (L = R = I) is torch's Muon itself.
 
 Weight decay 0.01 (spectral: 0.1), benchmarks/lm.py's warmup and cosine schedule and step
-count, one seed per run. Rows (final validation loss, the curve at every evaluation, ms/step,
-and the steps to AdamW's final loss on the same seed in results/lm.csv's latest run) go to
-results/lm_basis.csv.
+count, one seed per run. Rows (final validation loss, the curve at every evaluation,
+ms/step) go to results/lm_basis.csv; benchmarks/tables.py's ``lm-spectral`` reads from the
+curve the steps to AdamW's final loss on the same seed in results/lm.csv.
 
 Usage: python benchmarks/lm_basis.py --basis kfac --arrangement adam [--lr 3e-3]
        [--statistics-every 1] [--task lm256] [--seed 0] [--damping 1e-2] [--power 0.5]
@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.optim._muon import _zeropower_via_newtonschulz
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_csv, machine, read_csv, set_threads  # noqa: E402
+from common import RESULTS, append_csv, machine, set_threads  # noqa: E402
 from lm import STEPS, TASKS, LMMethod, _hidden_matrices, _schedule  # noqa: E402
 from tasks import Task, train  # noqa: E402
 
@@ -183,16 +183,6 @@ NS_COEFFICIENTS, NS_STEPS = (3.4445, -4.775, 2.0315), 5
 TASKS_ADAMW_LR = {"chargpt": 3e-3, "lm256": 1e-3}
 
 
-def adamw_final(task: str, seed: int, lm_csv: Path) -> float:
-    """AdamW's final validation loss on ``task`` and ``seed`` in benchmarks/lm.py's latest
-    run that has it (the target of "steps to AdamW's loss"; nan if there is none)."""
-    if not lm_csv.exists():
-        return math.nan
-    rows = [r for r in read_csv(lm_csv) if r["task"] == task and r["method"] == "AdamW"
-            and r["seed"] == str(seed) and r["steps"] == str(STEPS[task])]  # fmt: skip
-    return float(rows[-1]["final"]) if rows else math.nan
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--basis", choices=["shampoo", "kfac", "identity"], required=True)
@@ -217,8 +207,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 stepper=lambda t, m, _: SoapStyle(t, m, args))  # fmt: skip
     curve = {s: v for s, _, v in run.curve}
     spectral = args.arrangement == "spectral"
-    target = adamw_final(args.task, args.seed, RESULTS / "lm.csv")
-    reached = run.reach(target) if math.isfinite(target) else None
     row = {
         **machine(),
         "task": args.task,
@@ -231,8 +219,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps": run.steps,
         "ms_per_step": round(1000 * run.seconds / max(1, run.steps), 1),
         "final": run.final,
-        "target": target,
-        "steps_to_target": reached[1] if reached else "",
         "curve": " ".join(f"{s}:{curve[s]:.3f}" for s in sorted(curve)),
         "error": run.error,
     }

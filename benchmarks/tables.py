@@ -869,9 +869,6 @@ def lm_basis(results: Path, run: str) -> str:
     return markdown(header, out)
 
 
-LM_STEPS = {"chargpt": 400, "lm256": 300}  # benchmarks/lm.py's STEPS (full runs)
-
-
 def lm_spectral(results: Path, run: str, min_seeds: str = "1") -> str:
     """benchmarks/lm_basis.py --arrangement spectral: one row per configuration of ``run``
     (runs: comma-separated revisions or dates) run on at least ``min_seeds`` seeds, mean ± sd
@@ -879,8 +876,8 @@ def lm_spectral(results: Path, run: str, min_seeds: str = "1") -> str:
     rows = [r for r in _runs(read(results, "lm_basis.csv"), run, "lm_basis.csv")
             if r["arrangement"] == "spectral"]  # fmt: skip
     keys = ("task", "basis", "power", "damping", "statistics_every", "lr")
-    adamw = {(r["task"], r["seed"]): num(r["final"]) for r in read(results, "lm.csv")
-             if r["method"] == "AdamW" and r["steps"] == str(LM_STEPS.get(r["task"]))}  # fmt: skip
+    adamw = {(r["task"], r["seed"], r["steps"]): num(r["final"])  # the latest run's
+             for r in read(results, "lm.csv") if r["method"] == "AdamW"}  # fmt: skip
     groups: dict[tuple[str, ...], list[Row]] = {}
     for r in rows:  # a configuration run twice on a seed: the first run shown
         group = groups.setdefault(tuple(r[k] for k in keys), [])
@@ -893,11 +890,11 @@ def lm_spectral(results: Path, run: str, min_seeds: str = "1") -> str:
         task, basis, power, damping, every, lr = key
         identity = basis == "identity"
         curves = [dict(pair.split(":") for pair in r["curve"].split()) for r in rs]
-        # steps to AdamW's final loss on the same seed (benchmarks/lm.py's latest full run),
-        # from curves evaluated every 25 steps (older rows kept every 50th: none)
+        # steps to AdamW's final loss on the same seed and step count (benchmarks/lm.py's
+        # latest such run), from curves evaluated every 25 steps (older rows kept every 50th)
         reached, targets = [], 0
         for r, curve in zip(rs, curves):
-            target = adamw.get((task, r["seed"]), math.nan)
+            target = adamw.get((task, r["seed"], r["steps"]), math.nan)
             if "25" not in curve or not math.isfinite(target):
                 continue
             targets += 1

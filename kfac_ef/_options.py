@@ -190,7 +190,7 @@ class KFACOptions:
             preconditioned layers' parameters that the optimizer holds is replaced by
             (C + εI)^p Δθ with the same factors, rescaled per block to the norm of Δθ. Under
             torch.optim.Muon this makes its step the steepest descent under the spectral norm
-            measured in K-FAC's geometry, C^(-p) orth(C^p M) (M: Muon's momentum). Needs a
+            measured in K-FAC's geometry, C^p orth(C^p M) (M: Muon's momentum). Needs a
             stateless damping_mode ("exact", "pi" or "ekfac"), no constraint and no
             track_loss_changes; not under FSDP2 (DDP: every rank has the same Δθ, and the
             gradient workers precondition it as in step()).

@@ -39,7 +39,7 @@ def _power(pre, name, exponent):
     return (q * (lam + EPS).pow(exponent)) @ q.T
 
 
-def _joined(layer, w, b):
+def _joined(w, b):
     return torch.cat([w, b[:, None]], 1).reshape(-1)
 
 
@@ -71,12 +71,12 @@ def test_sgd_update_is_preconditioned_twice(exponent):
     for name in ("0", "2"):
         layer = model.get_submodule(name)
         power = _power(pre, name, exponent)
-        step = -0.1 * power @ _joined(layer, raw[f"{name}.weight"], raw[f"{name}.bias"])
-        want = _joined(layer, before[f"{name}.weight"], before[f"{name}.bias"])
+        step = -0.1 * power @ _joined(raw[f"{name}.weight"], raw[f"{name}.bias"])
+        want = _joined(before[f"{name}.weight"], before[f"{name}.bias"])
         want = want + _graft(power @ step, step)
-        got = _joined(layer, layer.weight.detach(), layer.bias.detach())
+        got = _joined(layer.weight.detach(), layer.bias.detach())
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
-        plain = _joined(layer, before[f"{name}.weight"], before[f"{name}.bias"]) + step
+        plain = _joined(before[f"{name}.weight"], before[f"{name}.bias"]) + step
         assert (got - plain).norm() > 0.1 * step.norm()  # the second preconditioning acted
     for n, p in model.named_parameters():  # step()'s gradients, restored after the update
         torch.testing.assert_close(p.grad, written[n], rtol=0, atol=0)
@@ -115,7 +115,7 @@ def test_under_muon_the_weights_update_is_preconditioned_and_the_biases_are_adam
         a, b = plain.get_submodule(name), mine.get_submodule(name)
         torch.testing.assert_close(b.bias, a.bias, rtol=0, atol=0)  # AdamW's alone
         dw = a.weight.detach() - before[f"{name}.weight"]
-        joined = _joined(a, dw, torch.zeros(a.out_features))
+        joined = _joined(dw, torch.zeros(a.out_features))
         moved = _graft(_power(pre, name, -0.25) @ joined, joined)
         want_w, _ = _split(a, moved)
         torch.testing.assert_close(b.weight - before[f"{name}.weight"], want_w, rtol=1e-9,
