@@ -17,10 +17,14 @@ sharing the token embedding) are preconditioned once:
   for a module called twice (``kfac_approx`` applies);
 - otherwise **one module owns** the parameter and the others contribute nothing to its
   factors (their share of the gradient is in p.grad and is preconditioned with the owner's
-  curvature). The owner is a module whose inputs are not one-hot, so that every row of the
-  matrix has curvature (an embedding's A is zero for tokens absent from the batch, which
-  would scale those rows of the output layer's gradient by 1/ε); among those, the last one in
-  module order. ``summary().ties`` records the decision. When the loss-change constraint
+  curvature). With damping_mode "exact", "pi" or "ekfac" the owner is a module whose inputs
+  are not one-hot, so that every row of the matrix has curvature (an embedding's A is zero
+  for tokens absent from the batch, which would scale those rows of the output layer's
+  gradient by 1/ε). With "eigen_adam" only the owner's eigenbases are used (the scale is the
+  second moment of the whole gradient, every row included), and the owner is the embedding:
+  its token rows stay unrotated, where the output layer's G would mix the rows of the
+  embedding's share (measured: docs/models.md). Among candidates, the last one in module
+  order. ``summary().ties`` records the decision. When the loss-change constraint
   needs per-example loss changes (constraint="exact", track_loss_changes), the other uses
   are hooked too, for that only: the change of a loss through each use of the weight counts.
 
@@ -138,7 +142,7 @@ def discover(model: nn.Module, opts: KFACOptions) -> Discovered:
     adapters for the modules, tied weights grouped, Kronecker layers, diagonal parameters,
     and every other parameter with the reason it is left to the optimizer."""
     scan = _scan_modules(model, opts)
-    groups, feeds = _tie_groups(scan)
+    groups, feeds = _tie_groups(scan, opts)
     layers = _kronecker_layers(scan, opts, groups, feeds)
     diagonal = _diagonal_params(scan, opts)
     for adapter in scan.adapters.values():
@@ -213,7 +217,7 @@ def _scan_modules(model: nn.Module, opts: KFACOptions) -> _Scan:
     return scan
 
 
-def _tie_groups(scan: _Scan) -> tuple[dict[int, list[int]], dict[int, int]]:
+def _tie_groups(scan: _Scan, opts: KFACOptions) -> tuple[dict[int, list[int]], dict[int, int]]:
     """Group the Kronecker layers that share a parameter (union-find) and decide who feeds
     which factors: ``(groups, feeds)``, ``feeds[i]`` the index of the layer whose Layer
     object layer i feeds (absent: it feeds none)."""
@@ -225,11 +229,11 @@ def _tie_groups(scan: _Scan) -> tuple[dict[int, list[int]], dict[int, int]]:
         if len(members) == 1:
             feeds[members[0]] = members[0]
         else:
-            _tie(scan, members, feeds)
+            _tie(scan, members, feeds, opts)
     return groups, feeds
 
 
-def _tie(scan: _Scan, members: list[int], feeds: dict[int, int]) -> None:
+def _tie(scan: _Scan, members: list[int], feeds: dict[int, int], opts: KFACOptions) -> None:
     """One group of layers sharing a weight: one block for all (same use), or one owner."""
     kron, names = scan.kron, scan.names
     lead = kron[members[0]][2]
@@ -247,8 +251,13 @@ def _tie(scan: _Scan, members: list[int], feeds: dict[int, int]) -> None:
              "the same examples)")
         )  # fmt: skip
         return
-    dense_inputs = [i for i in members if not kron[i][2].one_hot_inputs]
-    owner = (dense_inputs or members)[-1]
+    one_hot = [i for i in members if kron[i][2].one_hot_inputs]
+    dense_inputs = [i for i in members if i not in one_hot]
+    # eigen_adam: the embedding (its rows unrotated; S covers every row); else a dense one.
+    first, second = (one_hot, dense_inputs) if opts.damping_mode == "eigen_adam" else (
+        dense_inputs, one_hot
+    )
+    owner = (first or second)[-1]
     feeds[owner] = owner
     owner_name = _layer_name(kron[owner][0], kron[owner][2])
     others = [i for i in members if i != owner]

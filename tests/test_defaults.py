@@ -119,9 +119,13 @@ def test_vocabulary_sized_layers_are_left_to_the_optimizer_by_default():
     assert "blocks of" in str(blocks.summary())
     covered = {la.name for la in KFACPreconditioner(model).summary().layers}
     assert "wte" not in covered and "head" not in covered and len(covered) > 0
-    with pytest.warns(RuntimeWarning, match="not dense"):
+    with warnings.catch_warnings():  # the embedding owns the tie: its A is diagonal anyway
+        warnings.simplefilter("error")
         diagonal = KFACPreconditioner(model, wide_layers="diagonal").summary()
     assert "wte.weight" not in dict(diagonal.unpreconditioned)
+    assert "wte alone" in diagonal.ties[0][1]
+    with pytest.warns(RuntimeWarning, match="not dense"):  # "exact": the head owns, G diagonal
+        KFACPreconditioner(model, wide_layers="diagonal", damping_mode="exact")
     x = torch.randint(0, 50257, (2, 9))
     pre = KFACPreconditioner(model)
     logits = model(x[:, :-1])

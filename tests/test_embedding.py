@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from kfac_ef import KFACPreconditioner
+
 from .helpers import seed_preconditioner, step_once
 from .reference import (
     dense_exact_matrix,
@@ -198,6 +200,35 @@ def test_tied_embedding_is_preconditioned_once_by_the_head(vocab_diagonal):
         torch.testing.assert_close(g, G)
     expected = dense_exact_matrix(A, G, before["wte.weight"], damping)
     torch.testing.assert_close(after["wte.weight"], expected)
+
+
+def test_tied_embedding_owns_the_weight_under_eigen_adam():
+    """damping_mode="eigen_adam" (the default): the embedding owns the shared matrix (its token
+    rows unrotated), the head is not hooked, and the shared gradient (both uses) is Adam's
+    step in the embedding's eigenbasis: Q_G[V ⊙ (V² + ε)^(-1/2)], V = Q_Gᵀ ∇ᵀ (A is diagonal,
+    its basis the tokens), at the first step."""
+    damping = 0.05
+    model = TiedLM()
+    pre = KFACPreconditioner(
+        model, damping=damping, grafting="none", factor_dtype=torch.float64
+    )
+    idx, tgt = torch.randint(0, V - 3, (3, 4)), torch.randint(0, V, (3, 4))  # 3 tokens absent
+    s = pre.summary()
+    assert {r.name for r in s.layers} == {"wte", "mix"}
+    ((names, what),) = s.ties
+    assert names == "wte.weight" and "wte alone" in what and "(head)" in what
+    io = layer_io(model, model.wte, _lm_loss, idx, tgt)
+    before, after = step_once(model, pre, _lm_loss, idx, tgt)
+    A, G = embedding_factors(model.wte, io)
+    a, g = pre.factors()["wte"]
+    torch.testing.assert_close(a, A.diagonal())
+    torch.testing.assert_close(g, G)
+    qg = torch.linalg.eigh(G)[1]
+    v = qg.T @ before["wte.weight"].T  # (D, V): G's side by the tokens
+    want = qg @ (v * (v.square() + damping * v.square().mean()).rsqrt())
+    torch.testing.assert_close(after["wte.weight"], want.T)
+    # the head's share is in it: the embedding alone leaves rows of absent tokens at zero
+    assert after["wte.weight"][V - 3 :].abs().min() > 0
 
 
 def test_linears_sharing_weight_and_bias_feed_one_block():
