@@ -165,7 +165,10 @@ def discover(model: nn.Module, opts: KFACOptions) -> Discovered:
     coverage = _coverage.params_of(model, scan.names, scan.order, left)
     _coverage.warn_left_out(coverage)
     _coverage.warn_wide(layers, opts)
-    return Discovered(layers, diagonal, routes, unpre, scan.ties, trainable, coverage)
+    # A tie whose parameters all went to the optimizer (vocabulary-sized) has no owner.
+    left_names = {name for name, _ in unpre}
+    ties = [t for t in scan.ties if not set(t[0].split(", ")) <= left_names]
+    return Discovered(layers, diagonal, routes, unpre, ties, trainable, coverage)
 
 
 def _scan_modules(model: nn.Module, opts: KFACOptions) -> _Scan:

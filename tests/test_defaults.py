@@ -107,6 +107,7 @@ def test_vocabulary_sized_layers_are_left_to_the_optimizer_by_default():
     left = dict(KFACPreconditioner(model).summary().unpreconditioned)
     assert "vocabulary-sized" in left["wte.weight"]
     assert "max_factor_dim=4096" in left["wte.weight"]
+    assert not KFACPreconditioner(model).summary().ties  # no owner: the optimizer has it
     # a wide layer that is not an embedding (nor tied to one) keeps its diagonal factor
     with pytest.warns(RuntimeWarning, match="not dense"):
         wide = KFACPreconditioner(nn.Sequential(nn.Linear(8, 5000), nn.Tanh(), nn.Linear(5000, 2)))
