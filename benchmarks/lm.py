@@ -326,12 +326,17 @@ def curve_rows(task: str, runs: list[Run], stamp: dict[str, str]) -> list[dict]:
 
 def plot(task: str, results: Path = RESULTS) -> Path | None:
     """results/lm_<task>.png: validation loss against steps and against training time, the
-    latest run's curves (one line per seed and method)."""
+    latest run's curves (one line per seed and method), with those of the runs at the same
+    revision with the same methods (seeds run as several processes)."""
     rows = [r for r in read_csv(results / "lm_curves.csv") if r["task"] == task]
     if not rows:
         return None
     latest = max(r["date"] for r in rows)
-    rows = [r for r in rows if r["date"] == latest]
+    last = [r for r in rows if r["date"] == latest]
+    methods = {r["method"] for r in last}
+    runs = {r["date"] for r in rows if r["revision"] == last[0]["revision"]}
+    runs = {d for d in runs if {r["method"] for r in rows if r["date"] == d} == methods}
+    rows = [r for r in rows if r["date"] in runs]
     import matplotlib
 
     matplotlib.use("Agg")
