@@ -257,8 +257,8 @@ def _tie(scan: _Scan, members: list[int], feeds: dict[int, int], opts: KFACOptio
     one_hot = [i for i in members if kron[i][2].one_hot_inputs]
     dense_inputs = [i for i in members if i not in one_hot]
     # eigen_adam: the embedding (its rows unrotated; S covers every row); else a dense one.
-    first, second = (one_hot, dense_inputs) if opts.damping_mode == "eigen_adam" else (
-        dense_inputs, one_hot
+    first, second = (
+        (one_hot, dense_inputs) if opts.damping_mode == "eigen_adam" else (dense_inputs, one_hot)
     )
     owner = (first or second)[-1]
     feeds[owner] = owner

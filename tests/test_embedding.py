@@ -209,9 +209,7 @@ def test_tied_embedding_owns_the_weight_under_eigen_adam():
     its basis the tokens), at the first step."""
     damping = 0.05
     model = TiedLM()
-    pre = KFACPreconditioner(
-        model, damping=damping, grafting="none", factor_dtype=torch.float64
-    )
+    pre = KFACPreconditioner(model, damping=damping, grafting="none", factor_dtype=torch.float64)
     idx, tgt = torch.randint(0, V - 3, (3, 4)), torch.randint(0, V, (3, 4))  # 3 tokens absent
     s = pre.summary()
     assert {r.name for r in s.layers} == {"wte", "mix"}
