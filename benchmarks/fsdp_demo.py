@@ -115,6 +115,9 @@ def main() -> None:
             if gap > 1e-3:
                 raise SystemExit("the sharded run left the one-process run")
     if distributed:
+        # The other ranks wait for rank 0's one-process reference: a rank that tore its
+        # process group down while rank 0 still held the connection aborted at exit under load.
+        dist.barrier()
         dist.destroy_process_group()
 
 
